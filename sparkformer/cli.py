@@ -1,0 +1,46 @@
+"""`sparkformer <command>`: one CLI over functions that are also the Python API.
+
+Each command lives in the module that implements it; that module exposes ``add_cli(subparsers)`` which adds its
+sub-parser and sets ``func`` (called with the parsed args). Add a module here to add a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "sparkformer.flops",
+    "sparkformer.bench",
+    "sparkformer.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparkformer import __version__
+
+    parser = argparse.ArgumentParser(prog="sparkformer", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sparkformer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what to change, no traceback
+        print(f"sparkformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

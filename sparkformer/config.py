@@ -1,0 +1,250 @@
+"""Model configuration: one dataclass, presets, YAML/JSON files and ``key=value`` overrides.
+
+The dense baseline and the Spark model come from the same config and differ only in ``ffn`` and ``attention``
+(each either one kind for every layer, or a list with one kind per layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+FFN_KINDS = ("geglu", "spark")
+ATTENTION_KINDS = ("dense", "spark")
+
+
+def _round_down(x: int, multiple: int) -> int:
+    return max(multiple, (x // multiple) * multiple)
+
+
+@dataclass
+class ModelConfig:
+    """A Gemma-2-style decoder. Defaults follow Gemma 2 and the Spark Transformer paper (see shared spec)."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    max_seq_len: int = 1024
+
+    # FFN: GeGLU width m; a Spark FFN of equal parameter count has d_ff = 1.5 * m (2*d*d_ff == 3*d*m).
+    ffn: Union[str, list] = "geglu"
+    ffn_dim: int = 1024
+    spark_ffn_dim: int | None = None  # default: 3 * ffn_dim // 2
+    spark_ffn_rank: int | None = None  # r, predictor dims of x; default: d_model/2 rounded down to a multiple of 64
+    spark_ffn_fraction: float = 0.08  # target fraction of FFN neurons active per token
+
+    # Attention
+    attention: Union[str, list] = "dense"
+    spark_attn_rank: int | None = None  # r, predictor dims of q/k; default: head_dim // 2
+    spark_attn_topk: int = 256  # at most this many keys per query (statistical top-k target)
+    sliding_window: int | None = 4096  # used on local layers
+    local_global: str = "alternate"  # alternate (Gemma 2: even layers local) | global | local
+    attn_logit_softcap: float | None = 50.0
+    final_logit_softcap: float | None = 30.0
+    query_pre_attn_scalar: float | None = None  # attention scale = scalar**-0.5; default head_dim
+    rope_theta: float = 10000.0
+
+    # Statistical top-k options
+    topk_method: str = "statistical"  # statistical | exact (torch.topk, the slow baseline)
+    detach_threshold: bool = False
+
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.spark_ffn_dim is None:
+            self.spark_ffn_dim = 3 * self.ffn_dim // 2
+        if self.spark_ffn_rank is None:
+            self.spark_ffn_rank = _round_down(self.d_model // 2, 64) if self.d_model >= 128 else self.d_model // 2
+        if self.spark_attn_rank is None:
+            self.spark_attn_rank = self.head_dim // 2
+        self.validate()
+
+    def ffn_kind(self, layer: int) -> str:
+        return self.ffn[layer] if isinstance(self.ffn, (list, tuple)) else self.ffn
+
+    def attention_kind(self, layer: int) -> str:
+        return self.attention[layer] if isinstance(self.attention, (list, tuple)) else self.attention
+
+    def is_local(self, layer: int) -> bool:
+        if self.sliding_window is None or self.local_global == "global":
+            return False
+        if self.local_global == "local":
+            return True
+        return layer % 2 == 0
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.is_local(layer) else None
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def uses_spark(self) -> bool:
+        kinds = [self.ffn_kind(i) for i in range(self.n_layers)] + [self.attention_kind(i) for i in range(self.n_layers)]
+        return "spark" in kinds
+
+    # ---- validation ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, fld: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig.{fld}={getattr(self, fld)!r}: {msg}")
+
+        for fld in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len", "ffn_dim"):
+            need(isinstance(getattr(self, fld), int) and getattr(self, fld) >= 1, fld, "must be an integer >= 1")
+        need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+             f"must divide n_heads={self.n_heads} (grouped-query attention); allowed: divisors of {self.n_heads}")
+        need(self.head_dim % 2 == 0, "head_dim", "must be even (RoPE rotates pairs of dims)")
+        need(self.d_model % 2 == 0, "d_model", "must be even")
+        for fld, kinds in (("ffn", FFN_KINDS), ("attention", ATTENTION_KINDS)):
+            v = getattr(self, fld)
+            vals = list(v) if isinstance(v, (list, tuple)) else [v]
+            if isinstance(v, (list, tuple)):
+                need(len(vals) == self.n_layers, fld, f"a per-layer list needs n_layers={self.n_layers} entries")
+            for k in vals:
+                need(k in kinds, fld, f"unknown kind {k!r}; allowed: {', '.join(kinds)} (or a per-layer list of them)")
+        need(isinstance(self.spark_ffn_dim, int) and self.spark_ffn_dim >= 1, "spark_ffn_dim", "must be an integer >= 1")
+        need(isinstance(self.spark_ffn_rank, int) and 1 <= self.spark_ffn_rank < self.d_model, "spark_ffn_rank",
+             f"must be in [1, d_model-1] = [1, {self.d_model - 1}] (the predictor uses x[:r], the value path x[r:])")
+        need(0.0 < self.spark_ffn_fraction <= 1.0, "spark_ffn_fraction", "must be in (0, 1]")
+        need(isinstance(self.spark_attn_rank, int) and 2 <= self.spark_attn_rank <= self.head_dim - 2
+             and self.spark_attn_rank % 2 == 0, "spark_attn_rank",
+             f"must be even and in [2, head_dim-2] = [2, {self.head_dim - 2}] (each half gets its own RoPE)")
+        need(isinstance(self.spark_attn_topk, int) and self.spark_attn_topk >= 1, "spark_attn_topk", "must be an integer >= 1")
+        need(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window >= 1),
+             "sliding_window", "must be None (no local layers) or an integer >= 1")
+        need(self.local_global in ("alternate", "global", "local"), "local_global", "allowed: alternate, global, local")
+        for fld in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+            v = getattr(self, fld)
+            need(v is None or v > 0, fld, "must be None (off) or > 0")
+        need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.topk_method in ("statistical", "exact"), "topk_method", "allowed: statistical, exact")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(self.init_std > 0, "init_std", "must be > 0")
+
+    # ---- (de)serialisation ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        d = self.to_dict()
+        # derived defaults are recomputed unless given
+        for k in ("spark_ffn_dim", "spark_ffn_rank", "spark_attn_rank"):
+            if k not in kw and _DERIVED_FROM[k] & kw.keys():
+                d[k] = None
+        d.update(kw)
+        return ModelConfig.from_dict(d)
+
+
+_DERIVED_FROM = {
+    "spark_ffn_dim": {"ffn_dim"},
+    "spark_ffn_rank": {"d_model"},
+    "spark_attn_rank": {"head_dim"},
+}
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
+_BASE_PRESETS: dict[str, dict[str, Any]] = {
+    # Gemma-2 2B shape: for speed and FLOP accounting (spark r=1024 as in the paper).
+    "gemma2-2b": dict(vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256,
+                      ffn_dim=9216, spark_ffn_rank=1024, max_seq_len=8192, sliding_window=4096,
+                      query_pre_attn_scalar=256),
+    # Trains on 2 CPU cores in minutes.
+    "tiny": dict(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=512,
+                 max_seq_len=512, sliding_window=128, spark_attn_topk=32),
+    "small": dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=64, ffn_dim=1024,
+                  max_seq_len=1024, sliding_window=256, spark_attn_topk=64),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {}
+for _name, _kw in _BASE_PRESETS.items():
+    PRESETS[_name] = dict(_kw, ffn="geglu", attention="dense")
+    PRESETS[f"{_name}-dense"] = dict(_kw, ffn="geglu", attention="dense")
+    PRESETS[f"{_name}-spark"] = dict(_kw, ffn="spark", attention="spark")
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A preset by name: ``NAME`` / ``NAME-dense`` (GeGLU + dense attention) or ``NAME-spark`` (both Spark)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---- files and key=value overrides -----------------------------------------------------------------------------
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file into a dict."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(raw: str, typ: Any) -> Any:
+    import yaml
+
+    val = yaml.safe_load(raw)  # numbers, bools, null, lists
+    if val is None:
+        return None
+    origin = get_origin(typ)
+    cands = get_args(typ) if origin is Union or str(origin) == "types.UnionType" else (typ,)
+    if float in cands and isinstance(val, int) and not isinstance(val, bool):
+        return float(val)
+    if str in cands and not isinstance(val, (str, list)):
+        return str(raw)
+    return val
+
+
+def apply_overrides(obj: Any, overrides: list[str] | dict[str, Any]) -> Any:
+    """Return a copy of dataclass ``obj`` with ``key=value`` strings (or a dict) applied; unknown keys are errors."""
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for s in overrides:
+            if "=" not in s:
+                raise ValueError(f"override {s!r} must look like key=value")
+            k, v = s.split("=", 1)
+            items.append((k.strip(), v))
+    hints = get_type_hints(type(obj))
+    kw: dict[str, Any] = {}
+    for k, v in items:
+        if k not in hints:
+            raise ValueError(f"unknown field {k!r} for {type(obj).__name__}; known: {sorted(hints)}")
+        kw[k] = _parse_value(v, hints[k]) if isinstance(v, str) else v
+    if hasattr(obj, "replace"):
+        return obj.replace(**kw)
+    return dataclasses.replace(obj, **kw)
+
+
+def parameter_count_ffn(cfg: ModelConfig, layer: int = 0) -> int:
+    """Parameters of one FFN block (no biases)."""
+    if cfg.ffn_kind(layer) == "spark":
+        return 2 * cfg.d_model * cfg.spark_ffn_dim
+    return 3 * cfg.d_model * cfg.ffn_dim
+
