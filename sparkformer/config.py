@@ -44,6 +44,7 @@ class ModelConfig:
     attention: Union[str, list] = "dense"
     spark_attn_rank: int | None = None  # r, predictor dims of q/k; default: head_dim // 2
     spark_attn_topk: int = 256  # at most this many keys per query (statistical top-k target)
+    spark_attn_hard_cap: bool = False  # also keep only the best k of the survivors (the decode kernels always do)
     sliding_window: int | None = 4096  # used on local layers
     local_global: str = "alternate"  # alternate (Gemma 2: even layers local) | global | local
     attn_logit_softcap: float | None = 50.0

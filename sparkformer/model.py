@@ -1,0 +1,364 @@
+"""The Gemma-2-style decoder with dense | Spark FFN and dense | Spark attention, in one readable file.
+
+Layout (Gemma 2): embeddings * sqrt(d) -> N x [x + post_norm(attn(pre_norm(x))); x + post_norm(ffn(pre_norm(x)))]
+-> final norm -> tied LM head -> final logit soft-cap. Local (sliding-window) and global layers alternate.
+
+Spark FFN (per token x, split at r):      a = gelu_tanh(stat_topk(K1 x[:r]));  y = V^T (a * K2 x[r:])
+Spark attention (per head, split at r):   w = softmax(stat_topk_inf(q1.k1)) * softplus(q2.k2);  out = w @ v
+Training computes both densely; the zeros come from the statistical top-k mask. The KV-cache path here is the
+reference for incremental decoding; the fast decode engine lives in ``sparkformer.engine``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparkformer.config import ModelConfig
+from sparkformer.ops.stat_topk import exact_topk, exact_topk_inf, stat_topk, stat_topk_inf
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + w)`` in fp32, weight initialised to zero."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE tables for one rotary space of ``dim`` dims (rotate-half convention, as HF Gemma)."""
+
+    def __init__(self, dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+        """Rotate x (..., T, dim) whose first position is ``pos0``."""
+        T = x.shape[-2]
+        if pos0 + T > self.cos.shape[0]:
+            raise ValueError(f"position {pos0 + T} exceeds max_seq_len={self.cos.shape[0]}; raise max_seq_len")
+        cos = self.cos[pos0 : pos0 + T].to(x.dtype)
+        sin = self.sin[pos0 : pos0 + T].to(x.dtype)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+
+# ---- FFN --------------------------------------------------------------------------------------------------------
+class GeGLUFFN(nn.Module):
+    """Dense Gemma-2 FFN: ``down(gelu_tanh(gate(x)) * up(x))``; 3*d*m parameters."""
+
+    kind = "geglu"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, m = cfg.d_model, cfg.ffn_dim
+        self.gate_proj = nn.Linear(d, m, bias=False)
+        self.up_proj = nn.Linear(d, m, bias=False)
+        self.down_proj = nn.Linear(m, d, bias=False)
+        self.n_neurons = m
+        self.last_activity: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparkFFN(nn.Module):
+    """Spark FFN: the predictor K1 (first r input dims) picks ~f of the d_ff neurons per token; 2*d*d_ff params.
+
+    ``predictor.weight`` = K1 (d_ff, r), ``up_proj.weight`` = K2 (d_ff, d-r), ``down_proj.weight`` = V^T (d, d_ff).
+    The activation of neuron i (input of the down projection) is ``gelu_tanh(stat_topk(s))_i * (K2 x2)_i``.
+    """
+
+    kind = "spark"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n, r = cfg.d_model, cfg.spark_ffn_dim, cfg.spark_ffn_rank
+        self.rank = r
+        self.fraction = cfg.spark_ffn_fraction
+        self.exact = cfg.topk_method == "exact"
+        self.detach_threshold = cfg.detach_threshold
+        self.predictor = nn.Linear(r, n, bias=False)
+        self.up_proj = nn.Linear(d - r, n, bias=False)
+        self.down_proj = nn.Linear(n, d, bias=False)
+        self.n_neurons = n
+        self.last_activity: torch.Tensor | None = None
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparse gate a = gelu_tanh(top-k(K1 x[:r])): zero for unselected neurons."""
+        s = self.predictor(x[..., : self.rank])
+        if self.exact:
+            s = exact_topk(s, self.fraction)
+        else:
+            s = stat_topk(s, self.fraction, detach_threshold=self.detach_threshold)
+        return gelu_tanh(s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.gate(x)
+        self.last_activity = (a != 0).float().mean().detach()
+        return self.down_proj(a * self.up_proj(x[..., self.rank :]))
+
+
+# ---- attention --------------------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated per-layer K/V (B, n_kv, max_len, head_dim) for the reference incremental-decoding path."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        max_len = max_len or cfg.max_seq_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.batch_size, self.max_len, self.pos = batch_size, max_len, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[layer][:, :, pos0 : pos0 + T] = k
+        self.v[layer][:, :, pos0 : pos0 + T] = v
+        return self.k[layer][:, :, : pos0 + T], self.v[layer][:, :, : pos0 + T]
+
+
+def attention_mask(q_len: int, k_len: int, pos0: int, window: int | None, device) -> torch.Tensor:
+    """Bool (q_len, k_len): key j is visible to query i (at absolute position pos0+i) if causal and in the window."""
+    qpos = torch.arange(pos0, pos0 + q_len, device=device)[:, None]
+    kpos = torch.arange(k_len, device=device)[None, :]
+    ok = kpos <= qpos
+    if window is not None:
+        ok = ok & (qpos - kpos < window)
+    return ok
+
+
+class Attention(nn.Module):
+    """Grouped-query attention, dense or Spark, causal, optional sliding window and logit soft-cap."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.kind = cfg.attention_kind(layer)
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.window(layer)
+        self.scale = cfg.attn_scale
+        self.cap = cfg.attn_logit_softcap
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
+        if self.kind == "spark":
+            self.rank = cfg.spark_attn_rank
+            self.topk = cfg.spark_attn_topk
+            self.exact = cfg.topk_method == "exact"
+            self.hard_cap = cfg.spark_attn_hard_cap
+            self.rope = nn.ModuleList([Rotary(self.rank, cfg.max_seq_len, cfg.rope_theta),
+                                       Rotary(self.hd - self.rank, cfg.max_seq_len, cfg.rope_theta)])
+        else:
+            self.rope = nn.ModuleList([Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta)])
+        self.last_keys_per_query: torch.Tensor | None = None
+        self.last_cap_exceeded: torch.Tensor | None = None
+
+    def _rotate(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
+        if self.kind == "spark":
+            r = self.rank
+            return torch.cat([self.rope[0](x[..., :r], pos0), self.rope[1](x[..., r:], pos0)], dim=-1)
+        return self.rope[0](x, pos0)
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = self._rotate(q, pos0), self._rotate(k, pos0)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, pos0)
+        mask = attention_mask(T, k.shape[2], pos0, self.window, x.device)
+        rep = self.n_heads // self.n_kv
+        if self.kind == "spark":
+            out = self._spark(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask)
+        elif self.cap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=rep > 1)
+        else:  # soft-capped logits are not expressible in SDPA
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            s = softcap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, self.cap)
+            s = s.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(torch.softmax(s.float(), dim=-1).to(v.dtype), v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _spark(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        r = self.rank
+        p = softcap(torch.matmul(q[..., :r], k[..., :r].transpose(-1, -2)) * self.scale, self.cap)
+        if self.exact:
+            sel = exact_topk_inf(p, self.topk, mask)
+        else:
+            sel = stat_topk_inf(p, self.topk, mask)
+            if self.hard_cap:  # the decode kernels' cap: keep only the best k of the survivors
+                sel = exact_topk_inf(sel, self.topk, mask)
+        kept = torch.isfinite(sel)
+        # a row whose survivors are all tied below theta (constant scores) keeps every valid key instead of none
+        empty = ~kept.any(-1, keepdim=True)
+        if bool(empty.any()):
+            sel = torch.where(empty, p.masked_fill(~mask, float("-inf")), sel)
+            kept = torch.isfinite(sel)
+        n_kept = kept.sum(-1)
+        self.last_keys_per_query = n_kept.float().mean().detach()
+        self.last_cap_exceeded = (n_kept > self.topk).float().mean().detach()
+        gate = F.softplus(torch.matmul(q[..., r:], k[..., r:].transpose(-1, -2)) * self.scale)
+        w = torch.softmax(sel.float(), dim=-1).to(v.dtype) * gate
+        return torch.matmul(w, v)
+
+
+# ---- block and model --------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.pre_ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.ffn = SparkFFN(cfg) if cfg.ffn_kind(layer) == "spark" else GeGLUFFN(cfg)
+        self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.post_attn_norm(self.attn(self.input_norm(x), pos0, cache))
+        return x + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(x)))
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class SparkLM(nn.Module):
+    """Gemma-2-style causal LM; ``cfg.ffn`` / ``cfg.attention`` choose dense or Spark per model or per layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, out_std if name.endswith(("o_proj", "down_proj")) else std)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, RMSNorm):
+                nn.init.zeros_(m.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> LMOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        pos0 = cache.pos if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if pos0 + T > limit:
+            raise ValueError(f"sequence end {pos0 + T} exceeds the {'cache' if cache else 'model'} length {limit}")
+        x = self.embed(input_ids)
+        x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype)
+        for block in self.layers:
+            x = block(x, pos0, cache)
+        if cache is not None:
+            cache.pos = pos0 + T
+        x = self.final_norm(x)
+        logits = softcap(F.linear(x, self.embed.weight), self.config.final_logit_softcap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return LMOutput(logits=logits, loss=loss)
+
+    # ---- sparsity statistics of the last forward -------------------------------------------------------------
+    def sparsity_stats(self) -> dict[str, list]:
+        """Per layer: fraction of FFN neurons nonzero, mean keys kept per query, fraction of rows over the cap
+        (``None`` for dense layers or before any forward)."""
+
+        def val(t):
+            return None if t is None else float(t)
+
+        return {
+            "ffn_activity": [val(b.ffn.last_activity) for b in self.layers],
+            "keys_per_query": [val(b.attn.last_keys_per_query) for b in self.layers],
+            "attn_cap_exceeded": [val(b.attn.last_cap_exceeded) for b in self.layers],
+        }
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or temperature / nucleus sampling with the KV cache. Returns prompt + new tokens."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds max_seq_len={self.config.max_seq_len}")
+        cache = self.new_cache(input_ids.shape[0], total)
+        logits = self(input_ids, cache=cache).logits[:, -1]
+        out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if eos_token_id is not None and bool(done.all()):
+                break
+            logits = self(nxt[:, None], cache=cache).logits[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, idx = probs.sort(dim=-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sp)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
