@@ -13,7 +13,6 @@ import sys
 COMMAND_MODULES = [
     "sparkformer.flops",
     "sparkformer.bench",
-    "sparkformer.demo",
 ]
 
 

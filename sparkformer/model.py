@@ -45,24 +45,25 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """RoPE tables for one rotary space of ``dim`` dims (rotate-half convention, as HF Gemma)."""
+    """RoPE for one rotary space of ``dim`` dims (rotate-half convention, as HF Gemma).
+
+    Tables are computed per call (O(T*dim), negligible next to the matmuls) rather than kept as buffers, so a model
+    materialised from the meta device (HF ``from_pretrained``) or moved between devices is always right."""
 
     def __init__(self, dim: int, max_len: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        t = torch.arange(max_len, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.dim, self.max_len, self.theta = dim, max_len, theta
 
     def forward(self, x: torch.Tensor, pos0: int) -> torch.Tensor:
         """Rotate x (..., T, dim) whose first position is ``pos0``."""
         T = x.shape[-2]
-        if pos0 + T > self.cos.shape[0]:
-            raise ValueError(f"position {pos0 + T} exceeds max_seq_len={self.cos.shape[0]}; raise max_seq_len")
-        cos = self.cos[pos0 : pos0 + T].to(x.dtype)
-        sin = self.sin[pos0 : pos0 + T].to(x.dtype)
+        if pos0 + T > self.max_len:
+            raise ValueError(f"position {pos0 + T} exceeds max_seq_len={self.max_len}; raise max_seq_len")
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=x.device) / self.dim))
+        t = torch.arange(pos0, pos0 + T, dtype=torch.float32, device=x.device)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rot * sin

@@ -1,0 +1,203 @@
+"""transformers integration: ``SparkConfig`` / ``SparkForCausalLM`` registered with the Auto classes, and
+conversion between our dense model and HF ``Gemma2ForCausalLM``.
+
+transformers is an optional extra (``pip install sparkformer[hf]``); ``import sparkformer`` works without it.
+
+    from sparkformer.hf import SparkForCausalLM, SparkConfig
+    model = SparkForCausalLM(SparkConfig.from_model_config(get_preset("tiny-spark")))
+    model.save_pretrained("out")                                  # safetensors
+    AutoModelForCausalLM.from_pretrained("out")                   # after `import sparkformer.hf`
+
+HF ``generate`` works (greedy, sampling, beam search) without a KV cache: each step re-runs the whole sequence. That is
+for correctness and ecosystem tools (lm-evaluation-harness, pipelines); use ``sparkformer generate`` for speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from sparkformer.config import ModelConfig
+from sparkformer.model import SparkLM
+
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("sparkformer.hf needs transformers: pip install 'sparkformer[hf]'") from e
+
+_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+class SparkConfig(PretrainedConfig):
+    """HF config carrying every ``ModelConfig`` field (the same names)."""
+
+    model_type = "sparkformer"
+
+    def __init__(self, **kwargs):
+        mine = {k: kwargs.pop(k) for k in list(kwargs) if k in _FIELDS}
+        ModelConfig(**mine)  # validate now, with field-naming errors
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        for k in _FIELDS:
+            setattr(self, k, mine.get(k, defaults[k]))
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, **kwargs) -> "SparkConfig":
+        return cls(**cfg.to_dict(), **kwargs)
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(**{k: getattr(self, k) for k in _FIELDS})
+
+    @property
+    def hidden_size(self) -> int:  # names generic HF tools look for
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_heads
+
+
+class SparkForCausalLM(PreTrainedModel, GenerationMixin):
+    """A ``SparkLM`` behind the transformers model contract (``.model`` is the ``SparkLM``)."""
+
+    config_class = SparkConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_cache_class = False
+
+    def __init__(self, config: SparkConfig):
+        super().__init__(config)
+        self.model = SparkLM(config.to_model_config())
+        self.generation_config.use_cache = False
+        self.post_init()
+
+    def _init_weights(self, module):  # SparkLM initialises itself; loading overwrites everything
+        pass
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def set_input_embeddings(self, value):
+        self.model.embed = value
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, return_dict: bool | None = None, **kwargs):
+        if input_ids is None:
+            raise ValueError("SparkForCausalLM needs input_ids (inputs_embeds are not supported)")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported: pass unpadded sequences (attention_mask all ones)")
+        out = self.model(input_ids)
+        loss = None
+        if labels is not None:  # HF convention: labels are the inputs; shift here
+            logits = out.logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=out.logits)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def sparsity_stats(self) -> dict:
+        return self.model.sparsity_stats()
+
+
+AutoConfig.register("sparkformer", SparkConfig, exist_ok=True)
+AutoModelForCausalLM.register(SparkConfig, SparkForCausalLM, exist_ok=True)
+
+
+def to_hf(model: SparkLM) -> SparkForCausalLM:
+    """Wrap a ``SparkLM`` (weights shared, not copied)."""
+    hf = SparkForCausalLM(SparkConfig.from_model_config(model.config))
+    hf.model = model
+    return hf
+
+
+def save_pretrained(model: SparkLM, path: str | Path) -> None:
+    to_hf(model).save_pretrained(str(path), safe_serialization=True)
+
+
+def load_pretrained(path: str | Path, **kwargs) -> SparkLM:
+    return SparkForCausalLM.from_pretrained(str(path), **kwargs).model
+
+
+# ---- Gemma 2 <-> our dense model ---------------------------------------------------------------------------------
+def gemma2_config_to_model_config(hc) -> ModelConfig:
+    """Our dense ``ModelConfig`` equivalent to an HF ``Gemma2Config``."""
+    window = hc.sliding_window
+    if getattr(hc, "layer_types", None):
+        expect = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(hc.num_hidden_layers)]
+        if list(hc.layer_types) != expect:
+            raise ValueError(f"only Gemma-2's alternating local/global layers are supported, got {hc.layer_types}")
+    rope_theta = getattr(hc, "rope_theta", None)
+    if rope_theta is None:
+        rope_theta = (getattr(hc, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return ModelConfig(
+        vocab_size=hc.vocab_size, d_model=hc.hidden_size, n_layers=hc.num_hidden_layers,
+        n_heads=hc.num_attention_heads, n_kv_heads=hc.num_key_value_heads, head_dim=hc.head_dim,
+        max_seq_len=hc.max_position_embeddings, ffn="geglu", ffn_dim=hc.intermediate_size, attention="dense",
+        sliding_window=window, local_global="alternate", attn_logit_softcap=hc.attn_logit_softcapping,
+        final_logit_softcap=hc.final_logit_softcapping, query_pre_attn_scalar=hc.query_pre_attn_scalar,
+        rope_theta=float(rope_theta), rms_norm_eps=hc.rms_norm_eps,
+    )
+
+
+_GEMMA2_NAMES = {
+    "input_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+    "pre_ffn_norm": "pre_feedforward_layernorm", "post_ffn_norm": "post_feedforward_layernorm",
+    "attn": "self_attn", "ffn": "mlp",
+}
+
+
+def _gemma2_key(ours: str) -> str:
+    if ours == "embed.weight":
+        return "model.embed_tokens.weight"
+    if ours == "final_norm.weight":
+        return "model.norm.weight"
+    parts = ours.split(".")
+    return "model." + ".".join(_GEMMA2_NAMES.get(p, p) for p in parts)
+
+
+def from_gemma2(hf_model) -> SparkLM:
+    """Our dense model with the weights of an HF ``Gemma2ForCausalLM`` (a real Gemma 2 checkpoint, say)."""
+    cfg = gemma2_config_to_model_config(hf_model.config)
+    model = SparkLM(cfg)
+    sd = hf_model.state_dict()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            p.copy_(sd[_gemma2_key(name)])
+    return model.to(next(hf_model.parameters()).dtype)
+
+
+def to_gemma2(model: SparkLM):
+    """An HF ``Gemma2ForCausalLM`` with the weights of our dense model."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    c = model.config
+    if c.uses_spark:
+        raise ValueError("only dense models (ffn=geglu, attention=dense) convert to Gemma2; this one uses Spark layers")
+    if c.local_global != "alternate" or c.sliding_window is None:
+        raise ValueError("Gemma2 alternates local and global layers: needs local_global='alternate' and a window")
+    hc = Gemma2Config(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap,
+        query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim, sliding_window=c.sliding_window,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, attn_implementation="eager",
+    )
+    hf = Gemma2ForCausalLM(hc)
+    sd = hf.state_dict()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            sd[_gemma2_key(name)].copy_(p)
+    hf.tie_weights()
+    return hf.eval()
