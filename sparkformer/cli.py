@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = [
     "sparkformer.flops",
     "sparkformer.bench",
+    "sparkformer.demo",
 ]
 
 

@@ -112,3 +112,13 @@ def test_bad_targets():
         stat_topk(torch.randn(3, 10), 1.5)
     with pytest.raises(ValueError, match="count"):
         stat_topk(torch.randn(3, 10), -1)
+
+
+def test_gradcheck_with_mask_and_keep_all_rows():
+    x = torch.randn(4, 30, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 30) > 0.3
+    mask[3, 5:] = False  # 5 valid entries <= k: keeps all
+    torch.autograd.gradcheck(lambda t: stat_topk(t, 5, mask), (x,))
+    y = stat_topk(x, 0.3, mask, detach_threshold=True)  # detached: gradient only through the survivors
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, (y != 0).double())

@@ -1,0 +1,228 @@
+"""Build, cache and load the C++ decode kernels (torch custom ops ``torch.ops.sparkformer.*``).
+
+The sources in ``sparkformer/ops/csrc`` are compiled once per (torch version, sources, flags, CPU) and the
+shared library is kept under ``sparkformer.paths.cache_dir("ext", <key>)``; later processes load it in
+milliseconds. The kernels are compiled three times inside that one library (AVX-512, AVX2+FMA, plain C++)
+and the best one the CPU supports is picked when it loads, so no ``-march=native`` is used. The key still
+includes the CPU's feature flags, so a cache directory shared between machines never hands one CPU a
+build made on another.
+
+If the build fails, or no C++ compiler is present, or ``SPARKFORMER_DISABLE_EXT=1`` is set, ``available()``
+returns False and the ``*_decode`` wrappers use their pure-PyTorch fast path (a warning says so, once).
+
+    python -m sparkformer.ops._extension      # build now (or load the cached build) and print what it found
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from sparkformer.paths import cache_dir
+
+NAME = "sparkformer_decode_ops"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
+HEADERS = ("kernels.h", "kernels_common.h", "kernels_impl.h")
+# -fopenmp at compile time only: at::parallel_for is an OpenMP region in the header; the runtime is the
+# libgomp torch already loaded (linking another copy would give two thread pools).
+CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-function")
+# CPU features that change which kernels run or how they are compiled.
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c", "bmi2")
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "error": None, "path": None}
+
+
+def disabled() -> bool:
+    """True when ``SPARKFORMER_DISABLE_EXT`` is set to a true value (1/true/yes)."""
+    return os.environ.get("SPARKFORMER_DISABLE_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """The relevant CPU feature flags of this machine (from /proc/cpuinfo; empty where unavailable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return tuple(fl for fl in _CPU_FLAGS if fl in have)
+    except OSError:
+        pass
+    return ()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def build_key() -> str:
+    """Cache key: torch version + a hash of the sources, flags, compiler, platform and CPU features."""
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    cxx = _compiler() or "none"
+    for part in (CFLAGS, (cxx, _compiler_version(cxx)), (sys.platform, platform.machine()), cpu_flags()):
+        h.update(repr(part).encode())
+    return f"torch{torch.__version__}-{h.hexdigest()[:16]}"
+
+
+def build_dir() -> Path:
+    return cache_dir("ext", build_key())
+
+
+def _build(verbose: bool = False) -> tuple[Path, bool]:
+    """Return (path of the built library, whether this call loaded it). Builds at most once per key."""
+    final = build_dir() / f"{NAME}.so"
+    if final.exists():
+        return final, False
+    with open(final.parent / ".lock", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)  # one builder per key; the others wait and reuse its result
+        if final.exists():
+            return final, False
+        if _compiler() is None:
+            raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+        from torch.utils import cpp_extension
+
+        tmp = Path(tempfile.mkdtemp(prefix="build-", dir=final.parent))
+        try:
+            # load() compiles with ninja and loads the library into this process
+            cpp_extension.load(
+                name=NAME,
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_cflags=list(CFLAGS),
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(tmp),
+                is_python_module=False,
+                verbose=verbose,
+            )
+            os.replace(tmp / f"{NAME}.so", final)  # atomic: other processes only ever see a complete file
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final, True
+
+
+def _register_fakes() -> None:
+    """Shape functions so torch.compile / FakeTensor can trace through the ops."""
+    lib = "sparkformer::"
+
+    @torch.library.register_fake(lib + "spark_ffn_decode")
+    def _(x, k1, k2, v, fraction, workspace=None):
+        return x.new_empty(v.shape[1]), x.new_empty((), dtype=torch.long)
+
+    @torch.library.register_fake(lib + "spark_attn_decode")
+    def _(q, kp, kr, v, length, k, scale, window=None, softcap=None, workspace=None):
+        h = q.shape[0]
+        return q.new_empty(h, v.shape[2]), q.new_empty(h, dtype=torch.long), q.new_empty(h, dtype=torch.bool)
+
+    @torch.library.register_fake(lib + "geglu_decode")
+    def _(x, w_gate, w_up, w_down_t, workspace=None):
+        return x.new_empty(w_down_t.shape[1])
+
+    @torch.library.register_fake(lib + "dense_attn_decode")
+    def _(q, k, v, length, scale, window=None, softcap=None, workspace=None):
+        return q.new_empty(q.shape[0], v.shape[2])
+
+    @torch.library.register_fake(lib + "matvec")
+    def _(w, x):
+        return x.new_empty(w.shape[0])
+
+
+def _already_registered() -> bool:
+    try:
+        torch.ops.sparkformer.spark_ffn_decode.default  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (once, cached) and load the extension. Returns True when the C++ ops are usable."""
+    if disabled():
+        return False
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        _state["tried"] = True
+        try:
+            if not _already_registered():
+                path, loaded = _build(verbose)
+                if not loaded:
+                    torch.ops.load_library(str(path))
+                _state["path"] = path
+                _register_fakes()
+            _state["ok"] = True
+        except Exception as e:  # noqa: BLE001 -- any failure means: use the pure-torch path
+            _state["error"] = f"{type(e).__name__}: {e}"
+            warnings.warn(
+                "sparkformer: the C++ decode kernels could not be built or loaded "
+                f"({_state['error'].splitlines()[0][:300]}); using the slower pure-PyTorch fallback.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _state["ok"]
+
+
+def available() -> bool:
+    """True when the C++ decode ops are loaded (building them on first use) and not disabled by env."""
+    return load()
+
+
+def error() -> str | None:
+    """Why the extension is unavailable (None when it loaded or was never tried)."""
+    return _state["error"]
+
+
+def isa() -> str:
+    """The kernel instruction set in use: 'avx512', 'avx2' or 'scalar' ('none' without the extension)."""
+    return torch.ops.sparkformer._set_isa("") if available() else "none"
+
+
+def set_isa(name: str) -> str:
+    """Narrow the kernels to 'avx512' | 'avx2' | 'scalar', or 'auto' for the best the CPU has (for tests
+    and benchmarks). Returns the ISA now in use. ``SPARKFORMER_ISA`` sets the same at load time."""
+    if not available():
+        raise RuntimeError("sparkformer C++ extension unavailable: " + str(error()))
+    return torch.ops.sparkformer._set_isa(name)
+
+
+def info() -> dict:
+    return {
+        "available": available(),
+        "disabled_by_env": disabled(),
+        "isa": isa(),
+        "cpu_flags": list(cpu_flags()),
+        "path": str(_state["path"]) if _state["path"] else None,
+        "error": error(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    ok = load(verbose="-v" in sys.argv)
+    print(json.dumps({**info(), "load_s": round(time.perf_counter() - t0, 2)}, indent=1))
+    sys.exit(0 if ok or disabled() else 1)

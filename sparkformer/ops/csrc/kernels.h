@@ -1,0 +1,67 @@
+// Batch-1 decode kernels: the ISA-neutral interface.
+//
+// Each kernel works on a range of rows (or keys) and is free of torch; ops.cpp owns threading
+// (at::parallel_for), selection and the torch op registration. The same kernel source
+// (kernels_impl.h) is compiled three times -- AVX-512, AVX2+FMA and plain C++ -- and ops.cpp picks
+// one table at load time from the CPU's features (see select_kernels in ops.cpp).
+//
+// Weights are fp32 or bf16 (passed as raw uint16 bits, `bf16 = true`); everything else -- inputs,
+// accumulators, outputs -- is fp32. bf16 is widened to fp32 exactly (a 16-bit shift), so every
+// product and sum is done in fp32 and the kernels agree with an fp32 reference on upcast weights.
+// Strides (`ld*`) are in elements; the innermost dimension is always contiguous.
+#pragma once
+
+#include <cstdint>
+
+namespace spk {
+
+struct Kernels {
+  const char* name;
+
+  // y[i - r0] = dot(w[i*ld : i*ld + n], x)  for i in [r0, r1).
+  void (*matvec)(const void* w, bool bf16, int64_t ld, int64_t n, const float* x, float* y,
+                 int64_t r0, int64_t r1);
+
+  // Spark FFN, selected rows: acc[0:nv] += sum_t a[t] * dot(k2[idx[t]], x2) * v[idx[t]].
+  void (*ffn_gather)(const int32_t* idx, const float* a, int64_t cnt, const void* k2, int64_t ld2,
+                     int64_t n2, const float* x2, const void* v, int64_t ldv, int64_t nv, bool bf16,
+                     float* acc);
+
+  // GeGLU neurons [j0, j1): h_j = gelu_tanh(dot(g_j, x)) * dot(u_j, x); acc[0:nd] += h_j * d_j.
+  // g, u: rows of length n (=len(x)); d: rows of length nd (W_down transposed).
+  void (*geglu_rows)(const void* g, int64_t ldg, const void* u, int64_t ldu, const void* d,
+                     int64_t ldd, int64_t n, int64_t nd, bool bf16, const float* x, float* acc,
+                     int64_t j0, int64_t j1);
+
+  // Feature-major scores: out[h*ldo + j - j0] = sum_{c<r} q[h*r + c] * kp[c*ldc + j],
+  // h < nq, j in [j0, j1). One streaming pass over r rows of keys for nq queries at once.
+  void (*scores_fm)(const void* kp, bool bf16, int64_t ldc, int64_t r, const float* q, int64_t nq,
+                    int64_t j0, int64_t j1, float* out, int64_t ldo);
+
+  // Row-major scores: out[h*ldo + j - j0] = dot(k[j*ldj : j*ldj + dq], q[h*dq : (h+1)*dq]).
+  void (*scores_rm)(const void* k, bool bf16, int64_t ldj, int64_t dq, const float* q, int64_t nq,
+                    int64_t j0, int64_t j1, float* out, int64_t ldo);
+
+  // Row-major values: out[h*dv + c] += sum_{j in [j0,j1)} w[h*ldw + j - j0] * v[j*ldj + c].
+  void (*values_rm)(const void* v, bool bf16, int64_t ldj, int64_t dv, const float* w, int64_t ldw,
+                    int64_t nq, int64_t j0, int64_t j1, float* out);
+
+  // Spark attention, kept keys of one head (qr pre-scaled):
+  // out[0:dv] += sum_t w[t] * softplus(dot(kr[idx[t]], qr)) * v[idx[t]].
+  void (*attn_gather)(const int32_t* idx, const float* w, int64_t cnt, const void* kr, int64_t ldk,
+                      int64_t dr, const float* qr, const void* v, int64_t ldv, int64_t dv, bool bf16,
+                      float* out);
+
+  // Small vector helpers on fp32 arrays (vectorised exp / tanh).
+  void (*sum_sumsq)(const float* p, int64_t n, double shift, double* sum, double* sumsq);
+  void (*softcap)(float* p, int64_t n, float cap);           // p = cap * tanh(p / cap)
+  float (*exp_sub)(const float* p, int64_t n, float m, float* out);  // out = exp(p - m); returns sum
+  void (*gelu_tanh)(float* p, int64_t n);                    // p = gelu_tanh(p)
+  float (*max)(const float* p, int64_t n);
+};
+
+const Kernels* kernels_avx512();
+const Kernels* kernels_avx2();
+const Kernels* kernels_scalar();
+
+}  // namespace spk

@@ -1,0 +1,16 @@
+// AVX2 + FMA build of the decode kernels; only called when the CPU reports these features.
+#include "kernels_common.h"
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+#define SPK_ISA 1
+#define SPK_NS spk_avx2
+#define SPK_NAME "avx2"
+#include "kernels_impl.h"
+#pragma GCC pop_options
+
+const spk::Kernels* spk::kernels_avx2() { return &spk_avx2::table; }
+#else
+const spk::Kernels* spk::kernels_avx2() { return nullptr; }  // not an x86-64 build
+#endif

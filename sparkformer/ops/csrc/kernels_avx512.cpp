@@ -1,0 +1,16 @@
+// AVX-512 (F/BW/VL/DQ) build of the decode kernels; only called when the CPU reports these features.
+#include "kernels_common.h"
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
+#define SPK_ISA 2
+#define SPK_NS spk_avx512
+#define SPK_NAME "avx512"
+#include "kernels_impl.h"
+#pragma GCC pop_options
+
+const spk::Kernels* spk::kernels_avx512() { return &spk_avx512::table; }
+#else
+const spk::Kernels* spk::kernels_avx512() { return nullptr; }  // not an x86-64 build
+#endif

@@ -1,0 +1,9 @@
+// Plain C++ build of the decode kernels (baseline x86-64 / any CPU); the fallback of last resort.
+#include "kernels_common.h"
+
+#define SPK_ISA 0
+#define SPK_NS spk_scalar
+#define SPK_NAME "scalar"
+#include "kernels_impl.h"
+
+const spk::Kernels* spk::kernels_scalar() { return &spk_scalar::table; }

@@ -1,0 +1,521 @@
+// Torch custom ops for batch-1 decode (namespace `sparkformer`): Spark FFN, Spark attention, and the
+// dense baselines (GeGLU FFN, attention, plain matvec).
+//
+// This file owns everything torch-facing: argument checks, workspace, threading (at::parallel_for,
+// which uses torch's intra-op thread pool), the statistical threshold and the key selection. The
+// arithmetic on weights lives in kernels_impl.h, compiled per ISA; one table of those kernels is
+// chosen at load time from the CPU's features and can be narrowed with SPARKFORMER_ISA or
+// torch.ops.sparkformer._set_isa (for tests).
+//
+// The plain-PyTorch references in sparkformer/ops/*_decode.py are the specification of each op.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+// ------------------------------------------------------------------------------------------------
+// Kernel table selection
+// ------------------------------------------------------------------------------------------------
+int isa_rank(const std::string& name) {
+  if (name == "avx512") return 2;
+  if (name == "avx2") return 1;
+  if (name == "scalar") return 0;
+  return -1;
+}
+
+int cpu_isa_rank() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
+}
+
+const spk::Kernels* kernels_for(int rank) {
+  if (rank >= 2 && spk::kernels_avx512()) return spk::kernels_avx512();
+  if (rank >= 1 && spk::kernels_avx2()) return spk::kernels_avx2();
+  return spk::kernels_scalar();
+}
+
+const spk::Kernels*& active() {
+  static const spk::Kernels* k = [] {
+    int rank = cpu_isa_rank();
+    if (const char* env = std::getenv("SPARKFORMER_ISA")) {  // may only narrow what the CPU has
+      int want = isa_rank(env);
+      if (want >= 0 && want < rank) rank = want;
+    }
+    return kernels_for(rank);
+  }();
+  return k;
+}
+
+const spk::Kernels* K() { return active(); }
+
+// torch.ops.sparkformer._set_isa("avx512" | "avx2" | "scalar" | "auto") -> name now active.
+// Asking for more than the CPU has is an error; "" just reports.
+std::string set_isa(std::string name) {
+  if (!name.empty()) {
+    int have = cpu_isa_rank();
+    int want = name == "auto" ? have : isa_rank(name);
+    TORCH_CHECK(want >= 0, "sparkformer: unknown ISA '", name, "' (avx512 | avx2 | scalar | auto)");
+    TORCH_CHECK(want <= have, "sparkformer: this CPU does not support ", name);
+    active() = kernels_for(want);
+  }
+  return K()->name;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Statistics
+// ------------------------------------------------------------------------------------------------
+// Inverse standard-normal CDF: Acklam's rational approximation (relative error 1e-9), then one
+// Halley step on erfc, which brings it to double precision.
+double ndtri(double p) {
+  if (!(p > 0.0)) return -std::numeric_limits<double>::infinity();
+  if (!(p < 1.0)) return std::numeric_limits<double>::infinity();
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+                             1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00};
+  static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+                             6.680131188771972e+01, -1.328068155288572e+01};
+  static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+                             -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00};
+  static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+                             3.754408661907416e+00};
+  const double plow = 0.02425;
+  double x;
+  if (p < plow) {
+    double q = std::sqrt(-2.0 * std::log(p));
+    x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+  } else if (p <= 1.0 - plow) {
+    double q = p - 0.5, r = q * q;
+    x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0);
+  } else {
+    double q = std::sqrt(-2.0 * std::log1p(-p));
+    x = -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+  }
+  // Halley step. Written on the smaller tail so erfc does not lose the digits.
+  if (x < 0.0) {
+    double e = 0.5 * std::erfc(-x / std::sqrt(2.0)) - p;
+    double u = e * std::sqrt(2.0 * M_PI) * std::exp(0.5 * x * x);
+    x = x - u / (1.0 + 0.5 * x * u);
+  } else {
+    double e = 0.5 * std::erfc(x / std::sqrt(2.0)) - (1.0 - p);  // upper tail
+    double u = -e * std::sqrt(2.0 * M_PI) * std::exp(0.5 * x * x);
+    x = x - u / (1.0 + 0.5 * x * u);
+  }
+  return x;
+}
+
+// Statistical top-k threshold over p[0:n] for target fraction f: mean + std * ndtri(1 - f),
+// population std, statistics in double. f >= 1 keeps everything (-inf), f <= 0 nothing (+inf).
+float stat_threshold(const float* p, int64_t n, double f) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if (n <= 0 || f <= 0.0) return inf;
+  if (f >= 1.0) return -inf;
+  double s, ss;
+  K()->sum_sumsq(p, n, 0.0, &s, &ss);
+  double mean = s / double(n);
+  K()->sum_sumsq(p, n, mean, &s, &ss);  // second pass about the mean, for accuracy
+  double dm = s / double(n);
+  double var = std::max(0.0, ss / double(n) - dm * dm);
+  mean += dm;
+  double sd = std::sqrt(var);
+  return float(sd > 0.0 ? mean + sd * ndtri(1.0 - f) : mean);
+}
+
+// Keep the k best of id[0:cnt] by (score desc, position desc), then put them in position order.
+void keep_top(const float* p, int32_t* id, int64_t cnt, int64_t k) {
+  auto better = [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a > b); };
+  std::nth_element(id, id + (k - 1), id + cnt, better);
+  std::sort(id, id + k);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Argument helpers
+// ------------------------------------------------------------------------------------------------
+bool weight_is_bf16(const Tensor& w, const char* what) {
+  TORCH_CHECK(w.device().is_cpu(), "sparkformer: ", what, " must be a CPU tensor");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "sparkformer: ", what,
+              " must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.size(-1) <= 1 || w.stride(-1) == 1, "sparkformer: the last dim of ", what, " must be contiguous");
+  return w.scalar_type() == at::kBFloat16;
+}
+
+void same_dtype(const Tensor& a, const Tensor& b, const char* what) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "sparkformer: ", what, " must share one dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+}
+
+// Element pointer with an offset, for fp32 or bf16 storage.
+const void* at_elem(const Tensor& t, int64_t offset) {
+  return static_cast<const char*>(t.data_ptr()) + offset * int64_t(t.element_size());
+}
+
+Tensor as_f32(const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "sparkformer: activations must be CPU tensors");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "sparkformer: activations must be floating point");
+  return x.to(at::kFloat).contiguous();
+}
+
+// Scratch memory: the caller's float32 `workspace` if given (checked for size), else a
+// thread-local buffer that grows on demand and is reused by later calls.
+float* scratch(const std::optional<Tensor>& workspace, int64_t need) {
+  need += 64;  // slack so vector code never needs a tail guard on scratch arrays
+  if (workspace.has_value() && workspace->defined()) {
+    const Tensor& w = *workspace;
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous(),
+                "sparkformer: workspace must be a contiguous float32 CPU tensor");
+    TORCH_CHECK(w.numel() >= need, "sparkformer: workspace has ", w.numel(), " elements, this call needs ", need);
+    return w.data_ptr<float>();
+  }
+  thread_local std::vector<float> buf;
+  if (int64_t(buf.size()) < need) buf.resize(size_t(need));
+  return buf.data();
+}
+
+int64_t n_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+// Sum `parts` accumulators of length n (stored back to back) into out.
+void reduce_parts(const float* acc, int64_t parts, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = acc[i];
+  for (int64_t p = 1; p < parts; ++p)
+    for (int64_t i = 0; i < n; ++i) out[i] += acc[p * n + i];
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ops
+// ------------------------------------------------------------------------------------------------
+// Spark FFN for one token. Returns (y (d_out,) in x's dtype, number of selected neurons (int64 scalar)).
+std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, const Tensor& k2, const Tensor& v,
+                                            double fraction, const std::optional<Tensor>& workspace) {
+  TORCH_CHECK(x.dim() == 1 && k1.dim() == 2 && k2.dim() == 2 && v.dim() == 2,
+              "spark_ffn_decode: expected x (d,), k1 (d_ff, r), k2 (d_ff, d - r), v (d_ff, d_out)");
+  const bool bf16 = weight_is_bf16(k1, "k1");
+  weight_is_bf16(k2, "k2");
+  weight_is_bf16(v, "v");
+  same_dtype(k1, k2, "k1, k2 and v");
+  same_dtype(k1, v, "k1, k2 and v");
+  const int64_t d_ff = k1.size(0), r = k1.size(1), n2 = k2.size(1), dv = v.size(1);
+  TORCH_CHECK(k2.size(0) == d_ff && v.size(0) == d_ff, "spark_ffn_decode: k1, k2, v must have d_ff rows");
+  TORCH_CHECK(x.size(0) == r + n2, "spark_ffn_decode: len(x) = ", x.size(0), " but k1, k2 have ", r, " + ", n2, " columns");
+  TORCH_CHECK(d_ff < std::numeric_limits<int32_t>::max(), "spark_ffn_decode: d_ff too large");
+  const Tensor xf = as_f32(x);
+  const float* xp = xf.data_ptr<float>();
+  const spk::Kernels* kern = K();
+  const int64_t P = n_threads();
+
+  float* ws = scratch(workspace, 3 * d_ff + P * dv);
+  float* s = ws;
+  int32_t* idx = reinterpret_cast<int32_t*>(ws + d_ff);
+  float* a = ws + 2 * d_ff;
+  float* acc = ws + 3 * d_ff;
+
+  // 1. predictor s = K1 x1 (all of K1, streamed; rows split across threads)
+  at::parallel_for(0, d_ff, 64, [&](int64_t b, int64_t e) {
+    kern->matvec(k1.data_ptr(), bf16, k1.stride(0), r, xp, s + b, b, e);
+  });
+  // 2. statistical threshold, 3. selection (branch-free compaction) and activation
+  const float theta = stat_threshold(s, d_ff, fraction);
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < d_ff; ++i) {
+    idx[cnt] = int32_t(i);
+    a[cnt] = s[i] - theta;
+    cnt += s[i] > theta;
+  }
+  kern->gelu_tanh(a, cnt);
+  // 4. selected rows of K2 and V; each thread a slice of the list with its own accumulator
+  Tensor y = at::empty({dv}, xf.options());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(P, cnt / 8));
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
+      float* ap = acc + p * dv;
+      std::fill(ap, ap + dv, 0.0f);
+      kern->ffn_gather(idx + t0, a + t0, t1 - t0, k2.data_ptr(), k2.stride(0), n2, xp + r, v.data_ptr(), v.stride(0),
+                       dv, bf16, ap);
+    }
+  });
+  reduce_parts(acc, parts, dv, y.data_ptr<float>());
+  return {y.to(x.scalar_type()), at::scalar_tensor(cnt, at::kLong)};
+}
+
+// Dense GeGLU for one token: y = W_down (gelu_tanh(W_gate x) * (W_up x)), with W_down given
+// transposed (w_down_t: (m, d_out)) so every weight read streams row by row.
+Tensor geglu_decode(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down_t,
+                    const std::optional<Tensor>& workspace) {
+  TORCH_CHECK(x.dim() == 1 && w_gate.dim() == 2 && w_up.dim() == 2 && w_down_t.dim() == 2,
+              "geglu_decode: expected x (d,), w_gate (m, d), w_up (m, d), w_down_t (m, d_out)");
+  const bool bf16 = weight_is_bf16(w_gate, "w_gate");
+  weight_is_bf16(w_up, "w_up");
+  weight_is_bf16(w_down_t, "w_down_t");
+  same_dtype(w_gate, w_up, "w_gate, w_up and w_down_t");
+  same_dtype(w_gate, w_down_t, "w_gate, w_up and w_down_t");
+  const int64_t m = w_gate.size(0), d = w_gate.size(1), dout = w_down_t.size(1);
+  TORCH_CHECK(w_up.size(0) == m && w_down_t.size(0) == m && w_up.size(1) == d && x.size(0) == d,
+              "geglu_decode: shape mismatch");
+  const Tensor xf = as_f32(x);
+  const spk::Kernels* kern = K();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n_threads(), m / 8));
+  float* acc = scratch(workspace, parts * dout);
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      float* ap = acc + p * dout;
+      std::fill(ap, ap + dout, 0.0f);
+      kern->geglu_rows(w_gate.data_ptr(), w_gate.stride(0), w_up.data_ptr(), w_up.stride(0), w_down_t.data_ptr(),
+                       w_down_t.stride(0), d, dout, bf16, xf.data_ptr<float>(), ap, m * p / parts, m * (p + 1) / parts);
+    }
+  });
+  Tensor y = at::empty({dout}, xf.options());
+  reduce_parts(acc, parts, dout, y.data_ptr<float>());
+  return y.to(x.scalar_type());
+}
+
+// y = w x for one vector, w (n_out, n_in) fp32 or bf16, fp32 accumulation; result in x's dtype.
+Tensor matvec(const Tensor& w, const Tensor& x) {
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 1 && w.size(1) == x.size(0), "matvec: expected w (n_out, n_in), x (n_in,)");
+  const bool bf16 = weight_is_bf16(w, "w");
+  const Tensor xf = as_f32(x);
+  Tensor y = at::empty({w.size(0)}, xf.options());
+  const spk::Kernels* kern = K();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, w.size(0), 64, [&](int64_t b, int64_t e) {
+    kern->matvec(w.data_ptr(), bf16, w.stride(0), w.size(1), xf.data_ptr<float>(), yp + b, b, e);
+  });
+  return y.to(x.scalar_type());
+}
+
+struct AttnShape {
+  int64_t H, nkv, G, lo, n;
+};
+
+AttnShape attn_shape(const Tensor& q, int64_t nkv, int64_t lmax, int64_t length, std::optional<int64_t> window) {
+  AttnShape s;
+  s.H = q.size(0);
+  s.nkv = nkv;
+  TORCH_CHECK(nkv > 0 && s.H % nkv == 0, "sparkformer attention: ", s.H, " query heads do not split over ", nkv,
+              " kv heads");
+  s.G = s.H / nkv;
+  TORCH_CHECK(length >= 0 && length <= lmax, "sparkformer attention: length ", length, " outside the cache (", lmax, ")");
+  if (window.has_value()) TORCH_CHECK(*window > 0, "sparkformer attention: window must be positive");
+  s.lo = window.has_value() ? std::max<int64_t>(0, length - *window) : 0;
+  s.n = length - s.lo;
+  return s;
+}
+
+// Tiles of (kv head, key chunk) so both threads have work even with few kv heads.
+int64_t chunks_per_head(int64_t nkv, int64_t n) {
+  int64_t P = n_threads();
+  int64_t c = (P + nkv - 1) / nkv;
+  return std::max<int64_t>(1, std::min<int64_t>(c, n / 256));
+}
+
+// Spark attention for one query position. Returns (out (H, dv) in q's dtype, kept (H,) int64,
+// capped (H,) bool: whether the hard cap cut more than k survivors down to k).
+std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tensor& kp, const Tensor& kr,
+                                                     const Tensor& v, int64_t length, int64_t k, double scale,
+                                                     std::optional<int64_t> window, std::optional<double> softcap,
+                                                     const std::optional<Tensor>& workspace) {
+  TORCH_CHECK(q.dim() == 2 && kp.dim() == 3 && kr.dim() == 3 && v.dim() == 3,
+              "spark_attn_decode: expected q (H, D), kp (n_kv, r, L_max), kr (n_kv, L_max, D - r), v (n_kv, L_max, dv)");
+  const bool bf16 = weight_is_bf16(kp, "kp");
+  weight_is_bf16(kr, "kr");
+  weight_is_bf16(v, "v");
+  same_dtype(kp, kr, "kp, kr and v");
+  same_dtype(kp, v, "kp, kr and v");
+  const int64_t nkv = kp.size(0), r = kp.size(1), lmax = kp.size(2), D = q.size(1), dr = D - r, dv = v.size(2);
+  TORCH_CHECK(kr.size(0) == nkv && v.size(0) == nkv && kr.size(1) == lmax && v.size(1) == lmax && kr.size(2) == dr,
+              "spark_attn_decode: cache shapes disagree (kp ", kp.sizes(), ", kr ", kr.sizes(), ", v ", v.sizes(), ")");
+  TORCH_CHECK(k > 0, "spark_attn_decode: k must be positive");
+  TORCH_CHECK(lmax < std::numeric_limits<int32_t>::max(), "spark_attn_decode: cache too long");
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "spark_attn_decode: softcap must be positive");
+  const AttnShape sh = attn_shape(q, nkv, lmax, length, window);
+  const int64_t H = sh.H, G = sh.G, n = sh.n, lo = sh.lo;
+  const Tensor qf = as_f32(q);
+  Tensor out = at::zeros({H, dv}, qf.options());
+  Tensor kept = at::zeros({H}, at::kLong);
+  Tensor capped = at::zeros({H}, at::kBool);
+  if (n == 0) return {out.to(q.scalar_type()), kept, capped};
+
+  const spk::Kernels* kern = K();
+  float* ws = scratch(workspace, H * D + 3 * H * n);
+  float* qp = ws;            // H x r, scaled predictor halves
+  float* qr = ws + H * r;    // H x dr, scaled other halves
+  float* scores = ws + H * D;
+  int32_t* idx = reinterpret_cast<int32_t*>(scores + H * n);
+  float* wts = scores + 2 * H * n;
+  const float* qsrc = qf.data_ptr<float>();
+  const float fs = float(scale);
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t c = 0; c < r; ++c) qp[h * r + c] = fs * qsrc[h * D + c];
+    for (int64_t c = 0; c < dr; ++c) qr[h * dr + c] = fs * qsrc[h * D + r + c];
+  }
+
+  // Phase 1: predictor logits for every valid key, one streaming pass over the feature-major half.
+  const int64_t nch = chunks_per_head(nkv, n);
+  at::parallel_for(0, nkv * nch, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t g = t / nch, c = t % nch, j0 = n * c / nch, j1 = n * (c + 1) / nch;
+      kern->scores_fm(at_elem(kp, g * kp.stride(0) + lo), bf16, kp.stride(1), r, qp + g * G * r, G, j0, j1,
+                      scores + g * G * n + j0, n);
+    }
+  });
+
+  // Phase 2: per query head, select then read only the kept keys' other half and values.
+  float* outp = out.data_ptr<float>();
+  int64_t* keptp = kept.data_ptr<int64_t>();
+  bool* cappedp = capped.data_ptr<bool>();
+  at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t h = b; h < e; ++h) {
+      const int64_t g = h / G;
+      float* p = scores + h * n;
+      int32_t* id = idx + h * n;
+      float* w = wts + h * n;
+      if (softcap.has_value()) kern->softcap(p, n, float(*softcap));
+      int64_t cnt = 0;
+      bool cap_fired = false;
+      if (n <= k) {
+        for (int64_t j = 0; j < n; ++j) id[j] = int32_t(j);
+        cnt = n;
+      } else {
+        const float theta = stat_threshold(p, n, double(k) / double(n));
+        for (int64_t j = 0; j < n; ++j) {
+          id[cnt] = int32_t(j);
+          cnt += p[j] > theta;
+        }
+        if (cnt == 0) {  // degenerate scores (e.g. all equal): keep the k best, ties to the most recent
+          for (int64_t j = 0; j < n; ++j) id[j] = int32_t(j);
+          keep_top(p, id, n, k);
+          cnt = k;
+        } else if (cnt > k) {  // hard cap
+          keep_top(p, id, cnt, k);
+          cnt = k;
+          cap_fired = true;
+        }
+      }
+      for (int64_t t = 0; t < cnt; ++t) w[t] = p[id[t]];
+      const float m = kern->max(w, cnt);
+      const float z = kern->exp_sub(w, cnt, m, w);
+      const float inv = 1.0f / z;
+      for (int64_t t = 0; t < cnt; ++t) w[t] *= inv;
+      kern->attn_gather(id, w, cnt, at_elem(kr, g * kr.stride(0) + lo * kr.stride(1)), kr.stride(1), dr,
+                        qr + h * dr, at_elem(v, g * v.stride(0) + lo * v.stride(1)), v.stride(1), dv, bf16,
+                        outp + h * dv);
+      keptp[h] = cnt;
+      cappedp[h] = cap_fired;
+    }
+  });
+  return {out.to(q.scalar_type()), kept, capped};
+}
+
+// Dense attention for one query position: softmax(scale * q K^T (soft-capped)) V over the valid keys.
+// Keys split into (kv head, chunk) tiles, each with its own running max / sum, merged at the end.
+Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, int64_t length, double scale,
+                         std::optional<int64_t> window, std::optional<double> softcap,
+                         const std::optional<Tensor>& workspace) {
+  TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.dim() == 3,
+              "dense_attn_decode: expected q (H, D), k (n_kv, L_max, D), v (n_kv, L_max, dv)");
+  const bool bf16 = weight_is_bf16(kc, "k");
+  weight_is_bf16(vc, "v");
+  same_dtype(kc, vc, "k and v");
+  const int64_t nkv = kc.size(0), lmax = kc.size(1), D = q.size(1), dv = vc.size(2);
+  TORCH_CHECK(kc.size(2) == D && vc.size(0) == nkv && vc.size(1) == lmax, "dense_attn_decode: cache shapes disagree");
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "dense_attn_decode: softcap must be positive");
+  const AttnShape sh = attn_shape(q, nkv, lmax, length, window);
+  const int64_t H = sh.H, G = sh.G, n = sh.n, lo = sh.lo;
+  const Tensor qf = as_f32(q);
+  Tensor out = at::zeros({H, dv}, qf.options());
+  if (n == 0) return out.to(q.scalar_type());
+
+  const spk::Kernels* kern = K();
+  const int64_t nch = chunks_per_head(nkv, n), tiles = nkv * nch;
+  float* ws = scratch(workspace, H * D + H * n + tiles * G * (dv + 2));
+  float* qs = ws;
+  float* scores = ws + H * D;
+  float* part = scores + H * n;  // per tile: G x dv partial outputs, then G maxima, then G sums
+  const float* qsrc = qf.data_ptr<float>();
+  for (int64_t i = 0; i < H * D; ++i) qs[i] = float(scale) * qsrc[i];
+
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t g = t / nch, c = t % nch, j0 = n * c / nch, j1 = n * (c + 1) / nch, len = j1 - j0;
+      float* sc = scores + g * G * n + j0;
+      kern->scores_rm(at_elem(kc, g * kc.stride(0) + lo * kc.stride(1)), bf16, kc.stride(1), D, qs + g * G * D, G,
+                      j0, j1, sc, n);
+      float* po = part + t * G * (dv + 2);
+      float* pm = po + G * dv;
+      float* pl = pm + G;
+      for (int64_t h = 0; h < G; ++h) {
+        float* s = sc + h * n;
+        if (softcap.has_value()) kern->softcap(s, len, float(*softcap));
+        pm[h] = kern->max(s, len);
+        pl[h] = kern->exp_sub(s, len, pm[h], s);
+      }
+      std::fill(po, po + G * dv, 0.0f);
+      kern->values_rm(at_elem(vc, g * vc.stride(0) + lo * vc.stride(1)), bf16, vc.stride(1), dv, sc, n, G, j0, j1, po);
+    }
+  });
+  float* outp = out.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t g = h / G, hl = h % G;
+    float M = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < nch; ++c) M = std::max(M, part[(g * nch + c) * G * (dv + 2) + G * dv + hl]);
+    double denom = 0.0;
+    for (int64_t c = 0; c < nch; ++c) {
+      const float* po = part + (g * nch + c) * G * (dv + 2);
+      const float f = std::exp(po[G * dv + hl] - M);
+      denom += double(f) * po[G * dv + G + hl];
+      for (int64_t i = 0; i < dv; ++i) outp[h * dv + i] += f * po[hl * dv + i];
+    }
+    const float inv = float(1.0 / denom);
+    for (int64_t i = 0; i < dv; ++i) outp[h * dv + i] *= inv;
+  }
+  return out.to(q.scalar_type());
+}
+
+double ndtri_op(double p) { return ndtri(p); }
+
+}  // namespace
+
+TORCH_LIBRARY(sparkformer, m) {
+  m.def(
+      "spark_ffn_decode(Tensor x, Tensor k1, Tensor k2, Tensor v, float fraction, Tensor(a!)? workspace=None)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "spark_attn_decode(Tensor q, Tensor kp, Tensor kr, Tensor v, int length, int k, float scale,"
+      " int? window=None, float? softcap=None, Tensor(a!)? workspace=None) -> (Tensor, Tensor, Tensor)");
+  m.def("geglu_decode(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor(a!)? workspace=None) -> Tensor");
+  m.def(
+      "dense_attn_decode(Tensor q, Tensor k, Tensor v, int length, float scale, int? window=None,"
+      " float? softcap=None, Tensor(a!)? workspace=None) -> Tensor");
+  m.def("matvec(Tensor w, Tensor x) -> Tensor");
+  m.def("_set_isa(str name) -> str", &set_isa);  // test hook: pick the kernel ISA ("" reports it)
+  m.def("_ndtri(float p) -> float", &ndtri_op);  // test hook: the inverse normal CDF used above
+}
+
+TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
+  m.impl("spark_ffn_decode", &spark_ffn_decode);
+  m.impl("spark_attn_decode", &spark_attn_decode);
+  m.impl("geglu_decode", &geglu_decode);
+  m.impl("dense_attn_decode", &dense_attn_decode);
+  m.impl("matvec", &matvec);
+}

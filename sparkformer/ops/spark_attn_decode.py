@@ -1,0 +1,202 @@
+"""Spark attention for one query position (batch-1 decode): reference, fast pure-PyTorch path, C++ op.
+
+Cache layout (per layer). The query/key head dim D is split at r:
+
+    kp: (n_kv, r, L_max)       predictor half of the keys, *feature-major*: scoring all keys is one pass
+    kr: (n_kv, L_max, D - r)   other half of the keys, row-major
+    v:  (n_kv, L_max, dv)      values, row-major
+
+Math (shared spec, section 3), per query head h (GQA: head h reads kv head h // (n_heads // n_kv);
+selection is per query head). Valid keys are positions [lo, length), lo = max(0, length - window)
+(window None: lo = 0); n = length - lo.
+
+    p_j   = scale * q[:r] . kp[:, j]                   (then cap * tanh(p_j / cap) if softcap)
+    keep  = all n keys                                 if n <= k
+          = {j : p_j > mean(p) + std(p) * ndtri(1 - k/n)}   otherwise (population std over valid keys)
+            - hard cap: if more than k survive, keep the k largest p_j (ties -> the more recent key)
+              and report `capped` for that head;
+            - if none survives (only for degenerate scores, e.g. all equal), keep the k largest instead
+              (same tie rule), `capped` stays False.
+    w_j   = softmax_{keep}(p)_j * softplus(scale * q[r:] . kr[j])     (not renormalised)
+    out   = sum_{j in keep} w_j v[j]
+
+Contract of all three implementations: ``(out (n_heads, dv) in q's dtype, kept (n_heads,) int64,
+capped (n_heads,) bool)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparkformer.ops import _extension
+
+__all__ = [
+    "spark_attn_decode",
+    "spark_attn_decode_reference",
+    "spark_attn_decode_torch",
+    "spark_attn_workspace",
+    "valid_range",
+]
+
+
+def valid_range(length: int, window: int | None) -> tuple[int, int]:
+    """(lo, n): the first valid cache position and the number of valid keys."""
+    lo = max(0, length - window) if window is not None else 0
+    return lo, length - lo
+
+
+def _ndtri(p: float) -> float:
+    return torch.special.ndtri(torch.tensor(p, dtype=torch.float64)).item()
+
+
+def _top(p: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best of candidate positions `cand` by (p desc, position desc), in position order."""
+    cand = cand.flip(0)  # later positions first, so the stable sort breaks ties towards them
+    order = torch.sort(p[cand], descending=True, stable=True).indices[:k]
+    return cand[order].sort().values
+
+
+def spark_attn_decode_reference(
+    q: torch.Tensor,
+    kp: torch.Tensor,
+    kr: torch.Tensor,
+    v: torch.Tensor,
+    length: int,
+    k: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The specification, one query head at a time, fp32 on upcast cache entries (slow; for tests)."""
+    n_heads, _ = q.shape
+    n_kv, r, _ = kp.shape
+    group = n_heads // n_kv
+    lo, n = valid_range(length, window)
+    out = torch.zeros(n_heads, v.shape[2])
+    kept = torch.zeros(n_heads, dtype=torch.long)
+    capped = torch.zeros(n_heads, dtype=torch.bool)
+    for h in range(n_heads):
+        if n == 0:
+            continue
+        g = h // group
+        qh = q[h].float()
+        p = scale * (qh[:r] @ kp[g, :, lo:length].float())
+        if softcap is not None:
+            p = softcap * torch.tanh(p / softcap)
+        if n <= k:
+            keep = torch.arange(n)
+        else:
+            theta = p.mean() + p.std(correction=0) * _ndtri(1.0 - k / n)
+            keep = torch.nonzero(p > theta).squeeze(1)
+            if keep.numel() == 0:
+                keep = _top(p, torch.arange(n), k)
+            elif keep.numel() > k:
+                keep = _top(p, keep, k)
+                capped[h] = True
+        gate = F.softplus(scale * (kr[g, lo + keep].float() @ qh[r:]))
+        w = torch.softmax(p[keep], dim=0) * gate
+        out[h] = w @ v[g, lo + keep].float()
+        kept[h] = keep.numel()
+    return out.to(q.dtype), kept, capped
+
+
+def spark_attn_decode_torch(
+    q: torch.Tensor,
+    kp: torch.Tensor,
+    kr: torch.Tensor,
+    v: torch.Tensor,
+    length: int,
+    k: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fast pure-PyTorch path: one batched matmul over the predictor half, a masked top-k, and gathers
+    of only the kept keys' other half and values. bf16 caches are multiplied in bf16 here."""
+    n_heads, _ = q.shape
+    n_kv, r, _ = kp.shape
+    group = n_heads // n_kv
+    lo, n = valid_range(length, window)
+    dv = v.shape[2]
+    if n == 0:
+        return (q.new_zeros(n_heads, dv), torch.zeros(n_heads, dtype=torch.long),
+                torch.zeros(n_heads, dtype=torch.bool))
+    qf = q.float()
+    qp = (qf[:, :r] * scale).to(kp.dtype).view(n_kv, group, r)
+    p = torch.bmm(qp, kp[:, :, lo:length]).float().view(n_heads, n)
+    if softcap is not None:
+        p = softcap * torch.tanh(p / softcap)
+    capped = torch.zeros(n_heads, dtype=torch.bool)
+    if n <= k:
+        vals, idx = p, torch.arange(n).expand(n_heads, n)
+    else:
+        theta = p.mean(1, keepdim=True) + p.std(1, correction=0, keepdim=True) * _ndtri(1.0 - k / n)
+        passed = p > theta
+        count = passed.sum(1)
+        capped = count > k
+        masked = torch.where(passed, p, float("-inf"))
+        vals, idx = masked.topk(k, dim=1)
+        for h in torch.nonzero(count == 0).flatten().tolist():  # degenerate rows: the k best of all
+            idx[h] = _top(p[h], torch.arange(n), k)
+            vals[h] = p[h, idx[h]]
+    kept = torch.isfinite(vals).sum(1)
+    g = (torch.arange(n_heads) // group)[:, None]
+    pos = lo + idx
+    gate = F.softplus(scale * torch.einsum("hkd,hd->hk", kr[g, pos].float(), qf[:, r:]))
+    w = torch.softmax(vals, dim=1) * gate  # -inf (not kept) -> weight 0
+    out = torch.einsum("hk,hkd->hd", w, v[g, pos].float())
+    return out.to(q.dtype), kept, capped
+
+
+def spark_attn_decode(
+    q: torch.Tensor,
+    kp: torch.Tensor,
+    kr: torch.Tensor,
+    v: torch.Tensor,
+    length: int,
+    k: int,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    *,
+    workspace: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spark attention output of one query position, for all query heads.
+
+    Args:
+        q: (n_heads, D) query (after RoPE), any float dtype; computed in fp32.
+        kp: (n_kv, r, L_max) predictor half of the cached keys, feature-major; fp32 or bf16.
+        kr: (n_kv, L_max, D - r) other half of the cached keys; same dtype.
+        v: (n_kv, L_max, dv) cached values; same dtype. For all three only the last dim must be contiguous,
+            so slices of a bigger cache (e.g. one layer of a stacked cache) are fine.
+        length: number of filled cache positions (keys 0..length-1; the current token included).
+        k: at most this many keys per query head (statistical target and hard cap), e.g. 256.
+        scale: logit scale for both halves (e.g. head_dim ** -0.5).
+        window: sliding window (local layers) or None.
+        softcap: Gemma-2 logit soft-cap on the predictor logits, or None.
+        workspace: optional float32 scratch of ``spark_attn_workspace(...)`` elements (else a per-thread
+            buffer is reused).
+        impl: "auto" (C++ op if available, else "torch") | "ext" | "torch" | "reference".
+
+    Returns:
+        (out (n_heads, dv) in q's dtype, kept (n_heads,) int64, capped (n_heads,) bool).
+    """
+    if impl == "auto":
+        impl = "ext" if _extension.available() else "torch"
+    if impl == "ext":
+        return torch.ops.sparkformer.spark_attn_decode(
+            q, kp, kr, v, int(length), int(k), float(scale), window, None if softcap is None else float(softcap),
+            workspace,
+        )
+    if impl == "torch":
+        return spark_attn_decode_torch(q, kp, kr, v, length, k, scale, window, softcap)
+    if impl == "reference":
+        return spark_attn_decode_reference(q, kp, kr, v, length, k, scale, window, softcap)
+    raise ValueError(f"unknown impl {impl!r} (auto | ext | torch | reference)")
+
+
+def spark_attn_workspace(n_heads: int, head_dim: int, max_len: int) -> torch.Tensor:
+    """A float32 scratch tensor big enough for ``spark_attn_decode`` with up to max_len valid keys."""
+    return torch.empty(n_heads * head_dim + 3 * n_heads * max_len + 64, dtype=torch.float32)
