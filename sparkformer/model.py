@@ -44,8 +44,24 @@ class RMSNorm(nn.Module):
         return (y * (1.0 + self.weight.float())).to(x.dtype)
 
 
+def rope_tables(dim: int, pos0: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (length, dim) for positions pos0 .. pos0+length-1 of one rotary space of ``dim`` dims."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    t = torch.arange(pos0, pos0 + length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (as HF Gemma) of x (..., T, dim) with tables (T, dim)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
 class Rotary(nn.Module):
-    """RoPE for one rotary space of ``dim`` dims (rotate-half convention, as HF Gemma).
+    """RoPE for one rotary space of ``dim`` dims.
 
     Tables are computed per call (O(T*dim), negligible next to the matmuls) rather than kept as buffers, so a model
     materialised from the meta device (HF ``from_pretrained``) or moved between devices is always right."""
@@ -59,14 +75,7 @@ class Rotary(nn.Module):
         T = x.shape[-2]
         if pos0 + T > self.max_len:
             raise ValueError(f"position {pos0 + T} exceeds max_seq_len={self.max_len}; raise max_seq_len")
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=x.device) / self.dim))
-        t = torch.arange(pos0, pos0 + T, dtype=torch.float32, device=x.device)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
+        return apply_rope(x, *rope_tables(self.dim, pos0, T, self.theta, x.device))
 
 
 # ---- FFN --------------------------------------------------------------------------------------------------------
@@ -203,34 +212,51 @@ class Attention(nn.Module):
             out = self._spark(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask)
         elif self.cap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=rep > 1)
-        else:  # soft-capped logits are not expressible in SDPA
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            s = softcap(torch.matmul(q, k.transpose(-1, -2)) * self.scale, self.cap)
-            s = s.masked_fill(~mask, float("-inf"))
-            out = torch.matmul(torch.softmax(s.float(), dim=-1).to(v.dtype), v)
+        else:
+            out = dense_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask, self.scale,
+                                  self.cap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
     def _spark(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        r = self.rank
-        p = softcap(torch.matmul(q[..., :r], k[..., :r].transpose(-1, -2)) * self.scale, self.cap)
-        if self.exact:
-            sel = exact_topk_inf(p, self.topk, mask)
-        else:
-            sel = stat_topk_inf(p, self.topk, mask)
-            if self.hard_cap:  # the decode kernels' cap: keep only the best k of the survivors
-                sel = exact_topk_inf(sel, self.topk, mask)
-        kept = torch.isfinite(sel)
-        # a row whose survivors are all tied below theta (constant scores) keeps every valid key instead of none
-        empty = ~kept.any(-1, keepdim=True)
-        if bool(empty.any()):
-            sel = torch.where(empty, p.masked_fill(~mask, float("-inf")), sel)
-            kept = torch.isfinite(sel)
-        n_kept = kept.sum(-1)
+        out, n_kept = spark_attention(q, k, v, mask, self.rank, self.topk, self.scale, self.cap, self.exact,
+                                      self.hard_cap)
         self.last_keys_per_query = n_kept.float().mean().detach()
         self.last_cap_exceeded = (n_kept > self.topk).float().mean().detach()
-        gate = F.softplus(torch.matmul(q[..., r:], k[..., r:].transpose(-1, -2)) * self.scale)
-        w = torch.softmax(sel.float(), dim=-1).to(v.dtype) * gate
-        return torch.matmul(w, v)
+        return out
+
+
+def dense_attention(q, k, v, mask, scale: float, cap: float | None) -> torch.Tensor:
+    """Dense causal attention (B, H, T, hd) with K/V already expanded to H heads; soft-capped when ``cap``."""
+    if cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)  # soft-cap is not expressible in SDPA
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s.float(), dim=-1).to(v.dtype), v)
+
+
+def spark_attention(q, k, v, mask, rank: int, topk: int, scale: float, cap: float | None, exact: bool = False,
+                    hard_cap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spark attention, training form (B, H, T, hd), K/V expanded to H heads. Returns (out, keys kept per query).
+
+    p = scale q[:r].k[:r] (soft-capped) -> statistical top-k over the valid keys (at most ``topk``; with
+    ``hard_cap`` only the best ``topk`` survivors) -> softmax(p) * softplus(scale q[r:].k[r:]) -> @ v."""
+    r = rank
+    p = softcap(torch.matmul(q[..., :r], k[..., :r].transpose(-1, -2)) * scale, cap)
+    if exact:
+        sel = exact_topk_inf(p, topk, mask)
+    else:
+        sel = stat_topk_inf(p, topk, mask)
+        if hard_cap:  # the decode kernels' cap: keep only the best k of the survivors
+            sel = exact_topk_inf(sel, topk, mask)
+    kept = torch.isfinite(sel)
+    # degenerate rows (e.g. constant scores) where nothing clears theta keep their best k valid keys, as decode does
+    empty = ~kept.any(-1, keepdim=True)
+    if bool(empty.any()):
+        sel = torch.where(empty, exact_topk_inf(p, topk, mask), sel)
+        kept = torch.isfinite(sel)
+    gate = F.softplus(torch.matmul(q[..., r:], k[..., r:].transpose(-1, -2)) * scale)
+    w = torch.softmax(sel.float(), dim=-1).to(v.dtype) * gate
+    return torch.matmul(w, v), kept.sum(-1)
 
 
 # ---- block and model --------------------------------------------------------------------------------------------

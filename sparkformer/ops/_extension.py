@@ -156,13 +156,17 @@ def _already_registered() -> bool:
 
 
 def load(verbose: bool = False) -> bool:
-    """Build (once, cached) and load the extension. Returns True when the C++ ops are usable."""
-    if disabled():
-        return False
+    """Build (once, cached) and load the extension. Returns True when the C++ ops are usable.
+
+    The outcome is decided on the first call in a process (``SPARKFORMER_DISABLE_EXT`` is read then)."""
+    if _state["tried"]:  # lock-free fast path, also what torch.compile traces
+        return _state["ok"]
     with _lock:
         if _state["tried"]:
             return _state["ok"]
         _state["tried"] = True
+        if disabled():
+            return False
         try:
             if not _already_registered():
                 path, loaded = _build(verbose)

@@ -111,6 +111,8 @@ def spark_ffn_decode(
     Returns:
         (y (d_out,) in x's dtype, n_selected: int64 scalar tensor).
     """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if impl == "auto":
         impl = "ext" if _extension.available() else "torch"
     if impl == "ext":

@@ -219,6 +219,7 @@ std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, c
   TORCH_CHECK(k2.size(0) == d_ff && v.size(0) == d_ff, "spark_ffn_decode: k1, k2, v must have d_ff rows");
   TORCH_CHECK(x.size(0) == r + n2, "spark_ffn_decode: len(x) = ", x.size(0), " but k1, k2 have ", r, " + ", n2, " columns");
   TORCH_CHECK(d_ff < std::numeric_limits<int32_t>::max(), "spark_ffn_decode: d_ff too large");
+  TORCH_CHECK(fraction > 0.0 && fraction < 1.0, "spark_ffn_decode: fraction must be in (0, 1), got ", fraction);
   const Tensor xf = as_f32(x);
   const float* xp = xf.data_ptr<float>();
   const spk::Kernels* kern = K();

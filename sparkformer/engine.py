@@ -1,0 +1,368 @@
+"""The decode engine: weights laid out for batch-1 decode, a static KV cache, prefill then a per-token loop.
+
+    engine = DecodeEngine.from_model(model, dtype=torch.bfloat16)      # or DecodeEngine.random(cfg, ...) for speed
+    for tok in engine.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.95): ...
+
+Layout, chosen at load time so that every read streams:
+- attention: q/k/v projections fused into one (H*hd + 2*KV*hd, d) matrix; dense layers cache K and V row-major
+  (KV, L, hd); Spark layers cache the predictor half of the keys feature-major (KV, r, L), the other half (KV, L, hd-r)
+  and V (KV, L, hd) separately, so the predictor over all keys is one pass and only k rows of the rest are read.
+- Spark FFN: K1 (d_ff, r) contiguous; each neuron's K2 row and V row adjacent in one buffer.
+- GeGLU FFN: each neuron's gate row, up row and down column adjacent (one stream for the whole FFN).
+
+Both dense and Spark models run here with the same kernels machinery (``sparkformer.ops``: fused C++ ops when the
+extension builds, fast pure-torch otherwise), the same threads and dtype: the dense model is an honest competitor.
+Prefill runs the training form (dense compute; the statistical top-k masks) over the prompt in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from sparkformer.config import ModelConfig
+from sparkformer.model import SparkLM, apply_rope, attention_mask, dense_attention, gelu_tanh, rope_tables, \
+    sample_next, softcap, spark_attention
+from sparkformer.ops.dense_decode import dense_attn_decode, geglu_decode, matvec, pack_geglu
+from sparkformer.ops.spark_attn_decode import spark_attn_decode
+from sparkformer.ops.spark_ffn_decode import prepare_spark_ffn, spark_ffn_decode
+from sparkformer.ops.stat_topk import stat_topk
+
+SUPPORTED_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"unsupported engine dtype {dtype}; supported: float32, bfloat16")
+        return dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported engine dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    return SUPPORTED_DTYPES[dtype]
+
+
+@dataclass
+class LayerState:
+    """One layer's decode weights and cache."""
+
+    attn_kind: str
+    ffn_kind: str
+    window: int | None
+    w_qkv: torch.Tensor
+    w_o: torch.Tensor
+    norms: torch.Tensor  # (4, d) fp32: 1 + w for input, post-attn, pre-ffn, post-ffn norms
+    ffn: tuple  # SparkFFNWeights (k1, k2, v) or GegluWeights (w_gate, w_up, w_down_t)
+    cache: dict = field(default_factory=dict)  # dense: k, v ; spark: kp, kr, v
+
+
+@dataclass
+class DecodeStats:
+    """Achieved sparsity over the decoded tokens (not the targets)."""
+
+    tokens: int = 0
+    ffn_neurons: int = 0  # summed over layers and tokens
+    ffn_layers: int = 0
+    keys_kept: int = 0  # summed over heads, layers and tokens
+    key_rows: int = 0
+    cap_fired: int = 0
+
+    def summary(self, n_ffn: int | None = None) -> dict:
+        out = {"tokens": self.tokens}
+        if self.ffn_layers:
+            out["ffn_neurons_per_layer"] = self.ffn_neurons / self.ffn_layers
+            if n_ffn:
+                out["ffn_activity"] = self.ffn_neurons / self.ffn_layers / n_ffn
+        if self.key_rows:
+            out["keys_per_query"] = self.keys_kept / self.key_rows
+            out["cap_fired_fraction"] = self.cap_fired / self.key_rows
+        return out
+
+
+class DecodeEngine:
+    """Batch-1 prefill + decode over decode-layout weights; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerState], final_norm: torch.Tensor,
+                 max_len: int, impl: str = "auto"):
+        self.cfg, self.embed, self.layers, self.final_norm = cfg, embed, layers, final_norm
+        self.dtype = embed.dtype
+        self.max_len = max_len
+        self.impl = impl
+        self.pos = 0
+        self.stats = DecodeStats()
+        self.timers: dict[str, float] | None = None  # per-component seconds when profiling is on
+        hd = cfg.head_dim
+        self._rope = {}
+        for dim in {hd, cfg.spark_attn_rank, hd - cfg.spark_attn_rank}:
+            cos, sin = rope_tables(dim, 0, max_len, cfg.rope_theta)
+            self._rope[dim] = (cos.contiguous(), sin.contiguous())
+        self._embed_scale = torch.tensor(math.sqrt(cfg.d_model), dtype=self.dtype).float()
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: SparkLM, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
+                   impl: str = "auto") -> "DecodeEngine":
+        """Copy a ``SparkLM``'s weights into decode layout (the model can be freed afterwards)."""
+        if not isinstance(model, SparkLM):
+            raise TypeError(f"DecodeEngine.from_model needs a SparkLM, got {type(model).__name__} "
+                            "(for a transformers SparkForCausalLM pass its .model)")
+        dtype = resolve_dtype(dtype)
+        cfg = model.config
+        max_len = cls._check_len(cfg, max_len)
+        layers = []
+        with torch.no_grad():
+            for i, blk in enumerate(model.layers):
+                a = blk.attn
+                w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype).contiguous()
+                norms = torch.stack([1 + n.weight.float() for n in
+                                     (blk.input_norm, blk.post_attn_norm, blk.pre_ffn_norm, blk.post_ffn_norm)])
+                f = blk.ffn
+                if f.kind == "spark":
+                    ffn = prepare_spark_ffn(torch.cat([f.predictor.weight, f.up_proj.weight], 1),
+                                            f.down_proj.weight.t(), f.rank, dtype)
+                else:
+                    ffn = pack_geglu(f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight, dtype)
+                layers.append(LayerState(a.kind, f.kind, cfg.window(i), w_qkv, a.o_proj.weight.to(dtype).contiguous(),
+                                         norms, ffn))
+            embed = model.embed.weight.to(dtype).contiguous()
+            final = 1 + model.final_norm.weight.float()
+        eng = cls(cfg, embed, layers, final, max_len, impl)
+        eng._alloc_cache()
+        return eng
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
+               impl: str = "auto", seed: int = 0) -> "DecodeEngine":
+        """Random weights built directly in decode layout (speed benchmarks of full-size shapes without the
+        training-layout copy; speed does not depend on training since the threshold enforces the sparsity)."""
+        dtype = resolve_dtype(dtype)
+        max_len = cls._check_len(cfg, max_len)
+        g = torch.Generator().manual_seed(seed)
+        d, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        std = cfg.init_std
+
+        def rnd(*shape, scale=std):
+            t = torch.empty(*shape, dtype=dtype)
+            return t.normal_(0.0, scale, generator=g)
+
+        layers = []
+        for i in range(cfg.n_layers):
+            if cfg.ffn_kind(i) == "spark":
+                n, r = cfg.spark_ffn_dim, cfg.spark_ffn_rank
+                k1 = rnd(n, r)
+                packed = rnd(n, 2 * d - r)
+                from sparkformer.ops.spark_ffn_decode import SparkFFNWeights
+
+                ffn = SparkFFNWeights(k1, packed[:, : d - r], packed[:, d - r:])
+            else:
+                from sparkformer.ops.dense_decode import GegluWeights
+
+                packed = rnd(cfg.ffn_dim, 3, d)
+                ffn = GegluWeights(packed[:, 0], packed[:, 1], packed[:, 2])
+            layers.append(LayerState(cfg.attention_kind(i), cfg.ffn_kind(i), cfg.window(i),
+                                     rnd((H + 2 * KV) * hd, d), rnd(d, H * hd), torch.ones(4, d), ffn))
+        eng = cls(cfg, rnd(cfg.vocab_size, d), layers, torch.ones(d), max_len, impl)
+        eng._alloc_cache()
+        return eng
+
+    @staticmethod
+    def _check_len(cfg: ModelConfig, max_len: int | None) -> int:
+        max_len = max_len or cfg.max_seq_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        return max_len
+
+    def _alloc_cache(self) -> None:
+        cfg, L, dt = self.cfg, self.max_len, self.dtype
+        KV, hd, r = cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+        for st in self.layers:
+            if st.attn_kind == "spark":
+                st.cache = {"kp": torch.zeros(KV, r, L, dtype=dt), "kr": torch.zeros(KV, L, hd - r, dtype=dt),
+                            "v": torch.zeros(KV, L, hd, dtype=dt)}
+            else:
+                st.cache = {"k": torch.zeros(KV, L, hd, dtype=dt), "v": torch.zeros(KV, L, hd, dtype=dt)}
+
+    def reset(self) -> None:
+        """Forget the sequence (the cache is overwritten, not reallocated)."""
+        self.pos = 0
+        self.stats = DecodeStats()
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps) * w
+
+    def _tick(self, name: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        self.timers[name] = self.timers.get(name, 0.0) + t1 - t0
+        return t1
+
+    def _rope_at(self, x: torch.Tensor, pos: int, dim_split: int | None) -> torch.Tensor:
+        """RoPE of x (..., hd) at one position; Spark layers rotate each half in its own space."""
+        if dim_split is None:
+            cos, sin = self._rope[x.shape[-1]]
+            return apply_rope(x, cos[pos], sin[pos])
+        a, b = x[..., :dim_split], x[..., dim_split:]
+        (ca, sa), (cb, sb) = self._rope[a.shape[-1]], self._rope[b.shape[-1]]
+        return torch.cat([apply_rope(a, ca[pos], sa[pos]), apply_rope(b, cb[pos], sb[pos])], -1)
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        """Feed one token at the current position; return the next-token logits (vocab,) in fp32."""
+        cfg = self.cfg
+        pos = self.pos
+        if pos >= self.max_len:
+            raise ValueError(f"context full: position {pos} >= cache size {self.max_len}; build the engine with a "
+                             "larger max_len or reset()")
+        H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+        impl, prof = self.impl, self.timers is not None
+        t = time.perf_counter() if prof else 0.0
+        h = self.embed[token].float() * self._embed_scale
+        for st in self.layers:
+            xn = self._rms(h, st.norms[0])
+            qkv = matvec(st.w_qkv, xn, impl=impl)
+            q = qkv[: H * hd].view(H, hd)
+            k = qkv[H * hd: (H + KV) * hd].view(KV, hd)
+            v = qkv[(H + KV) * hd:].view(KV, hd)
+            c = st.cache
+            if st.attn_kind == "spark":
+                q, k = self._rope_at(q, pos, r), self._rope_at(k, pos, r)
+                c["kp"][:, :, pos] = k[:, :r]
+                c["kr"][:, pos] = k[:, r:]
+                c["v"][:, pos] = v
+                if prof:
+                    t = self._tick("attn_proj", t)
+                out, kept, capped = spark_attn_decode(q, c["kp"], c["kr"], c["v"], pos + 1, cfg.spark_attn_topk,
+                                                      cfg.attn_scale, st.window, cfg.attn_logit_softcap, impl=impl)
+                self.stats.keys_kept += int(kept.sum())
+                self.stats.key_rows += H
+                self.stats.cap_fired += int(capped.sum())
+            else:
+                q, k = self._rope_at(q, pos, None), self._rope_at(k, pos, None)
+                c["k"][:, pos] = k
+                c["v"][:, pos] = v
+                if prof:
+                    t = self._tick("attn_proj", t)
+                out = dense_attn_decode(q, c["k"], c["v"], pos + 1, cfg.attn_scale, st.window,
+                                        cfg.attn_logit_softcap, impl=impl)
+            if prof:
+                t = self._tick("attention", t)
+            o = matvec(st.w_o, out.reshape(-1).float(), impl=impl)
+            h = h + self._rms(o, st.norms[1])
+            xn = self._rms(h, st.norms[2])
+            if prof:
+                t = self._tick("attn_proj", t)
+            if st.ffn_kind == "spark":
+                y, n_sel = spark_ffn_decode(xn, *st.ffn, cfg.spark_ffn_fraction, impl=impl)
+                self.stats.ffn_neurons += int(n_sel)
+                self.stats.ffn_layers += 1
+            else:
+                y = geglu_decode(xn, *st.ffn, impl=impl)
+            if prof:
+                t = self._tick("ffn", t)
+            h = h + self._rms(y.float(), st.norms[3])
+        logits = matvec(self.embed, self._rms(h, self.final_norm), impl=impl).float()
+        logits = softcap(logits, cfg.final_logit_softcap)
+        if prof:
+            self._tick("lm_head", t)
+        self.pos = pos + 1
+        self.stats.tokens += 1
+        return logits
+
+    # ---- prefill ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """Run the prompt in one batch (training form, dense compute), fill the cache; return last logits (fp32)."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        T = ids.numel()
+        if T == 0:
+            raise ValueError("empty prompt")
+        cfg, pos0 = self.cfg, self.pos
+        if pos0 + T > self.max_len:
+            raise ValueError(f"prompt of {T} tokens at position {pos0} exceeds the cache size {self.max_len}")
+        H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+        dt = self.dtype
+        x = self.embed[ids].float() * self._embed_scale  # (T, d), residual stream in fp32
+        for st in self.layers:
+            xn = self._rms(x, st.norms[0]).to(dt)
+            qkv = (xn @ st.w_qkv.t()).float()
+            q = qkv[:, : H * hd].view(T, H, hd).transpose(0, 1)
+            k = qkv[:, H * hd: (H + KV) * hd].view(T, KV, hd).transpose(0, 1)
+            v = qkv[:, (H + KV) * hd:].view(T, KV, hd).transpose(0, 1)
+            split = r if st.attn_kind == "spark" else None
+            q = self._rope_rows(q, pos0, split)
+            k = self._rope_rows(k, pos0, split)
+            c = st.cache
+            if st.attn_kind == "spark":
+                c["kp"][:, :, pos0: pos0 + T] = k[..., :r].transpose(1, 2).to(dt)
+                c["kr"][:, pos0: pos0 + T] = k[..., r:].to(dt)
+                c["v"][:, pos0: pos0 + T] = v.to(dt)
+                kk = torch.cat([c["kp"][:, :, : pos0 + T].transpose(1, 2), c["kr"][:, : pos0 + T]], -1).float()
+            else:
+                c["k"][:, pos0: pos0 + T] = k.to(dt)
+                c["v"][:, pos0: pos0 + T] = v.to(dt)
+                kk = c["k"][:, : pos0 + T].float()
+            vv = c["v"][:, : pos0 + T].float()
+            rep = H // KV
+            kk, vv = kk.repeat_interleave(rep, 0)[None], vv.repeat_interleave(rep, 0)[None]
+            mask = attention_mask(T, pos0 + T, pos0, st.window, x.device)
+            if st.attn_kind == "spark":
+                out, _ = spark_attention(q[None], kk, vv, mask, r, cfg.spark_attn_topk, cfg.attn_scale,
+                                         cfg.attn_logit_softcap, hard_cap=True)
+            else:
+                out = dense_attention(q[None], kk, vv, mask, cfg.attn_scale, cfg.attn_logit_softcap)
+            out = out[0].transpose(0, 1).reshape(T, H * hd)
+            x = x + self._rms((out.to(dt) @ st.w_o.t()).float(), st.norms[1])
+            xn = self._rms(x, st.norms[2]).to(dt)
+            if st.ffn_kind == "spark":
+                k1, k2, vw = st.ffn
+                a = gelu_tanh(stat_topk((xn[:, : k1.shape[1]] @ k1.t()).float(), cfg.spark_ffn_fraction))
+                y = ((a * (xn[:, k1.shape[1]:] @ k2.t()).float()).to(dt) @ vw).float()
+            else:
+                wg, wu, wd_t = st.ffn
+                y = ((gelu_tanh((xn @ wg.t()).float()) * (xn @ wu.t()).float()).to(dt) @ wd_t).float()
+            x = x + self._rms(y, st.norms[3])
+        self.pos = pos0 + T
+        last = self._rms(x[-1], self.final_norm)
+        return softcap(matvec(self.embed, last, impl=self.impl).float(), cfg.final_logit_softcap)
+
+    def _rope_rows(self, x: torch.Tensor, pos0: int, split: int | None) -> torch.Tensor:
+        T = x.shape[-2]
+        if split is None:
+            cos, sin = self._rope[x.shape[-1]]
+            return apply_rope(x, cos[pos0: pos0 + T], sin[pos0: pos0 + T])
+        a, b = x[..., :split], x[..., split:]
+        (ca, sa), (cb, sb) = self._rope[a.shape[-1]], self._rope[b.shape[-1]]
+        return torch.cat([apply_rope(a, ca[pos0: pos0 + T], sa[pos0: pos0 + T]),
+                          apply_rope(b, cb[pos0: pos0 + T], sb[pos0: pos0 + T])], -1)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def generate(self, prompt: torch.Tensor | list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time (streaming). ``stop(tokens_so_far)`` ends early (e.g. stop strings)."""
+        prompt = torch.as_tensor(prompt, dtype=torch.long).flatten()
+        if self.pos + prompt.numel() + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds the cache size "
+                             f"{self.max_len - self.pos}")
+        logits = self.prefill(prompt)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            tok = int(sample_next(logits[None], temperature, top_p, generator)[0])
+            out.append(tok)
+            yield tok
+            if (eos_token_id is not None and tok == eos_token_id) or (stop is not None and stop(out)):
+                return
+            if i + 1 < max_new_tokens:
+                logits = self.step(tok)
+
+
+def stop_on_strings(decode: Callable[[list[int]], str], stops: list[str]) -> Callable[[list[int]], bool]:
+    """A ``stop`` callback for ``generate`` that fires when the decoded text contains any of ``stops``."""
+    return lambda toks: any(s in decode(toks) for s in stops)
+
+
+__all__ = ["DecodeEngine", "DecodeStats", "resolve_dtype", "stop_on_strings"]
