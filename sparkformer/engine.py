@@ -27,9 +27,9 @@ import torch
 from sparkformer.config import ModelConfig
 from sparkformer.model import SparkLM, apply_rope, attention_mask, dense_attention, gelu_tanh, rope_tables, \
     sample_next, softcap, spark_attention
-from sparkformer.ops.dense_decode import dense_attn_decode, geglu_decode, matvec, pack_geglu
+from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, geglu_decode, matvec, pack_geglu
 from sparkformer.ops.spark_attn_decode import spark_attn_decode
-from sparkformer.ops.spark_ffn_decode import prepare_spark_ffn, spark_ffn_decode
+from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn, spark_ffn_decode
 from sparkformer.ops.stat_topk import stat_topk
 
 SUPPORTED_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -135,9 +135,12 @@ class DecodeEngine:
 
     @classmethod
     def random(cls, cfg: ModelConfig, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
-               impl: str = "auto", seed: int = 0) -> "DecodeEngine":
+               impl: str = "auto", seed: int = 0, share: "DecodeEngine | None" = None) -> "DecodeEngine":
         """Random weights built directly in decode layout (speed benchmarks of full-size shapes without the
-        training-layout copy; speed does not depend on training since the threshold enforces the sparsity)."""
+        training-layout copy; speed does not depend on training since the threshold enforces the sparsity).
+
+        ``share``: reuse that engine's embedding / LM head and attention projections (same shapes), so two
+        full-size models fit in memory side by side."""
         dtype = resolve_dtype(dtype)
         max_len = cls._check_len(cfg, max_len)
         g = torch.Generator().manual_seed(seed)
@@ -154,17 +157,18 @@ class DecodeEngine:
                 n, r = cfg.spark_ffn_dim, cfg.spark_ffn_rank
                 k1 = rnd(n, r)
                 packed = rnd(n, 2 * d - r)
-                from sparkformer.ops.spark_ffn_decode import SparkFFNWeights
-
                 ffn = SparkFFNWeights(k1, packed[:, : d - r], packed[:, d - r:])
             else:
-                from sparkformer.ops.dense_decode import GegluWeights
-
                 packed = rnd(cfg.ffn_dim, 3, d)
                 ffn = GegluWeights(packed[:, 0], packed[:, 1], packed[:, 2])
-            layers.append(LayerState(cfg.attention_kind(i), cfg.ffn_kind(i), cfg.window(i),
-                                     rnd((H + 2 * KV) * hd, d), rnd(d, H * hd), torch.ones(4, d), ffn))
-        eng = cls(cfg, rnd(cfg.vocab_size, d), layers, torch.ones(d), max_len, impl)
+            if share is not None:
+                w_qkv, w_o = share.layers[i].w_qkv, share.layers[i].w_o
+            else:
+                w_qkv, w_o = rnd((H + 2 * KV) * hd, d), rnd(d, H * hd)
+            layers.append(LayerState(cfg.attention_kind(i), cfg.ffn_kind(i), cfg.window(i), w_qkv, w_o,
+                                     torch.ones(4, d), ffn))
+        embed = share.embed if share is not None else rnd(cfg.vocab_size, d)
+        eng = cls(cfg, embed, layers, torch.ones(d), max_len, impl)
         eng._alloc_cache()
         return eng
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["topk"]
+BENCHMARKS = ["topk", "decode"]
 
 
 def add_cli(sub) -> None:

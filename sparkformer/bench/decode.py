@@ -1,0 +1,220 @@
+"""Benchmark: batch-1 decode, Spark vs dense on the same engine, plus HF transformers on the dense shape.
+
+    sparkformer bench decode --preset gemma2-2b --context 512,2048,4096 --dtype bf16,fp32 [--layers N] [--tokens N]
+
+Weights are random and full size (speed does not depend on training: the statistical threshold enforces the
+sparsity) and cold (a 2B model is far larger than the last-level cache). The KV cache is filled with random keys and
+values up to the context (the content does not change the cost; the selection counts are measured and reported).
+Dense and Spark engines are built side by side and timed interleaved (A B A B), medians with min-max. The two
+models share the LM head / embedding and the attention projection weights, which are identical in shape and role
+in both (it lets two fp32 2B-shape models fit in 24 GB); every token still reads them, so nothing is cached across
+the two. HF ``Gemma2ForCausalLM`` (eager attention, same dense shape, same dtype and threads) is timed on the same
+per-token steps with a pre-filled cache, after the engines are freed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from sparkformer.bench.common import env_info, summary, write_result
+from sparkformer.config import ModelConfig, get_preset
+from sparkformer.engine import DecodeEngine, resolve_dtype
+from sparkformer.flops import token_cost
+
+
+def fill_cache_random(engine: DecodeEngine, context: int, seed: int = 0) -> None:
+    """Random K/V at positions [0, context) and move the engine there (cost equals a real cache of that length)."""
+    g = torch.Generator().manual_seed(seed)
+    for st in engine.layers:
+        for t in st.cache.values():
+            t.normal_(0.0, 1.0, generator=g)
+    engine.pos = context
+
+
+def time_tokens(engine: DecodeEngine, context: int, tokens: int) -> float:
+    """Seconds per token over ``tokens`` decode steps starting at ``context``."""
+    engine.pos = context
+    tok = 1
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        logits = engine.step(tok)
+        tok = int(logits.argmax())
+    return (time.perf_counter() - t0) / tokens
+
+
+def components(engine: DecodeEngine, context: int, tokens: int) -> dict:
+    engine.timers = {}
+    time_tokens(engine, context, tokens)
+    out = {k: v / tokens for k, v in engine.timers.items()}
+    engine.timers = None
+    return out
+
+
+def build_pair(cfg: ModelConfig, dtype: torch.dtype, max_len: int, impl: str) -> tuple[DecodeEngine, DecodeEngine]:
+    dense = DecodeEngine.random(cfg.replace(ffn="geglu", attention="dense"), dtype, max_len, impl, seed=1)
+    spark = DecodeEngine.random(cfg.replace(ffn="spark", attention="spark", spark_attn_hard_cap=True), dtype,
+                                max_len, impl, seed=2, share=dense)
+    return dense, spark
+
+
+def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: int, repeats: int) -> dict | None:
+    """Per-token decode of HF Gemma2ForCausalLM on the dense shape with a pre-filled cache (what generate does)."""
+    try:
+        from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM
+    except ImportError:
+        return None
+    dcfg = cfg.replace(ffn="geglu", attention="dense")
+    hc = Gemma2Config(vocab_size=dcfg.vocab_size, hidden_size=dcfg.d_model, intermediate_size=dcfg.ffn_dim,
+                      num_hidden_layers=dcfg.n_layers, num_attention_heads=dcfg.n_heads,
+                      num_key_value_heads=dcfg.n_kv_heads, head_dim=dcfg.head_dim,
+                      max_position_embeddings=max(dcfg.max_seq_len, context + tokens + 1),
+                      sliding_window=dcfg.sliding_window, query_pre_attn_scalar=dcfg.query_pre_attn_scalar or dcfg.head_dim,
+                      attn_implementation="eager")
+    with torch.device("meta"):
+        model = Gemma2ForCausalLM(hc)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.eval()
+    import inspect
+
+    cache_kw = "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache"
+    times = []
+    with torch.no_grad():
+        for r in range(repeats):
+            cache = DynamicCache(config=hc) if "config" in inspect.signature(DynamicCache).parameters else DynamicCache()
+            shape = (1, dcfg.n_kv_heads, context, dcfg.head_dim)
+            for i in range(dcfg.n_layers):
+                cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), i)
+            tok = torch.ones(1, 1, dtype=torch.long)
+            t0 = time.perf_counter()
+            for j in range(tokens):
+                pos = torch.tensor([[context + j]])
+                out = model(input_ids=tok, position_ids=pos, use_cache=True, **{cache_kw: cache})
+                cache = getattr(out, cache_kw, None) or getattr(out, "past_key_values", cache)
+                tok = out.logits[:, -1:].argmax(-1)
+            times.append((time.perf_counter() - t0) / tokens)
+    del model
+    gc.collect()
+    return summary(times)
+
+
+def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, impl: str,
+              hf: bool) -> dict:
+    dtype = resolve_dtype(dtype_name)
+    max_len = context + tokens + 1
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
+    dense, spark = build_pair(cfg, dtype, max_len, impl)
+    fill_cache_random(dense, context)
+    fill_cache_random(spark, context)
+    time_tokens(dense, context, 2)  # warm-up (first-touch pages, thread pools)
+    time_tokens(spark, context, 2)
+    spark.stats = type(spark.stats)()
+    d_t, s_t = [], []
+    for _ in range(repeats):  # interleaved
+        d_t.append(time_tokens(dense, context, tokens))
+        s_t.append(time_tokens(spark, context, tokens))
+    st = spark.stats.summary(cfg.spark_ffn_dim)
+    d_comp = components(dense, context, max(2, tokens // 2))
+    s_comp = components(spark, context, max(2, tokens // 2))
+    del dense, spark
+    gc.collect()
+    b = 4 if dtype == torch.float32 else 2
+    dcost = token_cost(cfg.replace(ffn="geglu", attention="dense"), context, b)
+    scost = token_cost(cfg.replace(ffn="spark", attention="spark"), context, b,
+                       ffn_fraction=st.get("ffn_activity"), keys=round(st.get("keys_per_query", cfg.spark_attn_topk)))
+    dm, sm = statistics.median(d_t), statistics.median(s_t)
+    res = {
+        "dtype": dtype_name, "context": context, "layers": cfg.n_layers, "tokens": tokens, "repeats": repeats,
+        "dense_ms_per_token": dm * 1e3, "spark_ms_per_token": sm * 1e3,
+        "dense_ms": {k: v * 1e3 for k, v in summary(d_t).items() if k != "n"},
+        "spark_ms": {k: v * 1e3 for k, v in summary(s_t).items() if k != "n"},
+        "speedup": dm / sm,
+        "ideal_speedup": dcost.bytes / scost.bytes,
+        "dense_bytes_per_token": dcost.bytes, "spark_bytes_per_token": scost.bytes,
+        "dense_gb_per_s": dcost.bytes / dm / 1e9, "spark_gb_per_s": scost.bytes / sm / 1e9,
+        "ffn_speedup": d_comp.get("ffn", 0) / max(s_comp.get("ffn", 1e-12), 1e-12),
+        "attention_speedup": d_comp.get("attention", 0) / max(s_comp.get("attention", 1e-12), 1e-12),
+        "ideal_ffn_speedup": dcost.ffn_bytes / scost.ffn_bytes,
+        "ideal_attention_speedup": dcost.kv_bytes / scost.kv_bytes,
+        "dense_components_ms": {k: v * 1e3 for k, v in d_comp.items()},
+        "spark_components_ms": {k: v * 1e3 for k, v in s_comp.items()},
+        "achieved": st,
+    }
+    res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
+    hf_res = hf_ms_per_token(cfg, dtype, context, max(2, tokens // 2), max(1, repeats // 2)) if hf else None
+    res["hf_ms_per_token"] = hf_res["median"] * 1e3 if hf_res else None
+    return res
+
+
+def print_table(runs: list[dict]) -> None:
+    hdr = (f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'spark ms':>9s} {'speedup':>8s} {'ideal':>6s} {'meas/ideal':>10s} "
+           f"{'FFN x':>6s} {'attn x':>6s} {'dense GB/s':>10s} {'spark GB/s':>10s} {'HF ms':>8s} {'neurons/tok':>11s} "
+           f"{'keys/q':>7s} {'cap':>5s}")
+    print(hdr)
+    for r in runs:
+        a = r["achieved"]
+        hf = f"{r['hf_ms_per_token']:8.1f}" if r["hf_ms_per_token"] else f"{'-':>8s}"
+        print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.1f} {r['spark_ms_per_token']:9.1f} "
+              f"{r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['measured_over_ideal']:10.2f} {r['ffn_speedup']:6.2f} "
+              f"{r['attention_speedup']:6.2f} {r['dense_gb_per_s']:10.1f} {r['spark_gb_per_s']:10.1f} {hf} "
+              f"{a.get('ffn_neurons_per_layer', 0):11.0f} {a.get('keys_per_query', 0):7.1f} "
+              f"{a.get('cap_fired_fraction', 0):5.2f}")
+    print("components (ms/token, dense | spark):")
+    for r in runs:
+        d, s = r["dense_components_ms"], r["spark_components_ms"]
+        print(f"  {r['dtype']} ctx {r['context']}: " + ", ".join(
+            f"{k} {d.get(k, 0):.1f} | {s.get(k, 0):.1f}" for k in ("attn_proj", "attention", "ffn", "lm_head")))
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    if args.layers:
+        overrides["n_layers"] = args.layers
+    cfg = get_preset(args.preset, **overrides)
+    runs = []
+    for dtype in args.dtype.split(","):
+        for ctx in [int(c) for c in args.context.split(",")]:
+            r = bench_one(cfg, dtype, ctx, args.tokens, args.repeats, args.impl, not args.no_hf)
+            runs.append(r)
+            print(f"done {dtype} ctx {ctx}: {r['dense_ms_per_token']:.1f} -> {r['spark_ms_per_token']:.1f} ms/token",
+                  flush=True)
+    from sparkformer.ops import _extension
+
+    return {"benchmark": "decode", "preset": args.preset, "layers": cfg.n_layers, "impl": args.impl,
+            "extension": _extension.available(), "env": env_info(args.dtype), "runs": runs}
+
+
+def _cli(args: argparse.Namespace) -> int:
+    res = run(args)
+    print_table(res["runs"])
+    if not args.no_save:
+        write_result(args.name or f"decode_{args.preset}", res, args.out)
+    print(json.dumps(res))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("decode", help="batch-1 decode: Spark vs dense engine, and HF transformers")
+    p.add_argument("--preset", default="gemma2-2b")
+    p.add_argument("--context", default="512,2048,4096")
+    p.add_argument("--dtype", default="bf16,fp32")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers of the same shape (quick runs)")
+    p.add_argument("--tokens", type=int, default=8, help="decode steps per timed run")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--impl", default="auto", choices=["auto", "ext", "torch"])
+    p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--name", default=None, help="result file name (default decode_<preset>)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-save", action="store_true")
+    p.set_defaults(func=_cli)
