@@ -59,6 +59,14 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     init_std: float = 0.02
 
+    # Architecture family details (defaults: Gemma 2). Llama-family checkpoints (e.g. SmolLM2) load with
+    # norm_style=llama, post_norms=False, embed_scale=False, ffn_activation=silu, no soft-caps, no window.
+    norm_style: str = "gemma"  # gemma: x * (1 + w), w init 0 | llama: x * w, w init 1
+    post_norms: bool = True  # Gemma-2 norms after attention and FFN as well as before
+    embed_scale: bool = True  # multiply embeddings by sqrt(d_model)
+    ffn_activation: str = "gelu_tanh"  # gelu_tanh | silu (gated FFN and Spark FFN activation)
+    tie_embeddings: bool = True  # LM head = embedding matrix
+
     # ---- derived -------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         if self.spark_ffn_dim is None:
@@ -130,6 +138,8 @@ class ModelConfig:
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.topk_method in ("statistical", "exact"), "topk_method", "allowed: statistical, exact")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        need(self.norm_style in ("gemma", "llama"), "norm_style", "allowed: gemma, llama")
+        need(self.ffn_activation in ("gelu_tanh", "silu"), "ffn_activation", "allowed: gelu_tanh, silu")
         need(self.init_std > 0, "init_std", "must be > 0")
 
     # ---- (de)serialisation ---------------------------------------------------------------------------------

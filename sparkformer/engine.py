@@ -25,12 +25,12 @@ from typing import Callable, Iterator
 import torch
 
 from sparkformer.config import ModelConfig
-from sparkformer.model import SparkLM, apply_rope, attention_mask, dense_attention, gelu_tanh, rope_tables, \
-    sample_next, softcap, spark_attention
+from sparkformer.model import ACTIVATIONS, SparkLM, apply_rope, attention_mask, dense_attention, gelu_tanh, \
+    rope_tables, sample_next, softcap, spark_attention
 from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, geglu_decode, matvec, pack_geglu
 from sparkformer.ops.spark_attn_decode import spark_attn_decode
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn, spark_ffn_decode
-from sparkformer.ops.stat_topk import stat_topk
+from sparkformer.ops.stat_topk import stat_threshold, stat_topk
 
 SUPPORTED_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -86,8 +86,11 @@ class DecodeEngine:
     """Batch-1 prefill + decode over decode-layout weights; see the module docstring."""
 
     def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerState], final_norm: torch.Tensor,
-                 max_len: int, impl: str = "auto"):
+                 max_len: int, impl: str = "auto", head: torch.Tensor | None = None):
         self.cfg, self.embed, self.layers, self.final_norm = cfg, embed, layers, final_norm
+        self.head = embed if head is None else head  # tied unless the model has its own LM head
+        # the fused kernels implement gelu_tanh; other activations run the pure-torch decode path below
+        self._act = None if cfg.ffn_activation == "gelu_tanh" else ACTIVATIONS[cfg.ffn_activation]
         self.dtype = embed.dtype
         self.max_len = max_len
         self.impl = impl
@@ -99,7 +102,8 @@ class DecodeEngine:
         for dim in {hd, cfg.spark_attn_rank, hd - cfg.spark_attn_rank}:
             cos, sin = rope_tables(dim, 0, max_len, cfg.rope_theta)
             self._rope[dim] = (cos.contiguous(), sin.contiguous())
-        self._embed_scale = torch.tensor(math.sqrt(cfg.d_model), dtype=self.dtype).float()
+        self._embed_scale = torch.tensor(math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0, dtype=self.dtype).float()
+        self._post = cfg.post_norms
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -117,7 +121,7 @@ class DecodeEngine:
             for i, blk in enumerate(model.layers):
                 a = blk.attn
                 w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype).contiguous()
-                norms = torch.stack([1 + n.weight.float() for n in
+                norms = torch.stack([n.scale() if hasattr(n, "scale") else torch.ones(cfg.d_model) for n in
                                      (blk.input_norm, blk.post_attn_norm, blk.pre_ffn_norm, blk.post_ffn_norm)])
                 f = blk.ffn
                 if f.kind == "spark":
@@ -128,8 +132,9 @@ class DecodeEngine:
                 layers.append(LayerState(a.kind, f.kind, cfg.window(i), w_qkv, a.o_proj.weight.to(dtype).contiguous(),
                                          norms, ffn))
             embed = model.embed.weight.to(dtype).contiguous()
-            final = 1 + model.final_norm.weight.float()
-        eng = cls(cfg, embed, layers, final, max_len, impl)
+            head = None if model.lm_head is None else model.lm_head.weight.to(dtype).contiguous()
+            final = model.final_norm.scale()
+        eng = cls(cfg, embed, layers, final, max_len, impl, head)
         eng._alloc_cache()
         return eng
 
@@ -255,20 +260,28 @@ class DecodeEngine:
             if prof:
                 t = self._tick("attention", t)
             o = matvec(st.w_o, out.reshape(-1).float(), impl=impl)
-            h = h + self._rms(o, st.norms[1])
+            h = h + (self._rms(o, st.norms[1]) if self._post else o)
             xn = self._rms(h, st.norms[2])
             if prof:
                 t = self._tick("attn_proj", t)
             if st.ffn_kind == "spark":
-                y, n_sel = spark_ffn_decode(xn, *st.ffn, cfg.spark_ffn_fraction, impl=impl)
+                if self._act is None:
+                    y, n_sel = spark_ffn_decode(xn, *st.ffn, cfg.spark_ffn_fraction, impl=impl)
+                else:
+                    y, n_sel = _spark_ffn_decode_act(xn, *st.ffn, cfg.spark_ffn_fraction, self._act)
                 self.stats.ffn_neurons += int(n_sel)
                 self.stats.ffn_layers += 1
-            else:
+            elif self._act is None:
                 y = geglu_decode(xn, *st.ffn, impl=impl)
+            else:
+                wg, wu, wd_t = st.ffn
+                y = (self._act(torch.mv(wg, xn.to(wg.dtype)).float()) * torch.mv(wu, xn.to(wu.dtype)).float()
+                     ).to(wd_t.dtype) @ wd_t
             if prof:
                 t = self._tick("ffn", t)
-            h = h + self._rms(y.float(), st.norms[3])
-        logits = matvec(self.embed, self._rms(h, self.final_norm), impl=impl).float()
+            y = y.float()
+            h = h + (self._rms(y, st.norms[3]) if self._post else y)
+        logits = matvec(self.head, self._rms(h, self.final_norm), impl=impl).float()
         logits = softcap(logits, cfg.final_logit_softcap)
         if prof:
             self._tick("lm_head", t)
@@ -289,6 +302,7 @@ class DecodeEngine:
             raise ValueError(f"prompt of {T} tokens at position {pos0} exceeds the cache size {self.max_len}")
         H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         dt = self.dtype
+        act = self._act or gelu_tanh
         x = self.embed[ids].float() * self._embed_scale  # (T, d), residual stream in fp32
         for st in self.layers:
             xn = self._rms(x, st.norms[0]).to(dt)
@@ -319,19 +333,20 @@ class DecodeEngine:
             else:
                 out = dense_attention(q[None], kk, vv, mask, cfg.attn_scale, cfg.attn_logit_softcap)
             out = out[0].transpose(0, 1).reshape(T, H * hd)
-            x = x + self._rms((out.to(dt) @ st.w_o.t()).float(), st.norms[1])
+            o = (out.to(dt) @ st.w_o.t()).float()
+            x = x + (self._rms(o, st.norms[1]) if self._post else o)
             xn = self._rms(x, st.norms[2]).to(dt)
             if st.ffn_kind == "spark":
                 k1, k2, vw = st.ffn
-                a = gelu_tanh(stat_topk((xn[:, : k1.shape[1]] @ k1.t()).float(), cfg.spark_ffn_fraction))
+                a = act(stat_topk((xn[:, : k1.shape[1]] @ k1.t()).float(), cfg.spark_ffn_fraction))
                 y = ((a * (xn[:, k1.shape[1]:] @ k2.t()).float()).to(dt) @ vw).float()
             else:
                 wg, wu, wd_t = st.ffn
-                y = ((gelu_tanh((xn @ wg.t()).float()) * (xn @ wu.t()).float()).to(dt) @ wd_t).float()
-            x = x + self._rms(y, st.norms[3])
+                y = ((act((xn @ wg.t()).float()) * (xn @ wu.t()).float()).to(dt) @ wd_t).float()
+            x = x + (self._rms(y, st.norms[3]) if self._post else y)
         self.pos = pos0 + T
         last = self._rms(x[-1], self.final_norm)
-        return softcap(matvec(self.embed, last, impl=self.impl).float(), cfg.final_logit_softcap)
+        return softcap(matvec(self.head, last, impl=self.impl).float(), cfg.final_logit_softcap)
 
     def _rope_rows(self, x: torch.Tensor, pos0: int, split: int | None) -> torch.Tensor:
         T = x.shape[-2]
@@ -362,6 +377,16 @@ class DecodeEngine:
                 return
             if i + 1 < max_new_tokens:
                 logits = self.step(tok)
+
+
+def _spark_ffn_decode_act(x, k1, k2, v, fraction, act):
+    """Spark FFN decode for activations the fused kernel does not implement (pure torch, same selection)."""
+    r = k1.shape[1]
+    s = torch.mv(k1, x[:r].to(k1.dtype)).float()
+    theta = stat_threshold(s, fraction)
+    idx = torch.nonzero(s > theta).squeeze(1)
+    h = act(s.index_select(0, idx) - theta) * torch.mv(k2.index_select(0, idx), x[r:].to(k2.dtype)).float()
+    return h.to(v.dtype) @ v.index_select(0, idx), idx.numel()
 
 
 def stop_on_strings(decode: Callable[[list[int]], str], stops: list[str]) -> Callable[[list[int]], bool]:

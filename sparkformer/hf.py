@@ -201,3 +201,71 @@ def to_gemma2(model: SparkLM):
             sd[_gemma2_key(name)].copy_(p)
     hf.tie_weights()
     return hf.eval()
+
+
+# ---- Llama family (Llama, Mistral, SmolLM2) -> our model ----------------------------------------------------------
+def llama_config_to_model_config(hc) -> ModelConfig:
+    """Our ``ModelConfig`` equivalent to an HF Llama/Mistral config (dense, Llama-style norms, SiLU gated FFN)."""
+    if getattr(hc, "model_type", "llama") not in ("llama", "mistral"):
+        raise ValueError(f"from_llama supports model_type llama and mistral, got {hc.model_type!r}")
+    if getattr(hc, "attention_bias", False) or getattr(hc, "mlp_bias", False):
+        raise ValueError("Llama checkpoints with attention/MLP biases are not supported (our projections have none)")
+    if getattr(hc, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hc.hidden_act!r}: only silu is supported for Llama-family models")
+    rp = getattr(hc, "rope_parameters", None) or {}
+    scaling = getattr(hc, "rope_scaling", None) or {}
+    rope_type = rp.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ValueError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
+    rope_theta = getattr(hc, "rope_theta", None) or rp.get("rope_theta", 10000.0)
+    head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+    window = getattr(hc, "sliding_window", None)
+    return ModelConfig(
+        vocab_size=hc.vocab_size, d_model=hc.hidden_size, n_layers=hc.num_hidden_layers,
+        n_heads=hc.num_attention_heads, n_kv_heads=hc.num_key_value_heads or hc.num_attention_heads,
+        head_dim=head_dim, max_seq_len=hc.max_position_embeddings, ffn="geglu", ffn_dim=hc.intermediate_size,
+        attention="dense", sliding_window=window, local_global="local" if window else "global",
+        attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None, rope_theta=float(rope_theta),
+        rms_norm_eps=hc.rms_norm_eps, norm_style="llama", post_norms=False, embed_scale=False,
+        ffn_activation="silu", tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)),
+    )
+
+
+_LLAMA_NAMES = {"input_norm": "input_layernorm", "pre_ffn_norm": "post_attention_layernorm", "attn": "self_attn",
+                "ffn": "mlp"}
+
+
+def _llama_key(ours: str) -> str:
+    if ours == "embed.weight":
+        return "model.embed_tokens.weight"
+    if ours == "final_norm.weight":
+        return "model.norm.weight"
+    if ours == "lm_head.weight":
+        return "lm_head.weight"
+    return "model." + ".".join(_LLAMA_NAMES.get(p, p) for p in ours.split("."))
+
+
+def from_llama(hf_model) -> SparkLM:
+    """Our dense model with the weights of an HF Llama-family causal LM (e.g. SmolLM2); logits match HF's."""
+    cfg = llama_config_to_model_config(hf_model.config)
+    model = SparkLM(cfg)
+    sd = hf_model.state_dict()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            key = _llama_key(name)
+            if key not in sd:
+                raise ValueError(f"{type(hf_model).__name__} has no weight {key!r} (needed for our {name!r})")
+            p.copy_(sd[key])
+    return model.to(next(hf_model.parameters()).dtype).eval()
+
+
+def from_hf(hf_model) -> SparkLM:
+    """Our model from a supported HF causal LM: Gemma 2, Llama, Mistral (SmolLM2 is Llama)."""
+    mt = getattr(hf_model.config, "model_type", None)
+    if mt == "gemma2":
+        return from_gemma2(hf_model)
+    if mt in ("llama", "mistral"):
+        return from_llama(hf_model)
+    if mt == "sparkformer":
+        return hf_model.model
+    raise ValueError(f"model_type {mt!r} is not supported; supported: gemma2, llama, mistral, sparkformer")

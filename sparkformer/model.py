@@ -26,22 +26,30 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "silu": F.silu}
+
+
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: ``x / rms(x) * (1 + w)`` in fp32, weight initialised to zero."""
+    """RMSNorm in fp32. Gemma style: ``x / rms(x) * (1 + w)``, w initialised to 0; Llama style: ``* w``, w init 1."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, style: str = "gemma"):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.offset = 1.0 if style == "gemma" else 0.0
+        self.weight = nn.Parameter(torch.zeros(dim) if style == "gemma" else torch.ones(dim))
+
+    def scale(self) -> torch.Tensor:
+        """The effective per-channel multiplier (fp32)."""
+        return self.weight.float() + self.offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return (y * self.scale()).to(x.dtype)
 
 
 def rope_tables(dim: int, pos0: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +88,7 @@ class Rotary(nn.Module):
 
 # ---- FFN --------------------------------------------------------------------------------------------------------
 class GeGLUFFN(nn.Module):
-    """Dense Gemma-2 FFN: ``down(gelu_tanh(gate(x)) * up(x))``; 3*d*m parameters."""
+    """Dense gated FFN: ``down(act(gate(x)) * up(x))``, act = gelu_tanh (Gemma) or silu (Llama); 3*d*m params."""
 
     kind = "geglu"
 
@@ -90,11 +98,12 @@ class GeGLUFFN(nn.Module):
         self.gate_proj = nn.Linear(d, m, bias=False)
         self.up_proj = nn.Linear(d, m, bias=False)
         self.down_proj = nn.Linear(m, d, bias=False)
+        self.act = ACTIVATIONS[cfg.ffn_activation]
         self.n_neurons = m
         self.last_activity: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class SparkFFN(nn.Module):
@@ -116,17 +125,18 @@ class SparkFFN(nn.Module):
         self.predictor = nn.Linear(r, n, bias=False)
         self.up_proj = nn.Linear(d - r, n, bias=False)
         self.down_proj = nn.Linear(n, d, bias=False)
+        self.act = ACTIVATIONS[cfg.ffn_activation]
         self.n_neurons = n
         self.last_activity: torch.Tensor | None = None
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """Sparse gate a = gelu_tanh(top-k(K1 x[:r])): zero for unselected neurons."""
+        """Sparse gate a = act(top-k(K1 x[:r])): zero for unselected neurons (act(0) = 0 for gelu and silu)."""
         s = self.predictor(x[..., : self.rank])
         if self.exact:
             s = exact_topk(s, self.fraction)
         else:
             s = stat_topk(s, self.fraction, detach_threshold=self.detach_threshold)
-        return gelu_tanh(s)
+        return self.act(s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.gate(x)
@@ -261,14 +271,17 @@ def spark_attention(q, k, v, mask, rank: int, topk: int, scale: float, cap: floa
 
 # ---- block and model --------------------------------------------------------------------------------------------
 class Block(nn.Module):
+    """Pre-norm residual block; Gemma 2 also normalises each sub-block's output (``post_norms``)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.norm_style)  # noqa: E731
+        self.input_norm = norm()
         self.attn = Attention(cfg, layer)
-        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.pre_ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.pre_ffn_norm = norm()
         self.ffn = SparkFFN(cfg) if cfg.ffn_kind(layer) == "spark" else GeGLUFFN(cfg)
-        self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.post_attn_norm = norm() if cfg.post_norms else nn.Identity()
+        self.post_ffn_norm = norm() if cfg.post_norms else nn.Identity()
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.post_attn_norm(self.attn(self.input_norm(x), pos0, cache))
@@ -290,7 +303,8 @@ class SparkLM(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, cfg.norm_style)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -302,7 +316,11 @@ class SparkLM(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std)
             elif isinstance(m, RMSNorm):
-                nn.init.zeros_(m.weight)
+                nn.init.constant_(m.weight, 1.0 - m.offset)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -317,13 +335,14 @@ class SparkLM(nn.Module):
         if pos0 + T > limit:
             raise ValueError(f"sequence end {pos0 + T} exceeds the {'cache' if cache else 'model'} length {limit}")
         x = self.embed(input_ids)
-        x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype)
+        if self.config.embed_scale:
+            x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype)
         for block in self.layers:
             x = block(x, pos0, cache)
         if cache is not None:
             cache.pos = pos0 + T
         x = self.final_norm(x)
-        logits = softcap(F.linear(x, self.embed.weight), self.config.final_logit_softcap)
+        logits = softcap(F.linear(x, self.head_weight), self.config.final_logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

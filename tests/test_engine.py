@@ -101,3 +101,15 @@ def test_stop_strings_and_eos():
     e.reset()
     stop = stop_on_strings(lambda ts: " ".join(map(str, ts)), [str(toks[2])])
     assert list(e.generate([1, 2, 3], 20, stop=stop))[-1] in toks[:3]
+
+
+def test_engine_llama_style_spark_model():
+    torch.manual_seed(0)
+    cfg = cfg_for("spark", norm_style="llama", post_norms=False, embed_scale=False, ffn_activation="silu",
+                  tie_embeddings=False, attn_logit_softcap=None, final_logit_softcap=None)
+    m = SparkLM(cfg).eval()
+    x = torch.randint(0, 97, (1, 40))
+    ref = m(x).logits[0, 19:39]
+    e = DecodeEngine.from_model(m)
+    got = torch.stack([e.prefill(x[0, :20])] + [e.step(int(t)) for t in x[0, 20:39]])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

@@ -69,3 +69,27 @@ def test_config_validation_through_hf():
         SparkConfig(**{**tiny().to_dict(), "spark_ffn_fraction": 2.0})
     with pytest.raises(ValueError, match="padded"):
         to_hf(SparkLM(tiny()))(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_family_matches_hf(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparkformer.engine import DecodeEngine
+    from sparkformer.hf import from_hf
+
+    torch.manual_seed(0)
+    hc = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, rope_theta=100000.0,
+                     tie_word_embeddings=tied)
+    hf = LlamaForCausalLM(hc).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.normal_(1.0, 0.2)
+    ours = from_hf(hf)
+    x = torch.randint(0, 101, (2, 20))
+    torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    e = DecodeEngine.from_model(ours)  # the engine runs Llama-style models too (SiLU, no post-norms)
+    got = torch.stack([e.prefill(x[0, :10])] + [e.step(int(t)) for t in x[0, 10:19]])
+    torch.testing.assert_close(got, hf(x[:1]).logits[0, 9:19], rtol=1e-4, atol=1e-4)
