@@ -11,6 +11,10 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "sparkformer.data",
+    "sparkformer.train",
+    "sparkformer.evaluate",
+    "sparkformer.generate",
     "sparkformer.flops",
     "sparkformer.bench",
     "sparkformer.demo",
