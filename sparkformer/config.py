@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-FFN_KINDS = ("geglu", "spark")
+FFN_KINDS = ("geglu", "spark", "topk")
 ATTENTION_KINDS = ("dense", "spark")
 
 
@@ -34,6 +34,7 @@ class ModelConfig:
     max_seq_len: int = 1024
 
     # FFN: GeGLU width m; a Spark FFN of equal parameter count has d_ff = 1.5 * m (2*d*d_ff == 3*d*m).
+    # "topk" is the paper's ablation: act(top-k(K x)) with no predictor split (same d_ff, same parameters).
     ffn: Union[str, list] = "geglu"
     ffn_dim: int = 1024
     spark_ffn_dim: int | None = None  # default: 3 * ffn_dim // 2
@@ -255,7 +256,7 @@ def apply_overrides(obj: Any, overrides: list[str] | dict[str, Any]) -> Any:
 
 def parameter_count_ffn(cfg: ModelConfig, layer: int = 0) -> int:
     """Parameters of one FFN block (no biases)."""
-    if cfg.ffn_kind(layer) == "spark":
+    if cfg.ffn_kind(layer) in ("spark", "topk"):
         return 2 * cfg.d_model * cfg.spark_ffn_dim
     return 3 * cfg.d_model * cfg.ffn_dim
 

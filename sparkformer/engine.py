@@ -116,6 +116,9 @@ class DecodeEngine:
         dtype = resolve_dtype(dtype)
         cfg = model.config
         max_len = cls._check_len(cfg, max_len)
+        bad = sorted({cfg.ffn_kind(i) for i in range(cfg.n_layers)} - {"geglu", "spark"})
+        if bad:
+            raise ValueError(f"the decode engine supports ffn kinds geglu and spark, not {bad} (use SparkLM.generate)")
         layers = []
         with torch.no_grad():
             for i, blk in enumerate(model.layers):

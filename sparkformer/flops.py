@@ -78,6 +78,12 @@ def token_cost(cfg: ModelConfig, context: int, dtype_bytes: int = 2, ffn_fractio
             c.ffn_flops += 2 * r * n + 2 * (d - r) * a + 2 * d * a
             c.ffn_bytes += (r * n + a * (d - r) + a * d) * b
             c.ffn_active += a
+        elif cfg.ffn_kind(i) == "topk":  # all of K (d_ff x d) to score, then the selected rows of V
+            n = cfg.spark_ffn_dim
+            a = n * (ffn_fraction if ffn_fraction is not None else cfg.spark_ffn_fraction)
+            c.ffn_flops += 2 * d * n + 2 * d * a
+            c.ffn_bytes += (d * n + a * d) * b
+            c.ffn_active += a
         else:
             c.ffn_flops += 2 * 3 * d * cfg.ffn_dim
             c.ffn_bytes += 3 * d * cfg.ffn_dim * b

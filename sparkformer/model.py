@@ -144,6 +144,33 @@ class SparkFFN(nn.Module):
         return self.down_proj(a * self.up_proj(x[..., self.rank :]))
 
 
+class TopKFFN(nn.Module):
+    """The paper's "top-k" ablation: ``V^T act(top-k(K x))`` — top-k on the full first projection, no predictor
+    split and no gating half. Same d_ff and parameter count as the Spark FFN (2*d*d_ff)."""
+
+    kind = "topk"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, n = cfg.d_model, cfg.spark_ffn_dim
+        self.fraction = cfg.spark_ffn_fraction
+        self.exact = cfg.topk_method == "exact"
+        self.detach_threshold = cfg.detach_threshold
+        self.up_proj = nn.Linear(d, n, bias=False)
+        self.down_proj = nn.Linear(n, d, bias=False)
+        self.act = ACTIVATIONS[cfg.ffn_activation]
+        self.n_neurons = n
+        self.last_activity: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.up_proj(x)
+        s = exact_topk(s, self.fraction) if self.exact else stat_topk(s, self.fraction,
+                                                                       detach_threshold=self.detach_threshold)
+        a = self.act(s)
+        self.last_activity = (a != 0).float().mean().detach()
+        return self.down_proj(a)
+
+
 # ---- attention --------------------------------------------------------------------------------------------------
 class KVCache:
     """Preallocated per-layer K/V (B, n_kv, max_len, head_dim) for the reference incremental-decoding path."""
@@ -279,7 +306,7 @@ class Block(nn.Module):
         self.input_norm = norm()
         self.attn = Attention(cfg, layer)
         self.pre_ffn_norm = norm()
-        self.ffn = SparkFFN(cfg) if cfg.ffn_kind(layer) == "spark" else GeGLUFFN(cfg)
+        self.ffn = {"spark": SparkFFN, "topk": TopKFFN, "geglu": GeGLUFFN}[cfg.ffn_kind(layer)](cfg)
         self.post_attn_norm = norm() if cfg.post_norms else nn.Identity()
         self.post_ffn_norm = norm() if cfg.post_norms else nn.Identity()
 

@@ -161,3 +161,15 @@ def test_per_layer_kinds_and_overrides():
         apply_overrides(c2, ["nope=1"])
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("gpt5")
+
+
+def test_topk_ablation_ffn():
+    cfg = tiny("spark", ffn="topk")
+    m = SparkLM(cfg)
+    assert parameter_count_ffn(cfg) == parameter_count_ffn(tiny("dense"))
+    assert sum(p.numel() for p in m.layers[0].ffn.parameters()) == parameter_count_ffn(cfg)
+    m(torch.randint(0, 97, (2, 30)))
+    assert all(abs(a - 0.25) < 0.06 for a in m.sparsity_stats()["ffn_activity"])
+    from sparkformer.engine import DecodeEngine
+    with pytest.raises(ValueError, match="ffn kinds"):
+        DecodeEngine.from_model(m)

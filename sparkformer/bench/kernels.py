@@ -51,10 +51,11 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
-def n_copies(touched_bytes: float, override: int | None, factor: float = 3.0) -> int:
+def n_copies(touched_bytes: float, override: int | None, factor: float = 3.0, cap: int = 64) -> int:
+    """Copies so one cycle touches >= factor x the last-level cache (at least 2, at most cap)."""
     if override:
         return override
-    return max(2, math.ceil(factor * llc_bytes() / touched_bytes))
+    return min(cap, max(2, math.ceil(factor * llc_bytes() / touched_bytes)))
 
 
 def time_cycles(fns: dict[str, Callable[[int], object]], copies: int, repeats: int) -> dict[str, list[float]]:

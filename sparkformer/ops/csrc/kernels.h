@@ -58,7 +58,16 @@ struct Kernels {
   float (*exp_sub)(const float* p, int64_t n, float m, float* out);  // out = exp(p - m); returns sum
   void (*gelu_tanh)(float* p, int64_t n);                    // p = gelu_tanh(p)
   float (*max)(const float* p, int64_t n);
+  // idx[0:cnt] = the j in [0, n) with p[j] > theta, ascending; returns cnt. idx needs n + 16 slots.
+  int64_t (*compact_gt)(const float* p, int64_t n, float theta, int32_t* idx);
 };
+
+// Tuning knobs (read by the kernels on every call; set by torch.ops.sparkformer._tune, for benchmarks).
+//   tune[0]: bytes prefetched at the start of each of the next selected FFN rows
+//   tune[1]: prefetch distance, in keys, of the Spark attention gather
+//   tune[2]: key-feature rows per pass in the feature-major scoring (4, 8 or 16)
+//   tune[3]: 1 = the attention gather prefetches into L2 (else L1)
+extern int tune[8];
 
 const Kernels* kernels_avx512();
 const Kernels* kernels_avx2();

@@ -128,6 +128,10 @@ static inline void prefetch_range(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) prefetch(c + o);
 }
+static inline void prefetch_range_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
 
 static inline float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
@@ -179,6 +183,35 @@ static inline vf vtanh(vf x) {
   return vcopysign(t, x);
 }
 #endif
+
+#if SPK_ISA > 0
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(y) for y in (0, 1] as 2 atanh(s), s = y / (2 + y) in
+// (0, 1/3], by its odd series to s^17 (truncation < 1e-10, and no cancellation for small y).
+static inline vf vsoftplus(vf x) {
+  vf y = vexp(vsub(vzero(), vabs(x)));
+  vf s = vdiv(y, vadd(y, vset(2.0f)));
+  vf s2 = vmul(s, s);
+  vf p = vset(1.0f / 17.0f);
+  p = vfma(p, s2, vset(1.0f / 15.0f));
+  p = vfma(p, s2, vset(1.0f / 13.0f));
+  p = vfma(p, s2, vset(1.0f / 11.0f));
+  p = vfma(p, s2, vset(1.0f / 9.0f));
+  p = vfma(p, s2, vset(1.0f / 7.0f));
+  p = vfma(p, s2, vset(1.0f / 5.0f));
+  p = vfma(p, s2, vset(1.0f / 3.0f));
+  p = vfma(p, s2, vset(1.0f));
+  return vadd(vmax(x, vzero()), vmul(vset(2.0f), vmul(p, s)));
+}
+#endif
+
+// p = softplus(p) (torch's default: x above 20 passes through)
+static void softplus_inplace(float* p, int64_t n) {
+  int64_t i = 0;
+#if SPK_ISA > 0
+  for (; i + VW <= n; i += VW) vst(p + i, vsoftplus(vld(p + i)));
+#endif
+  for (; i < n; ++i) p[i] = softplus1(p[i]);
+}
 
 static inline float gelu_tanh1(float z) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;
@@ -272,20 +305,20 @@ static void matvec(const void* w, bool bf16, int64_t ld, int64_t n, const float*
   else matvec_t(static_cast<const float*>(w), ld, n, x, y, r0, r1);
 }
 
-// Bytes of the next selected rows to prefetch: enough to get the hardware streamer going.
-constexpr int64_t kRowPrefetchBytes = 512;
 
 template <class T>
 static void ffn_gather_t(const int32_t* idx, const float* a, int64_t cnt, const T* k2, int64_t ld2, int64_t n2,
                          const float* x2, const T* v, int64_t ldv, int64_t nv, float* acc) {
+  // Prefetch the start of the next two rows: enough to get the hardware streamer going on each.
+  const int64_t pf = spk::tune[0];
   int64_t t = 0;
   for (; t + 2 <= cnt; t += 2) {
     if (t + 2 < cnt) {
-      prefetch_range(k2 + idx[t + 2] * ld2, kRowPrefetchBytes);
-      prefetch_range(v + idx[t + 2] * ldv, kRowPrefetchBytes);
+      prefetch_range(k2 + idx[t + 2] * ld2, pf);
+      prefetch_range(v + idx[t + 2] * ldv, pf);
       if (t + 3 < cnt) {
-        prefetch_range(k2 + idx[t + 3] * ld2, kRowPrefetchBytes);
-        prefetch_range(v + idx[t + 3] * ldv, kRowPrefetchBytes);
+        prefetch_range(k2 + idx[t + 3] * ld2, pf);
+        prefetch_range(v + idx[t + 3] * ldv, pf);
       }
     }
     const T* rows[2] = {k2 + idx[t] * ld2, k2 + idx[t + 1] * ld2};
@@ -347,35 +380,37 @@ static void geglu_rows(const void* g, int64_t ldg, const void* u, int64_t ldu, c
                  static_cast<const float*>(d), ldd, n, nd, x, acc, j0, j1);
 }
 
-// Feature-major scores, CB key-feature rows per pass over the output block.
-template <class T>
+// Feature-major scores: CB key-feature rows per pass over the output block (CB = 4 or 8), so the
+// accumulators (nq x n floats, in L1/L2) are read and written once per CB rows of keys.
+template <int CB, class T>
 static void scores_fm_t(const T* kp, int64_t ldc, int64_t r, const float* q, int64_t nq, int64_t j0, int64_t j1,
                         float* out, int64_t ldo) {
-  constexpr int CB = 4;
   const int64_t n = j1 - j0;
   for (int64_t h = 0; h < nq; ++h)
     for (int64_t j = 0; j < n; ++j) out[h * ldo + j] = 0.0f;
   int64_t c = 0;
   for (; c + CB <= r; c += CB) {
-    const T* k0 = kp + c * ldc + j0;
-    const T* k1 = k0 + ldc;
-    const T* k2 = k1 + ldc;
-    const T* k3 = k2 + ldc;
+    const T* k[CB];
+#pragma GCC unroll 16
+    for (int i = 0; i < CB; ++i) k[i] = kp + (c + i) * ldc + j0;
     for (int64_t h = 0; h < nq; ++h) {
       const float* qh = q + h * r + c;
-      vf q0 = vset(qh[0]), q1 = vset(qh[1]), q2 = vset(qh[2]), q3 = vset(qh[3]);
+      vf qv[CB];
+#pragma GCC unroll 16
+      for (int i = 0; i < CB; ++i) qv[i] = vset(qh[i]);
       float* o = out + h * ldo;
       int64_t j = 0;
       for (; j + VW <= n; j += VW) {
         vf a = vld(o + j);
-        a = vfma(q0, vld(k0 + j), a);
-        a = vfma(q1, vld(k1 + j), a);
-        a = vfma(q2, vld(k2 + j), a);
-        a = vfma(q3, vld(k3 + j), a);
+#pragma GCC unroll 16
+        for (int i = 0; i < CB; ++i) a = vfma(qv[i], vld(k[i] + j), a);
         vst(o + j, a);
       }
-      for (; j < n; ++j)
-        o[j] += qh[0] * ld1(k0 + j) + qh[1] * ld1(k1 + j) + qh[2] * ld1(k2 + j) + qh[3] * ld1(k3 + j);
+      for (; j < n; ++j) {
+        float a = o[j];
+        for (int i = 0; i < CB; ++i) a += qh[i] * ld1(k[i] + j);
+        o[j] = a;
+      }
     }
   }
   for (; c < r; ++c) {
@@ -386,8 +421,16 @@ static void scores_fm_t(const T* kp, int64_t ldc, int64_t r, const float* q, int
 
 static void scores_fm(const void* kp, bool bf16, int64_t ldc, int64_t r, const float* q, int64_t nq, int64_t j0,
                       int64_t j1, float* out, int64_t ldo) {
-  if (bf16) scores_fm_t(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
-  else scores_fm_t(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+  if (spk::tune[2] == 16) {
+    if (bf16) scores_fm_t<16>(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+    else scores_fm_t<16>(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+  } else if (spk::tune[2] == 8) {
+    if (bf16) scores_fm_t<8>(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+    else scores_fm_t<8>(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+  } else {
+    if (bf16) scores_fm_t<4>(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+    else scores_fm_t<4>(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+  }
 }
 
 // Row-major scores: each key row is read once for up to two queries; more queries re-read it from L1.
@@ -445,26 +488,36 @@ static void values_rm(const void* v, bool bf16, int64_t ldj, int64_t dv, const f
   else values_rm_t(static_cast<const float*>(v), ldj, dv, w, ldw, nq, j0, j1, out);
 }
 
+// Kept keys in blocks: the dot products with the other half of the keys first (prefetching those rows),
+// then softplus over the block (vectorised), then the value rows (prefetching them).
 template <class T>
 static void attn_gather_t(const int32_t* idx, const float* w, int64_t cnt, const T* kr, int64_t ldk, int64_t dr,
                           const float* qr, const T* v, int64_t ldv, int64_t dv, float* out) {
-  constexpr int D = 3;  // prefetch distance in keys; each key is a few short rows
-  for (int64_t t = 0; t < cnt && t < D; ++t) {
-    prefetch_range(kr + idx[t] * ldk, dr * int64_t(sizeof(T)));
-    prefetch_range(v + idx[t] * ldv, dv * int64_t(sizeof(T)));
-  }
-  int64_t t = 0;
-  for (; t + 2 <= cnt; t += 2) {
-    for (int64_t p = t + D; p < t + D + 2 && p < cnt; ++p) {
-      prefetch_range(kr + idx[p] * ldk, dr * int64_t(sizeof(T)));
-      prefetch_range(v + idx[p] * ldv, dv * int64_t(sizeof(T)));
+  constexpr int64_t B = 128;
+  const int64_t D = spk::tune[1];
+  const bool l2 = spk::tune[3] != 0;
+  const int64_t bk = dr * int64_t(sizeof(T)), bv = dv * int64_t(sizeof(T));
+  float g[B];
+  for (int64_t b0 = 0; b0 < cnt; b0 += B) {
+    const int64_t nb = cnt - b0 < B ? cnt - b0 : B;
+    const int32_t* id = idx + b0;
+    for (int64_t t = 0; t < nb && t < D; ++t) l2 ? prefetch_range_l2(kr + id[t] * ldk, bk) : prefetch_range(kr + id[t] * ldk, bk);
+    int64_t t = 0;
+    for (; t + 2 <= nb; t += 2) {
+      for (int64_t p = t + D; p < t + D + 2 && p < nb; ++p) l2 ? prefetch_range_l2(kr + id[p] * ldk, bk) : prefetch_range(kr + id[p] * ldk, bk);
+      const T* rows[2] = {kr + id[t] * ldk, kr + id[t + 1] * ldk};
+      dot_rows<2, 2>(rows, qr, dr, g + t);
     }
-    const T* rows[2] = {kr + idx[t] * ldk, kr + idx[t + 1] * ldk};
-    float d[2];
-    dot_rows<2, 2>(rows, qr, dr, d);
-    axpy2(w[t] * softplus1(d[0]), v + idx[t] * ldv, w[t + 1] * softplus1(d[1]), v + idx[t + 1] * ldv, out, dv);
+    if (t < nb) g[t] = dot1(kr + id[t] * ldk, qr, dr);
+    softplus_inplace(g, nb);
+    for (int64_t t2 = 0; t2 < nb; ++t2) g[t2] *= w[b0 + t2];
+    for (t = 0; t < nb && t < D; ++t) l2 ? prefetch_range_l2(v + id[t] * ldv, bv) : prefetch_range(v + id[t] * ldv, bv);
+    for (t = 0; t + 2 <= nb; t += 2) {
+      for (int64_t p = t + D; p < t + D + 2 && p < nb; ++p) l2 ? prefetch_range_l2(v + id[p] * ldv, bv) : prefetch_range(v + id[p] * ldv, bv);
+      axpy2(g[t], v + id[t] * ldv, g[t + 1], v + id[t + 1] * ldv, out, dv);
+    }
+    if (t < nb) axpy1(g[t], v + id[t] * ldv, out, dv);
   }
-  if (t < cnt) axpy1(w[t] * softplus1(dot1(kr + idx[t] * ldk, qr, dr)), v + idx[t] * ldv, out, dv);
 }
 
 static void attn_gather(const int32_t* idx, const float* w, int64_t cnt, const void* kr, int64_t ldk, int64_t dr,
@@ -563,9 +616,31 @@ static float max_(const float* p, int64_t n) {
   return m;
 }
 
+static int64_t compact_gt(const float* p, int64_t n, float theta, int32_t* idx) {
+  int64_t cnt = 0, j = 0;
+#if SPK_ISA == 2
+  const vf th = vset(theta);
+  const __m512i step = _mm512_set1_epi32(VW);
+  __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + VW <= n; j += VW) {
+    const __mmask16 m = _mm512_cmp_ps_mask(vld(p + j), th, _CMP_GT_OQ);
+    if (m) {
+      _mm512_storeu_si512(idx + cnt, _mm512_maskz_compress_epi32(m, pos));
+      cnt += __builtin_popcount(m);
+    }
+    pos = _mm512_add_epi32(pos, step);
+  }
+#endif
+  for (; j < n; ++j) {  // branch-free
+    idx[cnt] = int32_t(j);
+    cnt += p[j] > theta;
+  }
+  return cnt;
+}
+
 static const spk::Kernels table = {
     SPK_NAME, matvec, ffn_gather, geglu_rows, scores_fm, scores_rm, values_rm, attn_gather,
-    sum_sumsq, softcap, exp_sub, gelu_tanh, max_,
+    sum_sumsq, softcap, exp_sub, gelu_tanh, max_, compact_gt,
 };
 
 }  // namespace SPK_NS

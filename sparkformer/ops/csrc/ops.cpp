@@ -24,6 +24,14 @@
 
 #include "kernels.h"
 
+int spk::tune[8] = {512, 16, 8, 1, 0, 0, 0, 0};
+#include <atomic>
+#include <chrono>
+static std::atomic<int64_t> g_prof[8];
+static inline int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+#define PROF(i, t0) do { int64_t _t = now_ns(); g_prof[i] += _t - t0; t0 = _t; } while (0)
+int64_t prof_op(int64_t i) { return g_prof[i].exchange(0); }
+
 namespace {
 
 using at::Tensor;
@@ -143,11 +151,30 @@ float stat_threshold(const float* p, int64_t n, double f) {
   return float(sd > 0.0 ? mean + sd * ndtri(1.0 - f) : mean);
 }
 
-// Keep the k best of id[0:cnt] by (score desc, position desc), then put them in position order.
-void keep_top(const float* p, int32_t* id, int64_t cnt, int64_t k) {
-  auto better = [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a > b); };
-  std::nth_element(id, id + (k - 1), id + cnt, better);
-  std::sort(id, id + k);
+// id[0:cnt]: candidate positions in ascending order. Keep the k best by (score desc, position desc),
+// still in ascending order; returns k. tmp: cnt floats of scratch. O(cnt): one nth_element on the
+// values, then a pass from the end that gives the ties at the k-th value to the most recent keys.
+int64_t keep_top(const float* p, int32_t* id, int64_t cnt, int64_t k, float* tmp) {
+  for (int64_t t = 0; t < cnt; ++t) tmp[t] = p[id[t]];
+  std::nth_element(tmp, tmp + (cnt - k), tmp + cnt);
+  const float kth = tmp[cnt - k];
+  int64_t ties = k;  // how many keys equal to kth may be kept
+  for (int64_t t = 0; t < cnt; ++t) ties -= p[id[t]] > kth;
+  for (int64_t t = cnt - 1; t >= 0; --t) {  // mark (in tmp) the kept ones, latest ties first
+    const float x = p[id[t]];
+    bool keep = x > kth;
+    if (!keep && x == kth && ties > 0) {
+      keep = true;
+      --ties;
+    }
+    tmp[t] = keep ? 1.0f : 0.0f;
+  }
+  int64_t out = 0;
+  for (int64_t t = 0; t < cnt; ++t) {
+    id[out] = id[t];
+    out += tmp[t] != 0.0f;
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -225,7 +252,7 @@ std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, c
   const spk::Kernels* kern = K();
   const int64_t P = n_threads();
 
-  float* ws = scratch(workspace, 3 * d_ff + P * dv);
+  float* ws = scratch(workspace, 3 * d_ff + P * dv);  // (+ slack: compact_gt may write 16 past)
   float* s = ws;
   int32_t* idx = reinterpret_cast<int32_t*>(ws + d_ff);
   float* a = ws + 2 * d_ff;
@@ -237,12 +264,8 @@ std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, c
   });
   // 2. statistical threshold, 3. selection (branch-free compaction) and activation
   const float theta = stat_threshold(s, d_ff, fraction);
-  int64_t cnt = 0;
-  for (int64_t i = 0; i < d_ff; ++i) {
-    idx[cnt] = int32_t(i);
-    a[cnt] = s[i] - theta;
-    cnt += s[i] > theta;
-  }
+  const int64_t cnt = kern->compact_gt(s, d_ff, theta, idx);
+  for (int64_t t = 0; t < cnt; ++t) a[t] = s[idx[t]] - theta;
   kern->gelu_tanh(a, cnt);
   // 4. selected rows of K2 and V; each thread a slice of the list with its own accumulator
   Tensor y = at::empty({dv}, xf.options());
@@ -371,60 +394,75 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
     for (int64_t c = 0; c < dr; ++c) qr[h * dr + c] = fs * qsrc[h * D + r + c];
   }
 
-  // Phase 1: predictor logits for every valid key, one streaming pass over the feature-major half.
-  const int64_t nch = chunks_per_head(nkv, n);
-  at::parallel_for(0, nkv * nch, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t g = t / nch, c = t % nch, j0 = n * c / nch, j1 = n * (c + 1) / nch;
-      kern->scores_fm(at_elem(kp, g * kp.stride(0) + lo), bf16, kp.stride(1), r, qp + g * G * r, G, j0, j1,
-                      scores + g * G * n + j0, n);
-    }
-  });
-
-  // Phase 2: per query head, select then read only the kept keys' other half and values.
   float* outp = out.data_ptr<float>();
   int64_t* keptp = kept.data_ptr<int64_t>();
   bool* cappedp = capped.data_ptr<bool>();
-  at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
-    for (int64_t h = b; h < e; ++h) {
-      const int64_t g = h / G;
-      float* p = scores + h * n;
-      int32_t* id = idx + h * n;
-      float* w = wts + h * n;
-      if (softcap.has_value()) kern->softcap(p, n, float(*softcap));
-      int64_t cnt = 0;
-      bool cap_fired = false;
-      if (n <= k) {
+
+  // Predictor logits of keys [j0, j1) for the G query heads of kv head g: one streaming pass over the
+  // feature-major half of the keys.
+  auto score = [&](int64_t g, int64_t j0, int64_t j1) {
+    kern->scores_fm(at_elem(kp, g * kp.stride(0) + lo), bf16, kp.stride(1), r, qp + g * G * r, G, j0, j1,
+                    scores + g * G * n + j0, n);
+  };
+  // Selection for query head h, then read only the kept keys' other half and values.
+  auto head = [&](int64_t h) {
+    const int64_t g = h / G;
+    float* p = scores + h * n;
+    int32_t* id = idx + h * n;
+    float* w = wts + h * n;
+    int64_t t0 = now_ns();
+    if (softcap.has_value()) kern->softcap(p, n, float(*softcap));
+    PROF(1, t0);
+    int64_t cnt = 0;
+    bool cap_fired = false;
+    if (n <= k) {
+      for (int64_t j = 0; j < n; ++j) id[j] = int32_t(j);
+      cnt = n;
+    } else {
+      const float theta = stat_threshold(p, n, double(k) / double(n));
+      cnt = kern->compact_gt(p, n, theta, id);
+      if (cnt == 0) {  // degenerate scores (e.g. all equal): keep the k best, ties to the most recent
         for (int64_t j = 0; j < n; ++j) id[j] = int32_t(j);
-        cnt = n;
-      } else {
-        const float theta = stat_threshold(p, n, double(k) / double(n));
-        for (int64_t j = 0; j < n; ++j) {
-          id[cnt] = int32_t(j);
-          cnt += p[j] > theta;
-        }
-        if (cnt == 0) {  // degenerate scores (e.g. all equal): keep the k best, ties to the most recent
-          for (int64_t j = 0; j < n; ++j) id[j] = int32_t(j);
-          keep_top(p, id, n, k);
-          cnt = k;
-        } else if (cnt > k) {  // hard cap
-          keep_top(p, id, cnt, k);
-          cnt = k;
-          cap_fired = true;
-        }
+        cnt = keep_top(p, id, n, k, w);
+      } else if (cnt > k) {  // hard cap
+        cnt = keep_top(p, id, cnt, k, w);
+        cap_fired = true;
       }
-      for (int64_t t = 0; t < cnt; ++t) w[t] = p[id[t]];
-      const float m = kern->max(w, cnt);
-      const float z = kern->exp_sub(w, cnt, m, w);
-      const float inv = 1.0f / z;
-      for (int64_t t = 0; t < cnt; ++t) w[t] *= inv;
-      kern->attn_gather(id, w, cnt, at_elem(kr, g * kr.stride(0) + lo * kr.stride(1)), kr.stride(1), dr,
-                        qr + h * dr, at_elem(v, g * v.stride(0) + lo * v.stride(1)), v.stride(1), dv, bf16,
-                        outp + h * dv);
-      keptp[h] = cnt;
-      cappedp[h] = cap_fired;
     }
-  });
+    PROF(2, t0);
+    for (int64_t t = 0; t < cnt; ++t) w[t] = p[id[t]];
+    const float m = kern->max(w, cnt);
+    const float inv = 1.0f / kern->exp_sub(w, cnt, m, w);
+    for (int64_t t = 0; t < cnt; ++t) w[t] *= inv;
+    kern->attn_gather(id, w, cnt, at_elem(kr, g * kr.stride(0) + lo * kr.stride(1)), kr.stride(1), dr, qr + h * dr,
+                      at_elem(v, g * v.stride(0) + lo * v.stride(1)), v.stride(1), dv, bf16, outp + h * dv);
+    PROF(3, t0);
+    keptp[h] = cnt;
+    cappedp[h] = cap_fired;
+  };
+
+  const int64_t P = n_threads();
+  if (nkv % P == 0 || nkv >= 2 * P) {
+    // Enough kv heads to share out whole: one parallel region, each thread scores a kv head and goes
+    // straight on to its query heads while their scores are still in cache.
+    at::parallel_for(0, nkv, 1, [&](int64_t b, int64_t e) {
+      for (int64_t g = b; g < e; ++g) {
+        int64_t t0 = now_ns();
+        score(g, 0, n);
+        PROF(0, t0);
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) head(h);
+      }
+    });
+  } else {
+    // Few kv heads: split the scoring pass by key chunks too, then the heads.
+    const int64_t nch = chunks_per_head(nkv, n);
+    at::parallel_for(0, nkv * nch, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) score(t / nch, n * (t % nch) / nch, n * (t % nch + 1) / nch);
+    });
+    at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
+      for (int64_t h = b; h < e; ++h) head(h);
+    });
+  }
   return {out.to(q.scalar_type()), kept, capped};
 }
 
@@ -495,6 +533,12 @@ Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, in
 
 double ndtri_op(double p) { return ndtri(p); }
 
+int64_t tune_op(int64_t i, int64_t value) {
+  TORCH_CHECK(i >= 0 && i < 8, "sparkformer: tune index out of range");
+  if (value >= 0) spk::tune[i] = int(value);
+  return spk::tune[i];
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparkformer, m) {
@@ -511,6 +555,8 @@ TORCH_LIBRARY(sparkformer, m) {
   m.def("matvec(Tensor w, Tensor x) -> Tensor");
   m.def("_set_isa(str name) -> str", &set_isa);  // test hook: pick the kernel ISA ("" reports it)
   m.def("_ndtri(float p) -> float", &ndtri_op);  // test hook: the inverse normal CDF used above
+  m.def("_tune(int i, int value) -> int", &tune_op);
+  m.def("_prof(int i) -> int", &prof_op);  // benchmark hook: kernels.h `tune` (value < 0 reads)
 }
 
 TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
