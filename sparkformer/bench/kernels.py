@@ -8,12 +8,17 @@ Attention: 8 query heads / 4 kv heads, head_dim 256, Spark r=128, k=256, soft-ca
 context, vs dense attention decode (two matvecs + softmax over all keys).
 
 Method. Weights / caches are cold: every implementation cycles over enough independent copies that one
-cycle touches at least 3x the last-level cache (``--copies`` overrides). Each call gets the next of 16
+cycle touches at least 6x the last-level cache (``--copies`` overrides). Each call gets the next of 16
 random inputs. Implementations are timed interleaved (one cycle of A, one of B, ...; ``--repeats`` rounds
-after a warm-up round), every call timed on its own; we report medians with min-max over all calls.
-Bytes read are the weights / cache entries the implementation must touch, from the *achieved* selection
-counts; GB/s = bytes / median. "ideal" = dense bytes / sparse bytes, "measured" = dense median / sparse
-median, both against the fastest dense implementation. Prints a table, then one JSON line.
+after a warm-up round), every call timed on its own; we report medians with min-max over all calls, and
+the median over "clean" calls -- those during which the process took no involuntary context switch, i.e.
+no other process took a core mid-call (on a shared machine the all-calls median mostly measures the
+neighbours). Ratios use clean medians when every implementation compared has >= 5 clean calls, else
+all-calls medians; the JSON says which ("basis"). Bytes read are the weights / cache entries the
+implementation must touch, from the *achieved* selection counts; GB/s = bytes / median. "ideal" = dense
+bytes / sparse bytes, "measured" = dense time / sparse time, against the fastest dense implementation.
+Big tensors are allocated with transparent huge pages (THP_MEM_ALLOC_ENABLE=1; ``--no-thp`` to skip), for
+dense and sparse alike. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import gc
 import json
 import math
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -31,9 +37,10 @@ from typing import Callable
 import torch
 
 from sparkformer.bench.common import env_info, write_result
+
 from sparkformer.ops import _extension
 from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, geglu_decode, pack_geglu
-from sparkformer.ops.spark_attn_decode import spark_attn_decode
+from sparkformer.ops.spark_attn_decode import KP_BLOCK, spark_attn_decode, to_blocked
 from sparkformer.ops.spark_ffn_decode import prepare_spark_ffn, spark_ffn_decode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,17 +58,24 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
-def n_copies(touched_bytes: float, override: int | None, factor: float = 3.0, cap: int = 64) -> int:
+def n_copies(touched_bytes: float, override: int | None, factor: float = 6.0, cap: int = 64) -> int:
     """Copies so one cycle touches >= factor x the last-level cache (at least 2, at most cap)."""
     if override:
         return override
     return min(cap, max(2, math.ceil(factor * llc_bytes() / touched_bytes)))
 
 
-def time_cycles(fns: dict[str, Callable[[int], object]], copies: int, repeats: int) -> dict[str, list[float]]:
+def _involuntary_switches() -> int:
+    """Involuntary context switches of this process so far (all threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+
+
+def time_cycles(fns: dict[str, Callable[[int], object]], copies: int,
+                repeats: int) -> dict[str, list[tuple[float, bool]]]:
     """fns[name](i) runs call i (on copy i % copies). One warm-up cycle each, then `repeats` rounds of
-    one cycle per implementation, in rotating order; returns every call's seconds."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    one cycle per implementation, in rotating order. Returns, per call, (seconds, preempted): preempted
+    when the kernel took an involuntary context switch during the call (another process got the core)."""
+    times: dict[str, list[tuple[float, bool]]] = {k: [] for k in fns}
     names = list(fns)
     for name in names:
         for i in range(copies):
@@ -71,29 +85,48 @@ def time_cycles(fns: dict[str, Callable[[int], object]], copies: int, repeats: i
         for name in order:
             fn, out = fns[name], times[name]
             for i in range(copies):
+                cs = _involuntary_switches()
                 t0 = time.perf_counter()
                 fn(rep * copies + i)
-                out.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                out.append((t1 - t0, _involuntary_switches() != cs))
     return times
 
 
-def stats_ms(ts: list[float]) -> dict:
-    return {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3, "calls": len(ts)}
+MIN_CLEAN = 5  # calls without preemption needed before their median is used
 
 
-def _row(name: str, impl: str, bytes_: float, ts: list[float], extra: dict | None = None) -> dict:
-    s = stats_ms(ts)
+def stats_ms(calls: list[tuple[float, bool]]) -> dict:
+    ts = [t for t, _ in calls]
+    clean = [t for t, pre in calls if not pre]
+    return {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
+            "calls": len(ts), "clean_calls": len(clean),
+            "clean_median_ms": statistics.median(clean) * 1e3 if len(clean) >= MIN_CLEAN else None}
+
+
+def _row(name: str, impl: str, bytes_: float, calls: list[tuple[float, bool]], extra: dict | None = None) -> dict:
+    s = stats_ms(calls)
     return {"name": name, "impl": impl, "bytes": bytes_, "gbps": bytes_ / (s["median_ms"] * 1e-3) / 1e9, **s,
             **(extra or {})}
 
 
 def _compare(rows: list[dict], dense_names: tuple[str, ...], sparse_name: str, dense_bytes: float) -> dict:
-    dense = min((r for r in rows if r["name"] in dense_names), key=lambda r: r["median_ms"])
+    """Sparse vs the fastest dense. Basis "clean": medians of unpreempted calls, when the sparse row and at
+    least one dense row have enough of them (dense rows without are left out: on a loaded machine those are
+    the slow ones). Else basis "all": medians of all calls. The all-calls ratio is reported too."""
+    dense_rows = [r for r in rows if r["name"] in dense_names]
     sparse = next(r for r in rows if r["name"] == sparse_name)
+    dense_clean = [r for r in dense_rows if r["clean_median_ms"] is not None]
+    clean = sparse["clean_median_ms"] is not None and bool(dense_clean)
+    key = "clean_median_ms" if clean else "median_ms"
+    dense = min(dense_clean if clean else dense_rows, key=lambda r: r[key])
     ideal = dense_bytes / sparse["bytes"]
-    measured = dense["median_ms"] / sparse["median_ms"]
-    return {"dense_impl": dense["name"], "dense_ms": dense["median_ms"], "sparse_ms": sparse["median_ms"],
-            "ideal_ratio": ideal, "measured_ratio": measured, "measured_over_ideal": measured / ideal}
+    measured = dense[key] / sparse[key]
+    dense_all = min(dense_rows, key=lambda r: r["median_ms"])
+    return {"dense_impl": dense["name"], "dense_ms": dense[key], "sparse_ms": sparse[key],
+            "basis": "clean" if clean else "all", "ideal_ratio": ideal, "measured_ratio": measured,
+            "measured_over_ideal": measured / ideal,
+            "measured_ratio_all_calls": dense_all["median_ms"] / sparse["median_ms"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,9 +175,10 @@ def bench_ffn(dtype_name: str, args: argparse.Namespace) -> dict:
     sparse_name = "spark C++" if "spark C++" in times else "spark torch"
     cmp = _compare(rows, ("dense C++ (packed)", "dense torch.mv"), sparse_name, dense_bytes)
     target = TARGETS[("ffn", dtype_name)]
+    hugepages_kb = _anon_hugepages_kb()
     del packed, plain, spark
     gc.collect()
-    return {"part": "ffn", "dtype": dtype_name, "copies": copies, "shape": {"d": d, "m": m, "d_ff": d_ff, "r": r,
+    return {"part": "ffn", "dtype": dtype_name, "copies": copies, "anon_hugepages_kb": hugepages_kb, "shape": {"d": d, "m": m, "d_ff": d_ff, "r": r,
             "fraction": f}, "rows": rows, **cmp, "target": target, "meets_target": cmp["measured_ratio"] >= target}
 
 
@@ -167,23 +201,31 @@ def bench_attn(dtype_name: str, ctx: int, args: argparse.Namespace) -> dict:
 
     dense = [(rnd(KV, ctx, D), rnd(KV, ctx, D)) for _ in range(copies)]
     sparse = [(rnd(KV, r, ctx), rnd(KV, ctx, D - r), rnd(KV, ctx, D)) for _ in range(copies)]
-    kept: dict[str, list] = {"spark C++": [], "spark torch": []}
+    blocked = [to_blocked(kp, KP_BLOCK) for kp, _, _ in sparse] if ctx % KP_BLOCK == 0 else None
+    kept: dict[str, list] = {"spark C++": [], "spark C++ (plain kp)": [], "spark torch": []}
 
-    def spark_call(name, impl):
+    def spark_call(name, impl, kps=None):
         def fn(i):
             kp, kr, v = sparse[i % copies]
+            kp = kp if kps is None else kps[i % copies]
             _, kc, cp = spark_attn_decode(qs[i % 16], kp, kr, v, ctx, k, scale, None, cap, impl=impl)
             kept[name].append((kc, cp))
         return fn
 
+    dense_blocked = [to_blocked(kk.transpose(1, 2), KP_BLOCK) for kk, _ in dense] if blocked is not None else None
     fns: dict[str, Callable[[int], object]] = {}
     if _extension.available():
-        fns["dense C++"] = lambda i: dense_attn_decode(qs[i % 16], *dense[i % copies], ctx, scale, None, cap,
-                                                       impl="ext")
+        if dense_blocked is not None:
+            fns["dense C++"] = lambda i: dense_attn_decode(qs[i % 16], dense_blocked[i % copies], dense[i % copies][1],
+                                                           ctx, scale, None, cap, impl="ext")
+        fns["dense C++ (row keys)"] = lambda i: dense_attn_decode(qs[i % 16], *dense[i % copies], ctx, scale, None,
+                                                                  cap, impl="ext")
     fns["dense torch (bmm)"] = lambda i: dense_attn_decode(qs[i % 16], *dense[i % copies], ctx, scale, None, cap,
                                                            impl="torch")
     if _extension.available():
-        fns["spark C++"] = spark_call("spark C++", "ext")
+        if blocked is not None:  # the blocked predictor layout (n_kv, L / 64, r, 64)
+            fns["spark C++"] = spark_call("spark C++", "ext", blocked)
+        fns["spark C++ (plain kp)"] = spark_call("spark C++ (plain kp)", "ext")
     if not args.no_torch_sparse:
         fns["spark torch"] = spark_call("spark torch", "torch")
     with torch.inference_mode():
@@ -199,13 +241,15 @@ def bench_attn(dtype_name: str, ctx: int, args: argparse.Namespace) -> dict:
                               "cap_fired_rate": cp.mean().item()}))
         else:
             rows.append(_row(name, name, dense_bytes, ts))
-    sparse_name = "spark C++" if "spark C++" in times else "spark torch"
-    cmp = _compare(rows, ("dense C++", "dense torch (bmm)"), sparse_name, dense_bytes)
+    sparse_name = next(n for n in ("spark C++", "spark C++ (plain kp)", "spark torch") if n in times)
+    cmp = _compare(rows, ("dense C++", "dense C++ (row keys)", "dense torch (bmm)"), sparse_name, dense_bytes)
     target = TARGETS.get(("attn", ctx))
-    del dense, sparse
+    hugepages_kb = _anon_hugepages_kb()
+    del dense, sparse, blocked, dense_blocked
     gc.collect()
-    return {"part": "attn", "dtype": dtype_name, "context": ctx, "copies": copies,
-            "shape": {"heads": H, "kv_heads": KV, "head_dim": D, "r": r, "k": k, "softcap": cap, "scale": scale},
+    return {"part": "attn", "dtype": dtype_name, "context": ctx, "copies": copies, "anon_hugepages_kb": hugepages_kb,
+            "shape": {"heads": H, "kv_heads": KV, "head_dim": D, "r": r, "k": k, "softcap": cap, "scale": scale,
+                      "kp_block": KP_BLOCK},
             "rows": rows, **cmp, "target": target,
             "meets_target": None if target is None else cmp["measured_ratio"] >= target}
 
@@ -214,6 +258,10 @@ def bench_attn(dtype_name: str, ctx: int, args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.thp:
+        # transparent huge pages for torch's large CPU allocations (read at the first one, so this only
+        # takes effect when nothing large was allocated yet); applies to dense and sparse alike
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     ext = _extension.available()
     load0 = os.getloadavg()
     sections = []
@@ -228,17 +276,28 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "kernels",
         "env": {**env_info(args.dtypes), "isa": _extension.isa(), "extension": ext, "llc_bytes": llc_bytes(),
+                "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
                 "loadavg_start": load0, "loadavg_end": os.getloadavg()},
         "repeats": args.repeats,
         "sections": sections,
         "summary": {
             (f"{s['part']}_{s['dtype']}" + (f"_{s['context']}" if s["part"] == "attn" else "")): {
-                "measured": round(s["measured_ratio"], 3), "ideal": round(s["ideal_ratio"], 3),
+                "measured": round(s["measured_ratio"], 3), "basis": s["basis"], "ideal": round(s["ideal_ratio"], 3),
                 "measured_over_ideal": round(s["measured_over_ideal"], 3), "target": s["target"],
                 "meets_target": s["meets_target"]}
             for s in sections
         },
     }
+
+
+def _anon_hugepages_kb() -> int | None:
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def print_section(s: dict, flush: bool = False) -> None:
@@ -251,17 +310,20 @@ def print_section(s: dict, flush: bool = False) -> None:
         title = (f"Attention {s['dtype']} context {s['context']}: {sh['heads']}q/{sh['kv_heads']}kv heads, "
                  f"head_dim {sh['head_dim']}, r={sh['r']} k={sh['k']}  ({s['copies']} cache copies)")
     print(title)
-    print(f"  {'implementation':22s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'MB read':>9s} {'GB/s':>7s}  achieved")
+    print(f"  {'implementation':24s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'clean ms':>9s} {'n':>7s} "
+          f"{'MB read':>9s} {'GB/s':>7s}  achieved")
     for r in s["rows"]:
         ach = ""
         if "neurons_selected_mean" in r:
             ach = f"{r['neurons_selected_mean']:.0f} neurons (target {r['neurons_target']:.0f})"
         elif "keys_kept_mean" in r:
             ach = f"{r['keys_kept_mean']:.1f} keys/head (max {r['keys_kept_max']:.0f}), cap fired {r['cap_fired_rate']:.0%}"
-        print(f"  {r['name']:22s} {r['median_ms']:10.3f} {r['min_ms']:8.3f} {r['max_ms']:8.3f} {r['bytes'] / 1e6:9.1f} "
-              f"{r['gbps']:7.1f}  {ach}")
+        cm = f"{r['clean_median_ms']:9.3f}" if r["clean_median_ms"] is not None else f"{'-':>9s}"
+        print(f"  {r['name']:24s} {r['median_ms']:10.3f} {r['min_ms']:8.3f} {r['max_ms']:8.3f} {cm} "
+              f"{r['clean_calls']:>3d}/{r['calls']:<3d} {r['bytes'] / 1e6:9.1f} {r['gbps']:7.1f}  {ach}")
     tgt = f", target {s['target']}x -> {'MET' if s['meets_target'] else 'short'}" if s["target"] else ""
-    print(f"  vs {s['dense_impl']}: ideal {s['ideal_ratio']:.2f}x, measured {s['measured_ratio']:.2f}x, "
+    print(f"  vs {s['dense_impl']}: ideal {s['ideal_ratio']:.2f}x, measured {s['measured_ratio']:.2f}x "
+          f"({s['basis']} calls; all calls {s['measured_ratio_all_calls']:.2f}x), "
           f"measured/ideal {s['measured_over_ideal']:.2f}{tgt}\n", flush=flush)
 
 
@@ -270,7 +332,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default="ffn,attn")
     p.add_argument("--contexts", default="4096,8192")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (each one cycle over the copies)")
-    p.add_argument("--copies", type=int, default=None, help="weight/cache copies (default: >= 3x last-level cache)")
+    p.add_argument("--copies", type=int, default=None, help="weight/cache copies (default: >= 6x last-level cache)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--d-model", type=int, default=2304)
     p.add_argument("--ffn-dim", type=int, default=9216)
@@ -285,6 +347,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=256**-0.5)
     p.add_argument("--softcap", type=float, default=50.0)
     p.add_argument("--no-torch-sparse", action="store_true", help="skip the pure-torch Spark paths")
+    p.add_argument("--no-thp", dest="thp", action="store_false",
+                   help="do not ask for transparent huge pages (THP_MEM_ALLOC_ENABLE=1) for the big tensors")
     p.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
 

@@ -147,6 +147,13 @@ def _register_fakes() -> None:
         return x.new_empty(w.shape[0])
 
 
+def _summary(msg: str, limit: int = 400) -> str:
+    """The informative part of a build error: compiler 'error:' lines if any, else the first line."""
+    lines = [ln.strip() for ln in msg.splitlines() if "error" in ln.lower() and "ninja" not in ln.lower()]
+    text = " | ".join(lines[1:4] if len(lines) > 1 else lines) or msg.splitlines()[0]
+    return text[:limit]
+
+
 def _already_registered() -> bool:
     try:
         torch.ops.sparkformer.spark_ffn_decode.default  # noqa: B018
@@ -179,7 +186,8 @@ def load(verbose: bool = False) -> bool:
             _state["error"] = f"{type(e).__name__}: {e}"
             warnings.warn(
                 "sparkformer: the C++ decode kernels could not be built or loaded "
-                f"({_state['error'].splitlines()[0][:300]}); using the slower pure-PyTorch fallback.",
+                f"({_summary(_state['error'])}); using the slower pure-PyTorch fallback. "
+                "Details: sparkformer.ops._extension.error()",
                 RuntimeWarning,
                 stacklevel=2,
             )

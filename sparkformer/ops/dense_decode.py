@@ -8,7 +8,9 @@ GeGLU layout for decode: ``pack_geglu`` stores, for each neuron j, its gate row,
 column back to back (one (m, 3, d) buffer), so the fused kernel reads all FFN weights in a single forward
 stream and never goes back to memory for W_down.
 
-Dense attention cache layout: k (n_kv, L_max, D), v (n_kv, L_max, dv), row-major (one key per row).
+Dense attention cache layout: v (n_kv, L_max, dv) row-major; k either row-major (n_kv, L_max, D) or, faster
+(~10% on the whole op), blocked like Spark's predictor half: (n_kv, L_max // B, D, B) with B a multiple of 64
+(``to_blocked(k.transpose(1, 2))``), so the scoring pass is one forward stream with sums in registers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
-from sparkformer.ops.spark_attn_decode import valid_range
+from sparkformer.ops.spark_attn_decode import feature_major, valid_range
 
 __all__ = [
     "GegluWeights",
@@ -107,8 +109,14 @@ def matvec(w: torch.Tensor, x: torch.Tensor, *, impl: str = "auto") -> torch.Ten
     raise ValueError(f"unknown impl {impl!r} (auto | ext | torch | reference)")
 
 
+def _rows(k: torch.Tensor) -> torch.Tensor:
+    """Keys as (n_kv, L_max, D) from either layout (a copy for the blocked one)."""
+    return k if k.dim() == 3 else feature_major(k).transpose(1, 2)
+
+
 def dense_attn_decode_reference(q, k, v, length, scale, window=None, softcap=None):
     """softmax(scale * q K^T, soft-capped) V over the valid keys, per query head, fp32 (the specification)."""
+    k = _rows(k)
     n_heads = q.shape[0]
     n_kv = k.shape[0]
     group = n_heads // n_kv
@@ -127,6 +135,7 @@ def dense_attn_decode_reference(q, k, v, length, scale, window=None, softcap=Non
 
 def dense_attn_decode_torch(q, k, v, length, scale, window=None, softcap=None):
     """Two batched matmuls and a softmax (faster than scaled_dot_product_attention for one fp32 query)."""
+    k = _rows(k)
     n_heads, d = q.shape
     n_kv = k.shape[0]
     lo, n = valid_range(length, window)
@@ -144,7 +153,8 @@ def dense_attn_decode(q, k, v, length, scale, window=None, softcap=None, *, work
     """Dense attention output of one query position for all query heads.
 
     Args:
-        q: (n_heads, D); k: (n_kv, L_max, D); v: (n_kv, L_max, dv); fp32 or bf16 cache, last dim contiguous.
+        q: (n_heads, D); k: (n_kv, L_max, D) or blocked (n_kv, L_max // B, D, B); v: (n_kv, L_max, dv);
+            fp32 or bf16 cache, last dim contiguous.
         length, scale, window, softcap: as in ``spark_attn_decode``.
         workspace: optional float32 scratch of at least
             n_heads * (D + L_max) + (n_kv + threads) * (n_heads // n_kv) * (dv + 2) + 64 elements.

@@ -38,6 +38,12 @@ struct Kernels {
   void (*scores_fm)(const void* kp, bool bf16, int64_t ldc, int64_t r, const float* q, int64_t nq,
                     int64_t j0, int64_t j1, float* out, int64_t ldo);
 
+  // Blocked feature-major scores: the same sums for keys stored in blocks of B (B % 64 == 0) keys,
+  // block b at kp + b*ldb holding an (r, B) tile with row stride ldc. j0, j1 are absolute positions.
+  // One forward stream over the tiles; partial sums stay in registers.
+  void (*scores_blk)(const void* kp, bool bf16, int64_t ldb, int64_t ldc, int64_t B, int64_t r, const float* q,
+                     int64_t nq, int64_t j0, int64_t j1, float* out, int64_t ldo);
+
   // Row-major scores: out[h*ldo + j - j0] = dot(k[j*ldj : j*ldj + dq], q[h*dq : (h+1)*dq]).
   void (*scores_rm)(const void* k, bool bf16, int64_t ldj, int64_t dq, const float* q, int64_t nq,
                     int64_t j0, int64_t j1, float* out, int64_t ldo);
@@ -62,12 +68,6 @@ struct Kernels {
   int64_t (*compact_gt)(const float* p, int64_t n, float theta, int32_t* idx);
 };
 
-// Tuning knobs (read by the kernels on every call; set by torch.ops.sparkformer._tune, for benchmarks).
-//   tune[0]: bytes prefetched at the start of each of the next selected FFN rows
-//   tune[1]: prefetch distance, in keys, of the Spark attention gather
-//   tune[2]: key-feature rows per pass in the feature-major scoring (4, 8 or 16)
-//   tune[3]: 1 = the attention gather prefetches into L2 (else L1)
-extern int tune[8];
 
 const Kernels* kernels_avx512();
 const Kernels* kernels_avx2();

@@ -34,6 +34,7 @@ static inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
 static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
 static inline vf vabs(vf a) { return _mm512_abs_ps(a); }
 static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float vfirst(vf a) { return _mm512_cvtss_f32(a); }
 static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 static inline vf vround(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vf vpow2i(vf k) {  // 2^k for integral k in [-126, 127]
@@ -67,6 +68,7 @@ static inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
 static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
 static inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline float vfirst(vf a) { return _mm256_cvtss_f32(a); }
 static inline float vsum(vf a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -290,14 +292,11 @@ static inline void axpy1(float h, const T* w, float* acc, int64_t n) {
 // ------------------------------------------------------------------------------------------------
 // Kernels
 // ------------------------------------------------------------------------------------------------
+// One row at a time: with contiguous rows the whole matrix is then a single forward stream, which the
+// hardware prefetcher serves best (several interleaved row streams measured 20-60% slower).
 template <class T>
 static void matvec_t(const T* w, int64_t ld, int64_t n, const float* x, float* y, int64_t r0, int64_t r1) {
-  int64_t i = r0;
-  for (; i + 4 <= r1; i += 4) {
-    const T* rows[4] = {w + i * ld, w + (i + 1) * ld, w + (i + 2) * ld, w + (i + 3) * ld};
-    dot_rows<4, 2>(rows, x, n, y + (i - r0));
-  }
-  for (; i < r1; ++i) y[i - r0] = dot1(w + i * ld, x, n);
+  for (int64_t i = r0; i < r1; ++i) y[i - r0] = dot1(w + i * ld, x, n);
 }
 
 static void matvec(const void* w, bool bf16, int64_t ld, int64_t n, const float* x, float* y, int64_t r0, int64_t r1) {
@@ -306,27 +305,28 @@ static void matvec(const void* w, bool bf16, int64_t ld, int64_t n, const float*
 }
 
 
+// Selected neurons four at a time: four K2 rows against x2 (four independent streams keep more misses in
+// flight than one), then their V rows two by two into acc; the start of the next four neurons' rows is
+// prefetched. (One neuron at a time was 25-40% slower here; eight, no better than four.)
+constexpr int64_t kFfnRowPrefetch = 512;
+
 template <class T>
 static void ffn_gather_t(const int32_t* idx, const float* a, int64_t cnt, const T* k2, int64_t ld2, int64_t n2,
                          const float* x2, const T* v, int64_t ldv, int64_t nv, float* acc) {
-  // Prefetch the start of the next two rows: enough to get the hardware streamer going on each.
-  const int64_t pf = spk::tune[0];
+  constexpr int R = 4;
   int64_t t = 0;
-  for (; t + 2 <= cnt; t += 2) {
-    if (t + 2 < cnt) {
-      prefetch_range(k2 + idx[t + 2] * ld2, pf);
-      prefetch_range(v + idx[t + 2] * ldv, pf);
-      if (t + 3 < cnt) {
-        prefetch_range(k2 + idx[t + 3] * ld2, pf);
-        prefetch_range(v + idx[t + 3] * ldv, pf);
-      }
+  for (; t + R <= cnt; t += R) {
+    for (int64_t p = t + R; p < t + 2 * R && p < cnt; ++p) {
+      prefetch_range(k2 + idx[p] * ld2, kFfnRowPrefetch);
+      prefetch_range(v + idx[p] * ldv, kFfnRowPrefetch);
     }
-    const T* rows[2] = {k2 + idx[t] * ld2, k2 + idx[t + 1] * ld2};
-    float d[2];
-    dot_rows<2, 2>(rows, x2, n2, d);
+    const T* rows[R] = {k2 + idx[t] * ld2, k2 + idx[t + 1] * ld2, k2 + idx[t + 2] * ld2, k2 + idx[t + 3] * ld2};
+    float d[R];
+    dot_rows<R, 1>(rows, x2, n2, d);
     axpy2(a[t] * d[0], v + idx[t] * ldv, a[t + 1] * d[1], v + idx[t + 1] * ldv, acc, nv);
+    axpy2(a[t + 2] * d[2], v + idx[t + 2] * ldv, a[t + 3] * d[3], v + idx[t + 3] * ldv, acc, nv);
   }
-  if (t < cnt) axpy1(a[t] * dot1(k2 + idx[t] * ld2, x2, n2), v + idx[t] * ldv, acc, nv);
+  for (; t < cnt; ++t) axpy1(a[t] * dot1(k2 + idx[t] * ld2, x2, n2), v + idx[t] * ldv, acc, nv);
 }
 
 static void ffn_gather(const int32_t* idx, const float* a, int64_t cnt, const void* k2, int64_t ld2, int64_t n2,
@@ -337,36 +337,26 @@ static void ffn_gather(const int32_t* idx, const float* a, int64_t cnt, const vo
     ffn_gather_t(idx, a, cnt, static_cast<const float*>(k2), ld2, n2, x2, static_cast<const float*>(v), ldv, nv, acc);
 }
 
-static void gelu_tanh(float* p, int64_t n);
+// gelu_tanh of one value; in the SIMD builds through the vector tanh (cheaper than libm's tanhf).
+static inline float gelu_tanh_fast(float z) {
+#if SPK_ISA > 0
+  const vf zv = vset(z);
+  const vf u = vmul(vset(0.7978845608028654f), vfma(vmul(vset(0.044715f), vmul(zv, zv)), zv, zv));
+  return 0.5f * z * (1.0f + vfirst(vtanh(u)));
+#else
+  return gelu_tanh1(z);
+#endif
+}
 
-// GeGLU in blocks of 8 neurons: gate/up dot products (4 rows share each load of x), a vectorised
-// gelu over the block, then the down-projection rows two at a time.
+// GeGLU one neuron at a time -- gate row, up row, down row -- so with pack_geglu's layout the weights
+// are one forward stream. The gelu is done in the vector unit on a one-lane vector.
 template <class T>
 static void geglu_rows_t(const T* g, int64_t ldg, const T* u, int64_t ldu, const T* d, int64_t ldd, int64_t n,
                          int64_t nd, const float* x, float* acc, int64_t j0, int64_t j1) {
-  constexpr int B = 8;
-  float gv[B], uv[B];
-  for (int64_t jb = j0; jb < j1; jb += B) {
-    const int nb = int(j1 - jb < B ? j1 - jb : B);
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      const int64_t j = jb + b;
-      const T* rows[4] = {g + j * ldg, u + j * ldu, g + (j + 1) * ldg, u + (j + 1) * ldu};
-      float o[4];
-      dot_rows<4, 2>(rows, x, n, o);
-      gv[b] = o[0]; uv[b] = o[1]; gv[b + 1] = o[2]; uv[b + 1] = o[3];
-    }
-    for (; b < nb; ++b) {
-      const T* rows[2] = {g + (jb + b) * ldg, u + (jb + b) * ldu};
-      float o[2];
-      dot_rows<2, 2>(rows, x, n, o);
-      gv[b] = o[0]; uv[b] = o[1];
-    }
-    gelu_tanh(gv, nb);
-    b = 0;
-    for (; b + 2 <= nb; b += 2)
-      axpy2(gv[b] * uv[b], d + (jb + b) * ldd, gv[b + 1] * uv[b + 1], d + (jb + b + 1) * ldd, acc, nd);
-    for (; b < nb; ++b) axpy1(gv[b] * uv[b], d + (jb + b) * ldd, acc, nd);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float gv = dot1(g + j * ldg, x, n);
+    const float uv = dot1(u + j * ldu, x, n);
+    axpy1(gelu_tanh_fast(gv) * uv, d + j * ldd, acc, nd);
   }
 }
 
@@ -380,8 +370,8 @@ static void geglu_rows(const void* g, int64_t ldg, const void* u, int64_t ldu, c
                  static_cast<const float*>(d), ldd, n, nd, x, acc, j0, j1);
 }
 
-// Feature-major scores: CB key-feature rows per pass over the output block (CB = 4 or 8), so the
-// accumulators (nq x n floats, in L1/L2) are read and written once per CB rows of keys.
+// Feature-major scores: CB key-feature rows per pass over the output block, so the accumulators
+// (nq x n floats, in L1/L2) are read and written once per CB rows of keys.
 template <int CB, class T>
 static void scores_fm_t(const T* kp, int64_t ldc, int64_t r, const float* q, int64_t nq, int64_t j0, int64_t j1,
                         float* out, int64_t ldo) {
@@ -421,16 +411,64 @@ static void scores_fm_t(const T* kp, int64_t ldc, int64_t r, const float* q, int
 
 static void scores_fm(const void* kp, bool bf16, int64_t ldc, int64_t r, const float* q, int64_t nq, int64_t j0,
                       int64_t j1, float* out, int64_t ldo) {
-  if (spk::tune[2] == 16) {
-    if (bf16) scores_fm_t<16>(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
-    else scores_fm_t<16>(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
-  } else if (spk::tune[2] == 8) {
-    if (bf16) scores_fm_t<8>(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
-    else scores_fm_t<8>(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
-  } else {
-    if (bf16) scores_fm_t<4>(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
-    else scores_fm_t<4>(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+  // 8 rows per pass measured best (1, 2, 4 and 16 were 5-60% slower)
+  if (bf16) scores_fm_t<8>(static_cast<const uint16_t*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+  else scores_fm_t<8>(static_cast<const float*>(kp), ldc, r, q, nq, j0, j1, out, ldo);
+}
+
+// Blocked feature-major scores: keys stored in blocks of B (a multiple of 64), each block an (r, B)
+// row-major tile, tiles back to back (kv head layout (L_max / B, r, B)). A block is read front to back
+// once per two query heads with the scores of 4*VW keys per head held in registers, so the whole
+// predictor half is a single forward stream and no partial sums go through memory.
+// out[h*ldo + j - j0] = sum_c q[h*r + c] * key_c(j), keys j in [j0, j1) (absolute positions).
+template <int NH, class T>
+static inline void score_subblock(const T* base, int64_t ldc, int64_t r, const float* q, int64_t nq, float* o,
+                                  int64_t ldo, int64_t from, int64_t to) {
+  constexpr int S = 4 * VW;
+  vf acc[NH][4];
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) acc[h][u] = vzero();
+  for (int64_t c = 0; c < r; ++c) {
+    const T* row = base + c * ldc;
+    vf k0 = vld(row), k1 = vld(row + VW), k2 = vld(row + 2 * VW), k3 = vld(row + 3 * VW);
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h) {
+      const vf qc = vset(q[h * r + c]);
+      acc[h][0] = vfma(qc, k0, acc[h][0]);
+      acc[h][1] = vfma(qc, k1, acc[h][1]);
+      acc[h][2] = vfma(qc, k2, acc[h][2]);
+      acc[h][3] = vfma(qc, k3, acc[h][3]);
+    }
   }
+  float tmp[S];
+  for (int h = 0; h < NH; ++h) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) vst(tmp + u * VW, acc[h][u]);
+    for (int64_t i = from; i < to; ++i) o[h * ldo + i - from] = tmp[i];
+  }
+  (void)nq;
+}
+
+template <class T>
+static void scores_blk_t(const T* kp, int64_t ldb, int64_t ldc, int64_t B, int64_t r, const float* q, int64_t nq,
+                         int64_t j0, int64_t j1, float* out, int64_t ldo) {
+  constexpr int64_t S = 4 * VW;
+  for (int64_t s0 = (j0 / S) * S; s0 < j1; s0 += S) {
+    const T* base = kp + (s0 / B) * ldb + (s0 % B);
+    const int64_t from = (j0 > s0 ? j0 - s0 : 0), to = (j1 - s0 < S ? j1 - s0 : S);
+    float* o = out + (s0 + from - j0);
+    int64_t h = 0;
+    for (; h + 2 <= nq; h += 2) score_subblock<2>(base, ldc, r, q + h * r, 2, o + h * ldo, ldo, from, to);
+    if (h < nq) score_subblock<1>(base, ldc, r, q + h * r, 1, o + h * ldo, ldo, from, to);
+  }
+}
+
+static void scores_blk(const void* kp, bool bf16, int64_t ldb, int64_t ldc, int64_t B, int64_t r, const float* q,
+                       int64_t nq, int64_t j0, int64_t j1, float* out, int64_t ldo) {
+  if (bf16) scores_blk_t(static_cast<const uint16_t*>(kp), ldb, ldc, B, r, q, nq, j0, j1, out, ldo);
+  else scores_blk_t(static_cast<const float*>(kp), ldb, ldc, B, r, q, nq, j0, j1, out, ldo);
 }
 
 // Row-major scores: each key row is read once for up to two queries; more queries re-read it from L1.
@@ -471,13 +509,40 @@ static void scores_rm(const void* k, bool bf16, int64_t ldj, int64_t dq, const f
   else scores_rm_t(static_cast<const float*>(k), ldj, dq, q, nq, j0, j1, out, ldo);
 }
 
+// Two value rows into two heads' accumulators, each value vector loaded once:
+// o0 += a00 v0 + a01 v1, o1 += a10 v0 + a11 v1.
+template <class T>
+static inline void axpy_2x2(float a00, float a01, float a10, float a11, const T* v0, const T* v1, float* o0,
+                            float* o1, int64_t n) {
+  const vf b00 = vset(a00), b01 = vset(a01), b10 = vset(a10), b11 = vset(a11);
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) {
+    const vf x0 = vld(v0 + i), x1 = vld(v1 + i);
+    vst(o0 + i, vfma(b01, x1, vfma(b00, x0, vld(o0 + i))));
+    vst(o1 + i, vfma(b11, x1, vfma(b10, x0, vld(o1 + i))));
+  }
+  for (; i < n; ++i) {
+    const float x0 = ld1(v0 + i), x1 = ld1(v1 + i);
+    o0[i] += a00 * x0 + a01 * x1;
+    o1[i] += a10 * x0 + a11 * x1;
+  }
+}
+
+// Row-major values, read front to back once: two rows at a time into two heads at a time.
 template <class T>
 static void values_rm_t(const T* v, int64_t ldj, int64_t dv, const float* w, int64_t ldw, int64_t nq, int64_t j0,
                         int64_t j1, float* out) {
   int64_t j = j0;
-  for (; j + 2 <= j1; j += 2)
-    for (int64_t h = 0; h < nq; ++h)
-      axpy2(w[h * ldw + (j - j0)], v + j * ldj, w[h * ldw + (j + 1 - j0)], v + (j + 1) * ldj, out + h * dv, dv);
+  for (; j + 2 <= j1; j += 2) {
+    const T* v0 = v + j * ldj;
+    const T* v1 = v0 + ldj;
+    const float* wj = w + (j - j0);
+    int64_t h = 0;
+    for (; h + 2 <= nq; h += 2)
+      axpy_2x2(wj[h * ldw], wj[h * ldw + 1], wj[(h + 1) * ldw], wj[(h + 1) * ldw + 1], v0, v1, out + h * dv,
+               out + (h + 1) * dv, dv);
+    for (; h < nq; ++h) axpy2(wj[h * ldw], v0, wj[h * ldw + 1], v1, out + h * dv, dv);
+  }
   for (; j < j1; ++j)
     for (int64_t h = 0; h < nq; ++h) axpy1(w[h * ldw + (j - j0)], v + j * ldj, out + h * dv, dv);
 }
@@ -488,32 +553,34 @@ static void values_rm(const void* v, bool bf16, int64_t ldj, int64_t dv, const f
   else values_rm_t(static_cast<const float*>(v), ldj, dv, w, ldw, nq, j0, j1, out);
 }
 
-// Kept keys in blocks: the dot products with the other half of the keys first (prefetching those rows),
-// then softplus over the block (vectorised), then the value rows (prefetching them).
+// Kept keys in blocks of 128: the dot products with the other half of the keys first, then softplus
+// over the block (vectorised), then the value rows. Rows are random, so each pass prefetches whole rows
+// kAttnPrefetchKeys keys ahead into L2; the core's outstanding misses are the limit here (a fused
+// one-pass loop with L1 prefetch was 2x slower; partial-row prefetch, 1.4x).
+constexpr int64_t kAttnPrefetchKeys = 16;
+
 template <class T>
 static void attn_gather_t(const int32_t* idx, const float* w, int64_t cnt, const T* kr, int64_t ldk, int64_t dr,
                           const float* qr, const T* v, int64_t ldv, int64_t dv, float* out) {
-  constexpr int64_t B = 128;
-  const int64_t D = spk::tune[1];
-  const bool l2 = spk::tune[3] != 0;
+  constexpr int64_t B = 128, D = kAttnPrefetchKeys;
   const int64_t bk = dr * int64_t(sizeof(T)), bv = dv * int64_t(sizeof(T));
   float g[B];
   for (int64_t b0 = 0; b0 < cnt; b0 += B) {
     const int64_t nb = cnt - b0 < B ? cnt - b0 : B;
     const int32_t* id = idx + b0;
-    for (int64_t t = 0; t < nb && t < D; ++t) l2 ? prefetch_range_l2(kr + id[t] * ldk, bk) : prefetch_range(kr + id[t] * ldk, bk);
+    for (int64_t t = 0; t < nb && t < D; ++t) prefetch_range_l2(kr + id[t] * ldk, bk);
     int64_t t = 0;
     for (; t + 2 <= nb; t += 2) {
-      for (int64_t p = t + D; p < t + D + 2 && p < nb; ++p) l2 ? prefetch_range_l2(kr + id[p] * ldk, bk) : prefetch_range(kr + id[p] * ldk, bk);
+      for (int64_t p = t + D; p < t + D + 2 && p < nb; ++p) prefetch_range_l2(kr + id[p] * ldk, bk);
       const T* rows[2] = {kr + id[t] * ldk, kr + id[t + 1] * ldk};
       dot_rows<2, 2>(rows, qr, dr, g + t);
     }
     if (t < nb) g[t] = dot1(kr + id[t] * ldk, qr, dr);
     softplus_inplace(g, nb);
-    for (int64_t t2 = 0; t2 < nb; ++t2) g[t2] *= w[b0 + t2];
-    for (t = 0; t < nb && t < D; ++t) l2 ? prefetch_range_l2(v + id[t] * ldv, bv) : prefetch_range(v + id[t] * ldv, bv);
+    for (int64_t i = 0; i < nb; ++i) g[i] *= w[b0 + i];
+    for (t = 0; t < nb && t < D; ++t) prefetch_range_l2(v + id[t] * ldv, bv);
     for (t = 0; t + 2 <= nb; t += 2) {
-      for (int64_t p = t + D; p < t + D + 2 && p < nb; ++p) l2 ? prefetch_range_l2(v + id[p] * ldv, bv) : prefetch_range(v + id[p] * ldv, bv);
+      for (int64_t p = t + D; p < t + D + 2 && p < nb; ++p) prefetch_range_l2(v + id[p] * ldv, bv);
       axpy2(g[t], v + id[t] * ldv, g[t + 1], v + id[t + 1] * ldv, out, dv);
     }
     if (t < nb) axpy1(g[t], v + id[t] * ldv, out, dv);
@@ -639,7 +706,7 @@ static int64_t compact_gt(const float* p, int64_t n, float theta, int32_t* idx) 
 }
 
 static const spk::Kernels table = {
-    SPK_NAME, matvec, ffn_gather, geglu_rows, scores_fm, scores_rm, values_rm, attn_gather,
+    SPK_NAME, matvec, ffn_gather, geglu_rows, scores_fm, scores_blk, scores_rm, values_rm, attn_gather,
     sum_sumsq, softcap, exp_sub, gelu_tanh, max_, compact_gt,
 };
 

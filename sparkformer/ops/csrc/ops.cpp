@@ -24,14 +24,6 @@
 
 #include "kernels.h"
 
-int spk::tune[8] = {512, 16, 8, 1, 0, 0, 0, 0};
-#include <atomic>
-#include <chrono>
-static std::atomic<int64_t> g_prof[8];
-static inline int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
-#define PROF(i, t0) do { int64_t _t = now_ns(); g_prof[i] += _t - t0; t0 = _t; } while (0)
-int64_t prof_op(int64_t i) { return g_prof[i].exchange(0); }
-
 namespace {
 
 using at::Tensor;
@@ -359,14 +351,18 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
                                                      const Tensor& v, int64_t length, int64_t k, double scale,
                                                      std::optional<int64_t> window, std::optional<double> softcap,
                                                      const std::optional<Tensor>& workspace) {
-  TORCH_CHECK(q.dim() == 2 && kp.dim() == 3 && kr.dim() == 3 && v.dim() == 3,
-              "spark_attn_decode: expected q (H, D), kp (n_kv, r, L_max), kr (n_kv, L_max, D - r), v (n_kv, L_max, dv)");
+  TORCH_CHECK(q.dim() == 2 && (kp.dim() == 3 || kp.dim() == 4) && kr.dim() == 3 && v.dim() == 3,
+              "spark_attn_decode: expected q (H, D), kp (n_kv, r, L_max) or (n_kv, L_max / B, r, B), "
+              "kr (n_kv, L_max, D - r), v (n_kv, L_max, dv)");
   const bool bf16 = weight_is_bf16(kp, "kp");
   weight_is_bf16(kr, "kr");
   weight_is_bf16(v, "v");
   same_dtype(kp, kr, "kp, kr and v");
   same_dtype(kp, v, "kp, kr and v");
-  const int64_t nkv = kp.size(0), r = kp.size(1), lmax = kp.size(2), D = q.size(1), dr = D - r, dv = v.size(2);
+  const bool blocked = kp.dim() == 4;
+  const int64_t nkv = kp.size(0), r = kp.size(blocked ? 2 : 1), B = blocked ? kp.size(3) : 0;
+  const int64_t lmax = blocked ? kp.size(1) * B : kp.size(2), D = q.size(1), dr = D - r, dv = v.size(2);
+  TORCH_CHECK(!blocked || B % 64 == 0, "spark_attn_decode: the key block size must be a multiple of 64, got ", B);
   TORCH_CHECK(kr.size(0) == nkv && v.size(0) == nkv && kr.size(1) == lmax && v.size(1) == lmax && kr.size(2) == dr,
               "spark_attn_decode: cache shapes disagree (kp ", kp.sizes(), ", kr ", kr.sizes(), ", v ", v.sizes(), ")");
   TORCH_CHECK(k > 0, "spark_attn_decode: k must be positive");
@@ -401,18 +397,19 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
   // Predictor logits of keys [j0, j1) for the G query heads of kv head g: one streaming pass over the
   // feature-major half of the keys.
   auto score = [&](int64_t g, int64_t j0, int64_t j1) {
-    kern->scores_fm(at_elem(kp, g * kp.stride(0) + lo), bf16, kp.stride(1), r, qp + g * G * r, G, j0, j1,
-                    scores + g * G * n + j0, n);
+    if (blocked)
+      kern->scores_blk(at_elem(kp, g * kp.stride(0)), bf16, kp.stride(1), kp.stride(2), B, r, qp + g * G * r, G,
+                       lo + j0, lo + j1, scores + g * G * n + j0, n);
+    else
+      kern->scores_fm(at_elem(kp, g * kp.stride(0) + lo), bf16, kp.stride(1), r, qp + g * G * r, G, j0, j1,
+                      scores + g * G * n + j0, n);
   };
-  // Selection for query head h, then read only the kept keys' other half and values.
-  auto head = [&](int64_t h) {
-    const int64_t g = h / G;
+  // Selection for query head h: keys to keep (id) and their softmax weights (w); returns the count.
+  auto select = [&](int64_t h) {
     float* p = scores + h * n;
     int32_t* id = idx + h * n;
     float* w = wts + h * n;
-    int64_t t0 = now_ns();
     if (softcap.has_value()) kern->softcap(p, n, float(*softcap));
-    PROF(1, t0);
     int64_t cnt = 0;
     bool cap_fired = false;
     if (n <= k) {
@@ -429,28 +426,31 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
         cap_fired = true;
       }
     }
-    PROF(2, t0);
     for (int64_t t = 0; t < cnt; ++t) w[t] = p[id[t]];
     const float m = kern->max(w, cnt);
     const float inv = 1.0f / kern->exp_sub(w, cnt, m, w);
     for (int64_t t = 0; t < cnt; ++t) w[t] *= inv;
-    kern->attn_gather(id, w, cnt, at_elem(kr, g * kr.stride(0) + lo * kr.stride(1)), kr.stride(1), dr, qr + h * dr,
-                      at_elem(v, g * v.stride(0) + lo * v.stride(1)), v.stride(1), dv, bf16, outp + h * dv);
-    PROF(3, t0);
     keptp[h] = cnt;
     cappedp[h] = cap_fired;
+  };
+  // Kept keys [t0, t1) of head h: read their other half and values, accumulate into out[h].
+  auto gather = [&](int64_t h, int64_t t0, int64_t t1) {
+    const int64_t g = h / G;
+    kern->attn_gather(idx + h * n + t0, wts + h * n + t0, t1 - t0, at_elem(kr, g * kr.stride(0) + lo * kr.stride(1)),
+                      kr.stride(1), dr, qr + h * dr, at_elem(v, g * v.stride(0) + lo * v.stride(1)), v.stride(1), dv,
+                      bf16, outp + h * dv);
   };
 
   const int64_t P = n_threads();
   if (nkv % P == 0 || nkv >= 2 * P) {
-    // Enough kv heads to share out whole: one parallel region, each thread scores a kv head and goes
-    // straight on to its query heads while their scores are still in cache.
+    // Enough kv heads to share out whole: one parallel region; each thread scores a kv head, then selects
+    // and gathers for its query heads while their scores are still in cache. (Interleaving the gathers
+    // with the next kv head's scoring pass was tried: no gain, both are limited by the core's misses.)
     at::parallel_for(0, nkv, 1, [&](int64_t b, int64_t e) {
       for (int64_t g = b; g < e; ++g) {
-        int64_t t0 = now_ns();
         score(g, 0, n);
-        PROF(0, t0);
-        for (int64_t h = g * G; h < (g + 1) * G; ++h) head(h);
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) select(h);
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) gather(h, 0, keptp[h]);
       }
     });
   } else {
@@ -460,7 +460,10 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
       for (int64_t t = b; t < e; ++t) score(t / nch, n * (t % nch) / nch, n * (t % nch + 1) / nch);
     });
     at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
-      for (int64_t h = b; h < e; ++h) head(h);
+      for (int64_t h = b; h < e; ++h) {
+        select(h);
+        gather(h, 0, keptp[h]);
+      }
     });
   }
   return {out.to(q.scalar_type()), kept, capped};
@@ -471,13 +474,18 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
 Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, int64_t length, double scale,
                          std::optional<int64_t> window, std::optional<double> softcap,
                          const std::optional<Tensor>& workspace) {
-  TORCH_CHECK(q.dim() == 2 && kc.dim() == 3 && vc.dim() == 3,
-              "dense_attn_decode: expected q (H, D), k (n_kv, L_max, D), v (n_kv, L_max, dv)");
+  TORCH_CHECK(q.dim() == 2 && (kc.dim() == 3 || kc.dim() == 4) && vc.dim() == 3,
+              "dense_attn_decode: expected q (H, D), k (n_kv, L_max, D) or blocked (n_kv, L_max / B, D, B), "
+              "v (n_kv, L_max, dv)");
   const bool bf16 = weight_is_bf16(kc, "k");
   weight_is_bf16(vc, "v");
   same_dtype(kc, vc, "k and v");
-  const int64_t nkv = kc.size(0), lmax = kc.size(1), D = q.size(1), dv = vc.size(2);
-  TORCH_CHECK(kc.size(2) == D && vc.size(0) == nkv && vc.size(1) == lmax, "dense_attn_decode: cache shapes disagree");
+  const bool blocked = kc.dim() == 4;
+  const int64_t B = blocked ? kc.size(3) : 0, nkv = kc.size(0), D = q.size(1), dv = vc.size(2);
+  const int64_t lmax = blocked ? kc.size(1) * B : kc.size(1);
+  TORCH_CHECK(!blocked || B % 64 == 0, "dense_attn_decode: the key block size must be a multiple of 64, got ", B);
+  TORCH_CHECK(kc.size(2) == D && vc.size(0) == nkv && vc.size(1) == lmax,
+              "dense_attn_decode: cache shapes disagree (k ", kc.sizes(), ", v ", vc.sizes(), ")");
   TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "dense_attn_decode: softcap must be positive");
   const AttnShape sh = attn_shape(q, nkv, lmax, length, window);
   const int64_t H = sh.H, G = sh.G, n = sh.n, lo = sh.lo;
@@ -498,18 +506,50 @@ Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, in
     for (int64_t t = b; t < e; ++t) {
       const int64_t g = t / nch, c = t % nch, j0 = n * c / nch, j1 = n * (c + 1) / nch, len = j1 - j0;
       float* sc = scores + g * G * n + j0;
-      kern->scores_rm(at_elem(kc, g * kc.stride(0) + lo * kc.stride(1)), bf16, kc.stride(1), D, qs + g * G * D, G,
-                      j0, j1, sc, n);
       float* po = part + t * G * (dv + 2);
       float* pm = po + G * dv;
       float* pl = pm + G;
+      std::fill(po, po + G * dv, 0.0f);
+      const int64_t SUB = [] { const char* e = std::getenv("SPK_DENSE_SUB"); return e ? std::atoll(e) : 0; }();
+      if (SUB > 0) {
+        for (int64_t h = 0; h < G; ++h) { pm[h] = -std::numeric_limits<float>::infinity(); pl[h] = 0.0f; }
+        for (int64_t s0 = j0; s0 < j1; s0 += SUB) {
+          const int64_t s1 = std::min(j1, s0 + SUB), sl = s1 - s0;
+          float* ss = scores + g * G * n + s0;
+          if (blocked)
+            kern->scores_blk(at_elem(kc, g * kc.stride(0)), bf16, kc.stride(1), kc.stride(2), B, D, qs + g * G * D, G,
+                             lo + s0, lo + s1, ss, n);
+          else
+            kern->scores_rm(at_elem(kc, g * kc.stride(0) + lo * kc.stride(1)), bf16, kc.stride(1), D, qs + g * G * D,
+                            G, s0, s1, ss, n);
+          for (int64_t h = 0; h < G; ++h) {
+            float* sh = ss + h * n;
+            if (softcap.has_value()) kern->softcap(sh, sl, float(*softcap));
+            const float m = std::max(pm[h], kern->max(sh, sl));
+            if (m > pm[h] && pm[h] > -std::numeric_limits<float>::infinity()) {
+              const float f = std::exp(pm[h] - m);
+              pl[h] *= f;
+              for (int64_t i = 0; i < dv; ++i) po[h * dv + i] *= f;
+            }
+            pm[h] = m;
+            pl[h] += kern->exp_sub(sh, sl, m, sh);
+          }
+          kern->values_rm(at_elem(vc, g * vc.stride(0) + lo * vc.stride(1)), bf16, vc.stride(1), dv, ss, n, G, s0, s1, po);
+        }
+        continue;
+      }
+      if (blocked)
+        kern->scores_blk(at_elem(kc, g * kc.stride(0)), bf16, kc.stride(1), kc.stride(2), B, D, qs + g * G * D, G,
+                         lo + j0, lo + j1, sc, n);
+      else
+        kern->scores_rm(at_elem(kc, g * kc.stride(0) + lo * kc.stride(1)), bf16, kc.stride(1), D, qs + g * G * D, G,
+                        j0, j1, sc, n);
       for (int64_t h = 0; h < G; ++h) {
         float* s = sc + h * n;
         if (softcap.has_value()) kern->softcap(s, len, float(*softcap));
         pm[h] = kern->max(s, len);
         pl[h] = kern->exp_sub(s, len, pm[h], s);
       }
-      std::fill(po, po + G * dv, 0.0f);
       kern->values_rm(at_elem(vc, g * vc.stride(0) + lo * vc.stride(1)), bf16, vc.stride(1), dv, sc, n, G, j0, j1, po);
     }
   });
@@ -533,11 +573,7 @@ Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, in
 
 double ndtri_op(double p) { return ndtri(p); }
 
-int64_t tune_op(int64_t i, int64_t value) {
-  TORCH_CHECK(i >= 0 && i < 8, "sparkformer: tune index out of range");
-  if (value >= 0) spk::tune[i] = int(value);
-  return spk::tune[i];
-}
+
 
 }  // namespace
 
@@ -555,8 +591,6 @@ TORCH_LIBRARY(sparkformer, m) {
   m.def("matvec(Tensor w, Tensor x) -> Tensor");
   m.def("_set_isa(str name) -> str", &set_isa);  // test hook: pick the kernel ISA ("" reports it)
   m.def("_ndtri(float p) -> float", &ndtri_op);  // test hook: the inverse normal CDF used above
-  m.def("_tune(int i, int value) -> int", &tune_op);
-  m.def("_prof(int i) -> int", &prof_op);  // benchmark hook: kernels.h `tune` (value < 0 reads)
 }
 
 TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
