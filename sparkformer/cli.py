@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "sparkformer.evaluate",
     "sparkformer.generate",
     "sparkformer.flops",
+    "sparkformer.bricks.cli",
     "sparkformer.bench",
     "sparkformer.demo",
 ]
