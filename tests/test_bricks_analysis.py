@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sparkformer.bricks import analysis as A
 from sparkformer.bricks.capabilities import (CapabilitySet, Prompt, arithmetic_problem, build_capability_set,
                                              resolve_capabilities, strip_docs_and_comments)
-from sparkformer.bricks.neurons import NeuronView, find_ffn_layers
+from sparkformer.bricks.neurons import NeuronView
 from sparkformer.config import ModelConfig
 from sparkformer.model import SparkLM
 

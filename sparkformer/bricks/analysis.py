@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from sparkformer.bricks.capabilities import CapabilitySet, Prompt
+from sparkformer.bricks.capabilities import CapabilitySet
 from sparkformer.bricks.neurons import NeuronView
 
 INDICATORS = ("activation", "output")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -133,7 +133,7 @@ def architecture(model: nn.Module) -> str:
 
 
 ActivationFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
-MaskSpec = "Mapping[int, torch.Tensor] | Callable[[int, torch.Tensor], torch.Tensor]"
+MaskSpec = Union[Mapping[int, torch.Tensor], Callable[[int, torch.Tensor], torch.Tensor]]
 
 
 @dataclass
@@ -225,7 +225,7 @@ class NeuronView:
             yield rec
 
     @contextlib.contextmanager
-    def mask(self, spec) -> Iterator[None]:
+    def mask(self, spec: MaskSpec) -> Iterator[None]:
         """Zero chosen neurons. ``spec`` is ``{layer: neuron indices (or a bool mask over neurons)}`` applied to
         every token, or ``fn(layer, activation) -> bool tensor`` (True = zero) for a per-token choice."""
         if callable(spec):

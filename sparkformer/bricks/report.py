@@ -317,7 +317,7 @@ def model_section(res: dict, rel: str, command: str) -> str:
               "Average precision of each neuron's per-prompt mean |activation| for \"this prompt is capability f\" "
               "(averaged over layers; top 0.5% = AP of the neuron ranked at 0.5%; shuffled = same with permuted labels):",
               "", _table(["capability", "best", "top 0.5%", "mean", "shuffled best", "shuffled mean",
-                          f"layers with best > 0.8 (of {L})", f"layers with top 0.5% > 0.8"],
+                          f"layers with best > 0.8 (of {L})", "layers with top 0.5% > 0.8"],
                          [[c, avg(ap["best"][k]), avg(ap["top"][k]), avg(ap["mean"][k]), avg(apr["best"][k]),
                            avg(apr["mean"][k]), spec["layers_best_above_0.8"][c], spec["layers_top_above_0.8"][c]]
                           for k, c in enumerate(caps)]),
