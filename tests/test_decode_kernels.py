@@ -293,6 +293,32 @@ def test_spark_attn_selection_equals_reference(isa, dtype, layout):
 
 
 @needs_ext
+def test_decode_kernels_agree_with_training_stat_topk():
+    """The decode ops select what the training-time statistical top-k (sparkformer.ops.stat_topk) selects."""
+    from sparkformer.ops import stat_topk, stat_topk_inf
+
+    # FFN: y = V^T (gelu_tanh(stat_topk(K1 x1)) * (K2 x2))
+    x, k1, k2, v = _ffn(9, 700, 96, 64, 96, torch.float32)
+    s = k1 @ x[:64]
+    a = F.gelu(stat_topk(s[None], 0.08)[0], approximate="tanh")
+    y_train = v.t() @ (a * (k2 @ x[64:]))
+    y, n = spark_ffn_decode(x, k1, k2, v, 0.08, impl="ext")
+    assert int(n) == int((a > 0).sum())
+    assert_close_scaled(y, y_train, 1e-4)
+    # attention, per head, where the hard cap did not fire: kept keys = the finite entries of stat_topk_inf
+    H, nkv, D, r, length, k = 4, 2, 32, 16, 300, 24
+    q, kp, kr, vv = _cache(4, H, nkv, D, r, length, length, torch.float32, onehot_v=True)
+    o, kept, capped = spark_attn_decode(q, kp, kr, vv, length, k, D**-0.5, None, 50.0, impl="ext")
+    for h in range(H):
+        p = _pred_scores(q, kp, h, H // nkv, 0, length, D**-0.5, 50.0)
+        sel = torch.isfinite(stat_topk_inf(p[None], k)[0])
+        if capped[h]:
+            assert int(sel.sum()) > k == int(kept[h])
+        else:
+            assert torch.equal(o[h] != 0, sel)
+
+
+@needs_ext
 def test_spark_attn_hard_cap():
     # A light-tailed (uniform) score distribution: the Gaussian threshold lets ~13% through for a 10% target.
     n, k, r, D = 1000, 100, 8, 16

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import torch
 
-BRICKS_COMMAND_MODULES: list[str] = ["sparkformer.bricks.cli"]  # each exposes add_bricks_cli(subparsers)
+# (module, hook): each hook adds its sub-commands to the `sparkformer bricks` group
+BRICKS_COMMAND_MODULES: list[tuple[str, str]] = [
+    ("sparkformer.bricks.cli", "add_bricks_cli"),  # analyze, report
+    ("sparkformer.bricks.route_cli", "add_route_commands"),  # partition, route, sparkify
+    ("sparkformer.bricks.ops_cli", "add_bricks_commands"),  # lora, retrieve, merge, edit, grow
+]
 
 _DEFAULTS = {"capabilities": "default", "prompts_per_capability": 40, "heldout_per_capability": 8,
              "max_tokens": 128, "batch_size": 8, "seed": 0, "mask_fractions": "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95",
@@ -29,8 +34,8 @@ def add_cli(subparsers) -> None:
                               description="Tools over the functional units (bricks) of a model.")
     sub = p.add_subparsers(dest="bricks_command", metavar="<bricks command>")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-    for name in BRICKS_COMMAND_MODULES:
-        importlib.import_module(name).add_bricks_cli(sub)
+    for name, hook in BRICKS_COMMAND_MODULES:
+        getattr(importlib.import_module(name), hook)(sub)
 
 
 def add_bricks_cli(sub) -> None:

@@ -510,34 +510,6 @@ Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, in
       float* pm = po + G * dv;
       float* pl = pm + G;
       std::fill(po, po + G * dv, 0.0f);
-      const int64_t SUB = [] { const char* e = std::getenv("SPK_DENSE_SUB"); return e ? std::atoll(e) : 0; }();
-      if (SUB > 0) {
-        for (int64_t h = 0; h < G; ++h) { pm[h] = -std::numeric_limits<float>::infinity(); pl[h] = 0.0f; }
-        for (int64_t s0 = j0; s0 < j1; s0 += SUB) {
-          const int64_t s1 = std::min(j1, s0 + SUB), sl = s1 - s0;
-          float* ss = scores + g * G * n + s0;
-          if (blocked)
-            kern->scores_blk(at_elem(kc, g * kc.stride(0)), bf16, kc.stride(1), kc.stride(2), B, D, qs + g * G * D, G,
-                             lo + s0, lo + s1, ss, n);
-          else
-            kern->scores_rm(at_elem(kc, g * kc.stride(0) + lo * kc.stride(1)), bf16, kc.stride(1), D, qs + g * G * D,
-                            G, s0, s1, ss, n);
-          for (int64_t h = 0; h < G; ++h) {
-            float* sh = ss + h * n;
-            if (softcap.has_value()) kern->softcap(sh, sl, float(*softcap));
-            const float m = std::max(pm[h], kern->max(sh, sl));
-            if (m > pm[h] && pm[h] > -std::numeric_limits<float>::infinity()) {
-              const float f = std::exp(pm[h] - m);
-              pl[h] *= f;
-              for (int64_t i = 0; i < dv; ++i) po[h * dv + i] *= f;
-            }
-            pm[h] = m;
-            pl[h] += kern->exp_sub(sh, sl, m, sh);
-          }
-          kern->values_rm(at_elem(vc, g * vc.stride(0) + lo * vc.stride(1)), bf16, vc.stride(1), dv, ss, n, G, s0, s1, po);
-        }
-        continue;
-      }
       if (blocked)
         kern->scores_blk(at_elem(kc, g * kc.stride(0)), bf16, kc.stride(1), kc.stride(2), B, D, qs + g * G * D, G,
                          lo + j0, lo + j1, sc, n);
