@@ -5,11 +5,12 @@ Two methods (after Zhang et al. 2022, "MoEfication"):
     weights       balanced k-means on the neurons' input weight vectors (gate rows, L2-normalised; ``features``
                   picks gate, up or both concatenated)
     coactivation  neurons that fire together go together: per token a neuron is *active* when it is among the
-                  ``active_fraction`` largest by output magnitude |a_i| * ||W_down[:, i]||; the co-activation
-                  matrix M_ij = #tokens where both are active, normalised to cosine form M_ij / sqrt(M_ii M_jj), is
-                  embedded spectrally (top eigenvectors scaled by sqrt(eigenvalue), so inner products approximate
-                  M) and clustered with the same balanced k-means (the paper partitions the graph with METIS; this
-                  is the dependency-free stand-in)
+                  ``active_fraction`` largest by output magnitude |a_i| * ||W_down[:, i]||; from the co-activation
+                  counts M_ij (#tokens where both are active) the correlation of the binary activities (phi
+                  coefficient: co-activation beyond what the two rates predict) is embedded spectrally (top
+                  eigenvectors scaled by sqrt(eigenvalue), so inner products approximate it) and clustered with
+                  the same balanced k-means (the paper partitions the co-activation graph with METIS; this is the
+                  dependency-free stand-in)
 
 Balanced k-means: Lloyd iterations whose assignment step fills clusters greedily: every unplaced neuron proposes
 to its nearest cluster with room, each cluster accepts the nearest proposers up to its capacity n/E, repeat
@@ -232,13 +233,18 @@ def coactivation_counts(model: torch.nn.Module, view: NeuronView, token_lists: S
     return counts, n_tokens
 
 
-def coactivation_features(counts: torch.Tensor, dims: int = 64) -> torch.Tensor:
-    """(n, dims) spectral embedding of a co-activation count matrix (cosine-normalised), rows L2-normalised."""
-    c = counts.double()
-    diag = c.diagonal().clamp_min(1.0)
-    s = c / torch.sqrt(diag[:, None] * diag[None, :])
-    evals, evecs = torch.linalg.eigh(s)
-    q = min(dims, s.shape[0])
+def coactivation_features(counts: torch.Tensor, n_tokens: int, dims: int = 64) -> torch.Tensor:
+    """(n, dims) spectral embedding of a co-activation count matrix, rows L2-normalised.
+
+    The counts become the correlation of the neurons' binary activity (phi coefficient): what co-activates more
+    than the neurons' own rates predict. (Raw counts are dominated by one global mode: frequent neurons
+    co-occur with everyone.)"""
+    c = counts.double() / max(1, n_tokens)
+    p = c.diagonal().clamp(1e-9, 1 - 1e-9)
+    sd = torch.sqrt(p * (1 - p))
+    corr = (c - p[:, None] * p[None, :]) / (sd[:, None] * sd[None, :])
+    evals, evecs = torch.linalg.eigh(corr)
+    q = min(dims, corr.shape[0])
     emb = evecs[:, -q:] * evals[-q:].clamp_min(0).sqrt()
     return emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -265,7 +271,7 @@ def partition_model(model: torch.nn.Module, n_bricks: int, method: str = "weight
             raise ValueError("the co-activation partition needs corpus text (token_lists)")
         counts, n_tok = coactivation_counts(model, view, token_lists, active_fraction, batch_size, skip_ids,
                                             progress)
-        feats = [coactivation_features(c, embed_dims) for c in counts]
+        feats = [coactivation_features(c, n_tok, embed_dims) for c in counts]
         info.update(active_fraction=active_fraction, embed_dims=embed_dims, n_tokens=n_tok)
     assign = [balanced_kmeans(f, n_bricks, iters, seed + i) for i, f in enumerate(feats)]
     return Partition(method, n_bricks, assign, info)
