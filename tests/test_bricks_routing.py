@@ -98,13 +98,16 @@ def test_partition_covers_every_neuron_once_with_equal_sizes(method, which, tmp_
         Partition("weights", 2, [torch.tensor([0, 0, 0, 1])])
 
 
-def test_coactivation_partition_groups_coactive_neurons():
+@pytest.mark.parametrize("norm", ["cosine", "phi"])
+def test_coactivation_partition_groups_coactive_neurons(norm):
     m = tiny_llama(layers=1)
     view = NeuronView(m)
     counts, n_tok = coactivation_counts(m, view, token_lists(), active_fraction=0.25)
     assert n_tok == sum(len(t) for t in token_lists()) and counts[0].shape == (48, 48)
     assert torch.allclose(counts[0].diagonal().sum(), torch.tensor(float(n_tok * 12), dtype=torch.float64))
-    co = partition_model(m, 4, "coactivation", token_lists=token_lists(), active_fraction=0.25)
+    co = partition_model(m, 4, "coactivation", token_lists=token_lists(), active_fraction=0.25,
+                         coactivation_norm=norm)
+    assert co.meta["coactivation_norm"] == norm
     rnd = Partition("random", 4, [torch.randperm(48) % 4])
     assert coactivation_score(co, counts)[0] > coactivation_score(rnd, counts)[0]
 
@@ -335,7 +338,9 @@ def test_commands_end_to_end_on_a_tiny_llama(tmp_path):
     assert summ["brick_size"] == 12 and summ["in_brick_coactivation"] > summ["in_brick_coactivation_random"]
     part = Partition.load(tmp_path / "p.safetensors")
     res = run_sparkify(m, tmp_path / "s", SparkifyConfig(rank=8, fraction=0.3), fractions=[0.3],
-                       finetune_steps=1, finetune_batch=2, record_cache=tmp_path / "rec.safetensors", **quiet)
+                       finetune_steps=1, finetune_batch=2, finetune_save=True,
+                       record_cache=tmp_path / "rec.safetensors", **quiet)
+    assert (tmp_path / "s" / "finetuned" / "config.json").is_file()
     s = res["summary"]
     assert abs(s["achieved_fraction"] - 0.3) < 0.1 and s["ppl"] > 0 and "after_training_ppl_change_pct" in s
     assert set(res["curves"]) == {"predictor", "oracle", "random"} and s["oracle_ppl_change_pct"] is not None

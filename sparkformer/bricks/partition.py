@@ -5,12 +5,12 @@ Two methods (after Zhang et al. 2022, "MoEfication"):
     weights       balanced k-means on the neurons' input weight vectors (gate rows, L2-normalised; ``features``
                   picks gate, up or both concatenated)
     coactivation  neurons that fire together go together: per token a neuron is *active* when it is among the
-                  ``active_fraction`` largest by output magnitude |a_i| * ||W_down[:, i]||; from the co-activation
-                  counts M_ij (#tokens where both are active) the correlation of the binary activities (phi
-                  coefficient: co-activation beyond what the two rates predict) is embedded spectrally (top
-                  eigenvectors scaled by sqrt(eigenvalue), so inner products approximate it) and clustered with
-                  the same balanced k-means (the paper partitions the co-activation graph with METIS; this is the
-                  dependency-free stand-in)
+                  ``active_fraction`` largest by output magnitude |a_i| * ||W_down[:, i]||; the co-activation
+                  matrix M_ij = #tokens where both are active, normalised to cosine form M_ij / sqrt(M_ii M_jj)
+                  (or ``coactivation_norm='phi'``: the correlation of the binary activities), is embedded
+                  spectrally (top eigenvectors scaled by sqrt(eigenvalue), so inner products approximate it) and
+                  clustered with the same balanced k-means (the paper partitions the co-activation graph with
+                  METIS; this is the dependency-free stand-in)
 
 Balanced k-means: Lloyd iterations whose assignment step fills clusters greedily: every unplaced neuron proposes
 to its nearest cluster with room, each cluster accepts the nearest proposers up to its capacity n/E, repeat
@@ -37,6 +37,7 @@ from sparkformer.bricks.neurons import FFNNeurons, NeuronView
 
 METHODS = ("weights", "coactivation")
 FEATURES = ("gate", "up", "gate_up")
+COACTIVATION_NORMS = ("cosine", "phi")
 FORMAT = "sparkformer-partition"
 
 
@@ -233,25 +234,33 @@ def coactivation_counts(model: torch.nn.Module, view: NeuronView, token_lists: S
     return counts, n_tokens
 
 
-def coactivation_features(counts: torch.Tensor, n_tokens: int, dims: int = 64) -> torch.Tensor:
+def coactivation_features(counts: torch.Tensor, n_tokens: int, dims: int = 64, norm: str = "cosine"
+                          ) -> torch.Tensor:
     """(n, dims) spectral embedding of a co-activation count matrix, rows L2-normalised.
 
-    The counts become the correlation of the neurons' binary activity (phi coefficient): what co-activates more
-    than the neurons' own rates predict. (Raw counts are dominated by one global mode: frequent neurons
-    co-occur with everyone.)"""
-    c = counts.double() / max(1, n_tokens)
-    p = c.diagonal().clamp(1e-9, 1 - 1e-9)
-    sd = torch.sqrt(p * (1 - p))
-    corr = (c - p[:, None] * p[None, :]) / (sd[:, None] * sd[None, :])
-    evals, evecs = torch.linalg.eigh(corr)
-    q = min(dims, corr.shape[0])
+    ``norm='cosine'``: M_ij / sqrt(M_ii M_jj). ``'phi'``: the correlation of the binary activities (co-activation
+    beyond what the two rates predict). On SmolLM2 the cosine form gave the better bricks (docs/bricks-routing.md)."""
+    if norm not in COACTIVATION_NORMS:
+        raise ValueError(f"norm={norm!r}; allowed: {', '.join(COACTIVATION_NORMS)}")
+    c = counts.double()
+    if norm == "cosine":
+        diag = c.diagonal().clamp_min(1.0)
+        s = c / torch.sqrt(diag[:, None] * diag[None, :])
+    else:
+        c = c / max(1, n_tokens)
+        p = c.diagonal().clamp(1e-9, 1 - 1e-9)
+        sd = torch.sqrt(p * (1 - p))
+        s = (c - p[:, None] * p[None, :]) / (sd[:, None] * sd[None, :])
+    evals, evecs = torch.linalg.eigh(s)
+    q = min(dims, s.shape[0])
     emb = evecs[:, -q:] * evals[-q:].clamp_min(0).sqrt()
     return emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def partition_model(model: torch.nn.Module, n_bricks: int, method: str = "weights", *,
                     token_lists: Sequence[Sequence[int]] | None = None, features: str = "gate",
-                    active_fraction: float = 0.2, embed_dims: int = 64, iters: int = 25, seed: int = 0,
+                    active_fraction: float = 0.2, embed_dims: int = 64, coactivation_norm: str = "cosine",
+                    iters: int = 25, seed: int = 0,
                     batch_size: int = 8, skip_ids: set[int] = frozenset(), view: NeuronView | None = None,
                     progress: bool = False, meta: dict[str, Any] | None = None) -> Partition:
     """Partition every FFN layer of ``model`` into ``n_bricks`` equal bricks (see the module docstring).
@@ -271,8 +280,9 @@ def partition_model(model: torch.nn.Module, n_bricks: int, method: str = "weight
             raise ValueError("the co-activation partition needs corpus text (token_lists)")
         counts, n_tok = coactivation_counts(model, view, token_lists, active_fraction, batch_size, skip_ids,
                                             progress)
-        feats = [coactivation_features(c, n_tok, embed_dims) for c in counts]
-        info.update(active_fraction=active_fraction, embed_dims=embed_dims, n_tokens=n_tok)
+        feats = [coactivation_features(c, n_tok, embed_dims, coactivation_norm) for c in counts]
+        info.update(active_fraction=active_fraction, embed_dims=embed_dims, n_tokens=n_tok,
+                    coactivation_norm=coactivation_norm)
     assign = [balanced_kmeans(f, n_bricks, iters, seed + i) for i, f in enumerate(feats)]
     return Partition(method, n_bricks, assign, info)
 

@@ -132,7 +132,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, default=_json_default))
 
 
-# ---- plots -------------------------------------------------------------------------------------------------------------
+# ---- plots ----------------------------------------------------------------------------------------------------------
 def plot_ppl_curves(curves: dict[str, list[dict]], dense_ppl: float, path: Path, title: str,
                     extra: dict[str, dict] | None = None, target: tuple[float, float] = (0.3, 5.0)) -> None:
     """Perplexity change vs achieved active fraction, one line per method (log-scale y)."""
@@ -142,11 +142,12 @@ def plot_ppl_curves(curves: dict[str, list[dict]], dense_ppl: float, path: Path,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    styles = {"oracle": "k-o", "random": "-s", "predictor": "-^", "router": "-^", "predictor-bricks": "--v"}
+    markers = {"oracle": "o", "random": "s", "predictor": "^", "router": "D", "predictor-bricks": "v"}
     for name, pts in curves.items():
         xs = [p.get("active", p["fraction"]) for p in pts]
         ys = [max(0.01, p["ppl"] / dense_ppl * 100 - 100) for p in pts]
-        ax.plot(xs, ys, styles.get(name.split(" ")[0], "-o"), ms=4, label=name)
+        ls = "--" if "(weights)" in name else "-"  # two partitions on one plot: the weights one dashed
+        ax.plot(xs, ys, ls, marker=markers.get(name.split(" ")[0], "o"), ms=4, label=name)
     for name, p in (extra or {}).items():
         ax.plot([p["active"]], [max(0.01, p["ppl"] / dense_ppl * 100 - 100)], "*", ms=12, label=name)
     ax.axhline(target[1], color="r", ls=":", lw=1)
@@ -180,12 +181,12 @@ def plot_recall(per_layer: dict[str, list[float]], path: Path, title: str, ylabe
     plt.close(fig)
 
 
-# ---- partition ---------------------------------------------------------------------------------------------------------
+# ---- partition ------------------------------------------------------------------------------------------------------
 def run_partition(model: Any, out: str | Path, n_bricks: int = 16, method: str = "weights", tokenizer: Any = None,
                   capset=None, capabilities: str = "default", data: Sequence[str] | None = None,
                   prompts_per_capability: int = 40, max_tokens: int = 128, batch_size: int = 8,
-                  features: str = "gate", active_fraction: float = 0.2, seed: int = 0, dtype: str = "float32",
-                  log: Callable[[str], None] = _log) -> dict[str, Any]:
+                  features: str = "gate", active_fraction: float = 0.2, coactivation_norm: str = "cosine",
+                  seed: int = 0, dtype: str = "float32", log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Python API of ``sparkformer bricks partition``: writes the partition file and ``<file>.json`` (summary)."""
     from sparkformer.bricks.neurons import NeuronView
     from sparkformer.bricks.partition import coactivation_counts, coactivation_score, partition_model, Partition
@@ -200,7 +201,8 @@ def run_partition(model: Any, out: str | Path, n_bricks: int = 16, method: str =
         toks = d["train"] + d["val"]
         info = {"tokens": sum(map(len, toks)), "capabilities": d["capabilities"]}
     part = partition_model(model, n_bricks, method, token_lists=toks, features=features,
-                           active_fraction=active_fraction, seed=seed, batch_size=batch_size,
+                           active_fraction=active_fraction, coactivation_norm=coactivation_norm, seed=seed,
+                           batch_size=batch_size,
                            skip_ids=set() if toks is None else d["skip"], view=view,
                            meta={"model": name, **info})
     path = part.save(out)
@@ -220,7 +222,7 @@ def run_partition(model: Any, out: str | Path, n_bricks: int = 16, method: str =
     return summary
 
 
-# ---- route (brick granularity) -------------------------------------------------------------------------------------------
+# ---- route (brick granularity) --------------------------------------------------------------------------------------
 def run_route(model: Any, out: str | Path, partition: str | Path | None = None, n_bricks: int = 16,
               method: str = "weights", tokenizer: Any = None, capset=None, capabilities: str = "default",
               data: Sequence[str] | None = None, prompts_per_capability: int = 40, heldout_per_capability: int = 8,
@@ -320,7 +322,7 @@ def run_route(model: Any, out: str | Path, partition: str | Path | None = None, 
     return res
 
 
-# ---- sparkify (neuron granularity) -----------------------------------------------------------------------------------------
+# ---- sparkify (neuron granularity) ----------------------------------------------------------------------------------
 def run_sparkify(model: Any, out: str | Path, cfg=None, tokenizer: Any = None, capset=None,
                  capabilities: str = "default", data: Sequence[str] | None = None, prompts_per_capability: int = 40,
                  heldout_per_capability: int = 8, max_tokens: int = 128, batch_size: int = 8,
@@ -328,7 +330,8 @@ def run_sparkify(model: Any, out: str | Path, cfg=None, tokenizer: Any = None, c
                  finetune_steps: int = 0, finetune_lr: float = 3e-5, finetune_objective: str = "kd",
                  finetune_train: str = "ffn", finetune_batch: int = 4, ablation: bool = False, seed: int = 0,
                  dtype: str = "float32", log: Callable[[str], None] = _log, command: str | None = None,
-                 record_cache: str | Path | None = None, predictor: str | Path | None = None) -> dict[str, Any]:
+                 record_cache: str | Path | None = None, predictor: str | Path | None = None,
+                 finetune_save: bool = False) -> dict[str, Any]:
     """Python API of ``sparkformer bricks sparkify``: predictors, recall, perplexity vs active fraction, optional
     continued training. Writes ``predictor.safetensors`` + ``predictor.json`` (see :mod:`sparkformer.bricks.routing`
     for the tensors), ``results.json`` and plots under ``out``."""
@@ -422,6 +425,12 @@ def run_sparkify(model: Any, out: str | Path, cfg=None, tokenizer: Any = None, c
                                          torch.bfloat16 if dt == torch.bfloat16 else None, seed, log)
         after = routed_loss(trained, d["heldout"], preds, NeuronView(trained), batch_size)
         dense_after = routed_loss(trained, d["heldout"], None, NeuronView(trained), batch_size)
+        if finetune_save:
+            if not hasattr(trained, "save_pretrained"):
+                raise ValueError(f"--finetune-save: {type(trained).__name__} has no save_pretrained")
+            trained.save_pretrained(out / "finetuned")
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(out / "finetuned")
         gap_before, gap_after = at["loss"] - dense["loss"], after["loss"] - dense["loss"]
         finetune = {**{k: v for k, v in ft.items() if k != "losses"}, "loss_curve": ft["losses"],
                     "before": {"ppl": at["ppl"], "active": at["active"], "ppl_change_pct": at["ppl_change_pct"]},
@@ -506,7 +515,7 @@ def _ablation(view, Xtr, Xva, cfg, log, layers: Sequence[int] | None = None) -> 
     return rows
 
 
-# ---- CLI -------------------------------------------------------------------------------------------------------------------
+# ---- CLI ------------------------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, heldout: bool = True) -> None:
     p.add_argument("--model", required=True,
                    help="built-in name (smollm2-135m, gemma3-270m), HF folder, .gguf file or sparkformer checkpoint")
@@ -559,6 +568,8 @@ def add_route_commands(sub) -> None:
                    help="weights method: which rows to cluster")
     p.add_argument("--active-fraction", type=float, default=0.2,
                    help="coactivation method: a neuron is active on a token when in this top fraction")
+    p.add_argument("--coactivation-norm", default="cosine", choices=["cosine", "phi"],
+                   help="coactivation method: cosine-normalised counts or the phi correlation of activities")
     p.add_argument("--out", required=True, help="partition file (.safetensors)")
     p.set_defaults(func=lambda a: _cmd_partition(a, p))
 
@@ -599,6 +610,8 @@ def add_route_commands(sub) -> None:
     s.add_argument("--finetune-objective", default="kd", choices=["kd", "lm"])
     s.add_argument("--finetune-train", default="ffn", choices=["ffn", "all"])
     s.add_argument("--finetune-batch", type=int, default=4)
+    s.add_argument("--finetune-save", action="store_true",
+                   help="save the continued-trained model (save_pretrained) under OUT/finetuned")
     s.add_argument("--ablation", action="store_true", help="recall of predictor variants on 5 layers")
     s.add_argument("--predictor", default=None,
                    help="evaluate this saved predictor.safetensors instead of fitting one (--rank etc. ignored)")
@@ -619,7 +632,8 @@ def _cmd_partition(args, parser) -> int:
     res = run_partition(args.model, args.out, args.bricks, args.method, capabilities=args.capabilities,
                         data=args.data, prompts_per_capability=args.prompts_per_capability,
                         max_tokens=args.max_tokens, batch_size=args.batch_size, features=args.features,
-                        active_fraction=args.active_fraction, seed=args.seed, dtype=args.dtype)
+                        active_fraction=args.active_fraction, coactivation_norm=args.coactivation_norm,
+                        seed=args.seed, dtype=args.dtype)
     res["command"] = _canonical(args, "partition", parser)
     print(json.dumps(res, default=_json_default))
     return 0
@@ -666,7 +680,7 @@ def _cmd_sparkify(args, parser) -> int:
                        finetune_lr=args.finetune_lr, finetune_objective=args.finetune_objective,
                        finetune_train=args.finetune_train, finetune_batch=args.finetune_batch,
                        ablation=args.ablation, seed=args.seed, dtype=args.dtype, command=cmd,
-                       record_cache=args.record_cache, predictor=args.predictor)
+                       record_cache=args.record_cache, predictor=args.predictor, finetune_save=args.finetune_save)
     s = res["summary"]
     print(f"\n{s['model']}: dense ppl {s['dense_ppl']:.3f}; predictor rank {cfg.rank} "
           f"({s['predictor_macs_pct_of_dense_ffn']:.1f}% of a dense FFN's MACs)")

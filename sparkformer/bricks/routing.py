@@ -384,6 +384,9 @@ class BrickMLPRouter(Router):
         p = next(self.net.parameters())
         return self.net(x.to(p.dtype))
 
+    def set_groups(self, groups):
+        raise ValueError("a brick router's output size is fixed by its partition; train a new one for another")
+
     def config(self):
         return {**super().config(), "d_model": self.d_model, "hidden": self.hidden}
 

@@ -337,7 +337,7 @@ def ppl_curve(model, token_lists, routers: Sequence[Router], fractions: Sequence
     return pts
 
 
-# ---- continued training ------------------------------------------------------------------------------------------------
+# ---- continued training ---------------------------------------------------------------------------------------------
 def continued_training(model: torch.nn.Module, routers: Sequence[Router | None], token_lists: Sequence[Sequence[int]],
                        steps: int = 50, lr: float = 3e-5, objective: str = "kd", batch_size: int = 4,
                        train: str = "ffn", autocast_dtype: torch.dtype | None = torch.bfloat16, seed: int = 0,
@@ -406,8 +406,9 @@ def continued_training(model: torch.nn.Module, routers: Sequence[Router | None],
                 n_tokens += int(valid.sum())
                 step += 1
                 if log and (step % 10 == 0 or step == steps):
-                    log(f"  continued training step {step}/{steps}: {objective} loss {sum(losses[-10:]) / len(losses[-10:]):.4f}"
-                        f" ({time.time() - t0:.0f} s)")
+                    recent = losses[-10:]
+                    log(f"  continued training step {step}/{steps}: {objective} loss "
+                        f"{sum(recent) / len(recent):.4f} ({time.time() - t0:.0f} s)")
             order = torch.randperm(len(token_lists), generator=g).tolist()
     student.eval()
     for p in student.parameters():
