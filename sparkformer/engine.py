@@ -4,11 +4,12 @@
     for tok in engine.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.95): ...
 
 Layout, chosen at load time so that every read streams:
-- attention: q/k/v projections fused into one (H*hd + 2*KV*hd, d) matrix; dense layers cache K and V row-major
-  (KV, L, hd); Spark layers cache the predictor half of the keys feature-major (KV, r, L), the other half (KV, L, hd-r)
-  and V (KV, L, hd) separately, so the predictor over all keys is one pass and only k rows of the rest are read.
+- attention: q/k/v projections fused into one (H*hd + 2*KV*hd, d) matrix. Dense layers cache K blocked
+  (KV, L/64, hd, 64) and V row-major; Spark layers cache the predictor half of the keys blocked feature-major
+  (KV, L/64, r, 64) and each key's other half next to its value in one (KV, L, hd-r+hd) buffer, so the predictor over
+  all keys is one forward stream and each kept key costs one contiguous read (ops.spark_attn_decode explains).
 - Spark FFN: K1 (d_ff, r) contiguous; each neuron's K2 row and V row adjacent in one buffer.
-- GeGLU FFN: each neuron's gate row, up row and down column adjacent (one stream for the whole FFN).
+- GeGLU FFN: [W_gate; W_up; W_down^T] in one (3, m, d) buffer, read as a few long forward streams.
 
 Both dense and Spark models run here with the same kernels machinery (``sparkformer.ops``: fused C++ ops when the
 extension builds, fast pure-torch otherwise), the same threads and dtype: the dense model is an honest competitor.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -27,8 +28,9 @@ import torch
 from sparkformer.config import ModelConfig
 from sparkformer.model import ACTIVATIONS, SparkLM, apply_rope, attention_mask, dense_attention, gelu_tanh, \
     rope_tables, sample_next, softcap, spark_attention
-from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, geglu_decode, matvec, pack_geglu
-from sparkformer.ops.spark_attn_decode import spark_attn_decode
+from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, dense_cache_write, geglu_decode, matvec, \
+    new_dense_cache, pack_geglu
+from sparkformer.ops.spark_attn_decode import feature_major, new_spark_cache, spark_attn_decode, spark_cache_write
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn, spark_ffn_decode
 from sparkformer.ops.stat_topk import stat_threshold, stat_topk
 
@@ -56,7 +58,7 @@ class LayerState:
     w_o: torch.Tensor
     norms: torch.Tensor  # (4, d) fp32: 1 + w for input, post-attn, pre-ffn, post-ffn norms
     ffn: tuple  # SparkFFNWeights (k1, k2, v) or GegluWeights (w_gate, w_up, w_down_t)
-    cache: dict = field(default_factory=dict)  # dense: k, v ; spark: kp, kr, v
+    cache: tuple = ()  # DenseCache (k, v) or SparkCache (kp, kr, v)
 
 
 @dataclass
@@ -167,8 +169,8 @@ class DecodeEngine:
                 packed = rnd(n, 2 * d - r)
                 ffn = SparkFFNWeights(k1, packed[:, : d - r], packed[:, d - r:])
             else:
-                packed = rnd(cfg.ffn_dim, 3, d)
-                ffn = GegluWeights(packed[:, 0], packed[:, 1], packed[:, 2])
+                packed = rnd(3, cfg.ffn_dim, d)  # pack_geglu's layout
+                ffn = GegluWeights(packed[0], packed[1], packed[2])
             if share is not None:
                 w_qkv, w_o = share.layers[i].w_qkv, share.layers[i].w_o
             else:
@@ -192,10 +194,9 @@ class DecodeEngine:
         KV, hd, r = cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         for st in self.layers:
             if st.attn_kind == "spark":
-                st.cache = {"kp": torch.zeros(KV, r, L, dtype=dt), "kr": torch.zeros(KV, L, hd - r, dtype=dt),
-                            "v": torch.zeros(KV, L, hd, dtype=dt)}
+                st.cache = new_spark_cache(KV, L, hd, r, dtype=dt)
             else:
-                st.cache = {"k": torch.zeros(KV, L, hd, dtype=dt), "v": torch.zeros(KV, L, hd, dtype=dt)}
+                st.cache = new_dense_cache(KV, L, hd, dtype=dt)
 
     def reset(self) -> None:
         """Forget the sequence (the cache is overwritten, not reallocated)."""
@@ -242,23 +243,20 @@ class DecodeEngine:
             c = st.cache
             if st.attn_kind == "spark":
                 q, k = self._rope_at(q, pos, r), self._rope_at(k, pos, r)
-                c["kp"][:, :, pos] = k[:, :r]
-                c["kr"][:, pos] = k[:, r:]
-                c["v"][:, pos] = v
+                spark_cache_write(c, pos, k, v)
                 if prof:
                     t = self._tick("attn_proj", t)
-                out, kept, capped = spark_attn_decode(q, c["kp"], c["kr"], c["v"], pos + 1, cfg.spark_attn_topk,
+                out, kept, capped = spark_attn_decode(q, c.kp, c.kr, c.v, pos + 1, cfg.spark_attn_topk,
                                                       cfg.attn_scale, st.window, cfg.attn_logit_softcap, impl=impl)
                 self.stats.keys_kept += int(kept.sum())
                 self.stats.key_rows += H
                 self.stats.cap_fired += int(capped.sum())
             else:
                 q, k = self._rope_at(q, pos, None), self._rope_at(k, pos, None)
-                c["k"][:, pos] = k
-                c["v"][:, pos] = v
+                dense_cache_write(c, pos, k, v)
                 if prof:
                     t = self._tick("attn_proj", t)
-                out = dense_attn_decode(q, c["k"], c["v"], pos + 1, cfg.attn_scale, st.window,
+                out = dense_attn_decode(q, c.k, c.v, pos + 1, cfg.attn_scale, st.window,
                                         cfg.attn_logit_softcap, impl=impl)
             if prof:
                 t = self._tick("attention", t)
@@ -317,16 +315,14 @@ class DecodeEngine:
             q = self._rope_rows(q, pos0, split)
             k = self._rope_rows(k, pos0, split)
             c = st.cache
+            _cache_write_rows(c, pos0, k.to(dt), v.to(dt))
             if st.attn_kind == "spark":
-                c["kp"][:, :, pos0: pos0 + T] = k[..., :r].transpose(1, 2).to(dt)
-                c["kr"][:, pos0: pos0 + T] = k[..., r:].to(dt)
-                c["v"][:, pos0: pos0 + T] = v.to(dt)
-                kk = torch.cat([c["kp"][:, :, : pos0 + T].transpose(1, 2), c["kr"][:, : pos0 + T]], -1).float()
+                kp = feature_major(c.kp)[:, :, : pos0 + T].transpose(1, 2)
+                kk = torch.cat([kp, c.kr[:, : pos0 + T]], -1).float()
             else:
-                c["k"][:, pos0: pos0 + T] = k.to(dt)
-                c["v"][:, pos0: pos0 + T] = v.to(dt)
-                kk = c["k"][:, : pos0 + T].float()
-            vv = c["v"][:, : pos0 + T].float()
+                kk = (c.k[:, : pos0 + T] if c.k.dim() == 3 else feature_major(c.k)[:, :, : pos0 + T].transpose(1, 2))
+                kk = kk.float()
+            vv = c.v[:, : pos0 + T].float()
             rep = H // KV
             kk, vv = kk.repeat_interleave(rep, 0)[None], vv.repeat_interleave(rep, 0)[None]
             mask = attention_mask(T, pos0 + T, pos0, st.window, x.device)
@@ -380,6 +376,25 @@ class DecodeEngine:
                 return
             if i + 1 < max_new_tokens:
                 logits = self.step(tok)
+
+
+def _cache_write_rows(cache: tuple, pos0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store keys k (KV, T, hd) and values v (KV, T, dv) of positions pos0.. into a dense or Spark cache."""
+    T = k.shape[1]
+    pos = torch.arange(pos0, pos0 + T)
+    keys = cache[0]  # DenseCache.k or SparkCache.kp
+    if len(cache) == 3:  # Spark: predictor half feature-major, the rest row-major
+        r = keys.shape[-2]
+        cache.kr[:, pos0: pos0 + T] = k[..., r:]
+        k = k[..., :r]
+    if keys.dim() == 4:  # blocked (KV, L/B, width, B): index (block, offset) per position
+        B = keys.shape[3]
+        keys[:, pos // B, :, pos % B] = k.transpose(0, 1)
+    elif len(cache) == 3:  # plain feature-major (KV, r, L)
+        keys[:, :, pos0: pos0 + T] = k.transpose(1, 2)
+    else:
+        keys[:, pos0: pos0 + T] = k
+    cache.v[:, pos0: pos0 + T] = v
 
 
 def _spark_ffn_decode_act(x, k1, k2, v, fraction, act):

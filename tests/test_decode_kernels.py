@@ -27,11 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
-from sparkformer.ops.dense_decode import dense_attn_decode, geglu_decode, matvec, pack_geglu
+from sparkformer.ops.dense_decode import (
+    dense_attn_decode,
+    dense_cache_write,
+    geglu_decode,
+    matvec,
+    new_dense_cache,
+    pack_geglu,
+)
 from sparkformer.ops.spark_attn_decode import (
     feature_major,
+    new_spark_cache,
     spark_attn_decode,
     spark_attn_workspace,
+    spark_cache_write,
     to_blocked,
 )
 from sparkformer.ops.spark_ffn_decode import (
@@ -395,6 +404,34 @@ def test_spark_attn_strided_cache_and_workspace():
     assert_close_scaled(o_b, o_ref, 1e-4)
     with pytest.raises(RuntimeError, match="multiple of 64"):
         spark_attn_decode(q, kp.reshape(nkv, 32, r, 8), kr, v, 180, 20, 0.1, impl="ext")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_cache_helpers_write_and_decode(dtype):
+    """new_*_cache / *_cache_write (the recommended layouts) decode like plain tensors holding the same keys."""
+    H, nkv, D, r, length = 4, 2, 48, 16, 150
+    g = torch.Generator().manual_seed(8)
+    keys, vals = torch.randn(length, nkv, D, generator=g), torch.randn(length, nkv, D, generator=g)
+    sc = new_spark_cache(nkv, length, D, r, dtype=dtype)  # L_max rounded up to 192
+    assert sc.kp.shape == (nkv, 3, r, 64) and sc.kr.stride(1) == (D - r) + D
+    dc = new_dense_cache(nkv, length, D, dtype=dtype)
+    for t in range(length):
+        spark_cache_write(sc, t, keys[t].to(dtype), vals[t].to(dtype))
+        dense_cache_write(dc, t, keys[t].to(dtype), vals[t].to(dtype))
+    kp_plain = keys[:, :, :r].permute(1, 2, 0).to(dtype)
+    kr_plain = keys[:, :, r:].transpose(0, 1).to(dtype)
+    v_plain = vals.transpose(0, 1).to(dtype)
+    q = torch.randn(H, D, generator=g)
+    for impl in (("ext",) if HAVE_EXT else ()) + ("torch",):
+        o, kept, _ = spark_attn_decode(q, *sc, length, 24, D**-0.5, 100, 50.0, impl=impl)
+        o_ref, kept_ref, _ = spark_attn_decode(q, kp_plain, kr_plain, v_plain, length, 24, D**-0.5, 100, 50.0,
+                                               impl="reference")
+        assert torch.equal(kept, kept_ref)
+        assert_close_scaled(o, o_ref, 1e-4 if impl == "ext" or dtype == torch.float32 else 3e-2, impl)
+        od = dense_attn_decode(q, *dc, length, D**-0.5, None, 50.0, impl=impl)
+        od_ref = dense_attn_decode(q, keys.transpose(0, 1).to(dtype), v_plain, length, D**-0.5, None, 50.0,
+                                   impl="reference")
+        assert_close_scaled(od, od_ref, 1e-4 if impl == "ext" or dtype == torch.float32 else 3e-2, impl)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -32,7 +32,7 @@ def fill_cache_random(engine: DecodeEngine, context: int, seed: int = 0) -> None
     """Random K/V at positions [0, context) and move the engine there (cost equals a real cache of that length)."""
     g = torch.Generator().manual_seed(seed)
     for st in engine.layers:
-        for t in st.cache.values():
+        for t in st.cache:
             t.normal_(0.0, 1.0, generator=g)
     engine.pos = context
 

@@ -8,7 +8,7 @@ Attention: 8 query heads / 4 kv heads, head_dim 256, Spark r=128, k=256, soft-ca
 context, vs dense attention decode (two matvecs + softmax over all keys).
 
 Method. Weights / caches are cold: every implementation cycles over enough independent copies that one
-cycle touches at least 6x the last-level cache (``--copies`` overrides). Each call gets the next of 16
+cycle touches at least 4x the last-level cache (``--copies`` overrides). Each call gets the next of 16
 random inputs. Implementations are timed interleaved (one cycle of A, one of B, ...; ``--repeats`` rounds
 after a warm-up round), every call timed on its own; we report medians with min-max over all calls, and
 the median over "clean" calls -- those during which the process took no involuntary context switch, i.e.
@@ -17,8 +17,8 @@ neighbours). Ratios use clean medians when every implementation compared has >= 
 all-calls medians; the JSON says which ("basis"). Bytes read are the weights / cache entries the
 implementation must touch, from the *achieved* selection counts; GB/s = bytes / median. "ideal" = dense
 bytes / sparse bytes, "measured" = dense time / sparse time, against the fastest dense implementation.
-Big tensors are allocated with transparent huge pages (THP_MEM_ALLOC_ENABLE=1; ``--no-thp`` to skip), for
-dense and sparse alike. Prints a table, then one JSON line.
+Tensors use torch's default allocation; ``--thp`` asks for transparent huge pages (for dense and sparse
+alike; each section records the huge-page kB in use). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import math
 import os
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -58,7 +59,7 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
-def n_copies(touched_bytes: float, override: int | None, factor: float = 6.0, cap: int = 64) -> int:
+def n_copies(touched_bytes: float, override: int | None, factor: float = 4.0, cap: int = 64) -> int:
     """Copies so one cycle touches >= factor x the last-level cache (at least 2, at most cap)."""
     if override:
         return override
@@ -147,7 +148,7 @@ def bench_ffn(dtype_name: str, args: argparse.Namespace) -> dict:
 
     packed = [pack_geglu(rnd(m, d), rnd(m, d), rnd(d, m), dtype=dtype) for _ in range(copies)]
     # nn.Linear layout for torch.mv: gate, up (m, d) and W_down (d, m), each contiguous
-    plain = [GegluWeights(p.w_gate.contiguous(), p.w_up.contiguous(), p.w_down_t.t().contiguous().t()) for p in packed]
+    plain = [GegluWeights(p.w_gate.clone(), p.w_up.clone(), p.w_down_t.t().contiguous().t()) for p in packed]
     spark = [prepare_spark_ffn(rnd(d_ff, d), rnd(d_ff, d), r, dtype=dtype) for _ in range(copies)]
     counts: dict[str, list[torch.Tensor]] = {"spark C++": [], "spark torch": []}
 
@@ -199,35 +200,39 @@ def bench_attn(dtype_name: str, ctx: int, args: argparse.Namespace) -> dict:
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
+    # plain layouts: dense k, v row-major; Spark kp (KV, r, L), kr and v separate tensors
     dense = [(rnd(KV, ctx, D), rnd(KV, ctx, D)) for _ in range(copies)]
     sparse = [(rnd(KV, r, ctx), rnd(KV, ctx, D - r), rnd(KV, ctx, D)) for _ in range(copies)]
-    blocked = [to_blocked(kp, KP_BLOCK) for kp, _, _ in sparse] if ctx % KP_BLOCK == 0 else None
-    kept: dict[str, list] = {"spark C++": [], "spark C++ (plain kp)": [], "spark torch": []}
+    # recommended decode layouts (new_dense_cache / new_spark_cache): blocked keys; Spark kr|v in one buffer
+    fast = ctx % KP_BLOCK == 0
+    dense_fast = [(to_blocked(kk.transpose(1, 2), KP_BLOCK), vv) for kk, vv in dense] if fast else None
+    sparse_fast = []
+    for kp, kr, v in sparse if fast else ():
+        krv = torch.cat([kr, v], dim=-1)
+        sparse_fast.append((to_blocked(kp, KP_BLOCK), krv[..., : D - r], krv[..., D - r:]))
+    kept: dict[str, list] = {"spark C++": [], "spark C++ (plain layout)": [], "spark torch": []}
 
-    def spark_call(name, impl, kps=None):
+    def spark_call(name, impl, caches):
         def fn(i):
-            kp, kr, v = sparse[i % copies]
-            kp = kp if kps is None else kps[i % copies]
-            _, kc, cp = spark_attn_decode(qs[i % 16], kp, kr, v, ctx, k, scale, None, cap, impl=impl)
+            _, kc, cp = spark_attn_decode(qs[i % 16], *caches[i % copies], ctx, k, scale, None, cap, impl=impl)
             kept[name].append((kc, cp))
         return fn
 
-    dense_blocked = [to_blocked(kk.transpose(1, 2), KP_BLOCK) for kk, _ in dense] if blocked is not None else None
     fns: dict[str, Callable[[int], object]] = {}
     if _extension.available():
-        if dense_blocked is not None:
-            fns["dense C++"] = lambda i: dense_attn_decode(qs[i % 16], dense_blocked[i % copies], dense[i % copies][1],
-                                                           ctx, scale, None, cap, impl="ext")
+        if fast:
+            fns["dense C++"] = lambda i: dense_attn_decode(qs[i % 16], *dense_fast[i % copies], ctx, scale, None, cap,
+                                                           impl="ext")
         fns["dense C++ (row keys)"] = lambda i: dense_attn_decode(qs[i % 16], *dense[i % copies], ctx, scale, None,
                                                                   cap, impl="ext")
     fns["dense torch (bmm)"] = lambda i: dense_attn_decode(qs[i % 16], *dense[i % copies], ctx, scale, None, cap,
                                                            impl="torch")
     if _extension.available():
-        if blocked is not None:  # the blocked predictor layout (n_kv, L / 64, r, 64)
-            fns["spark C++"] = spark_call("spark C++", "ext", blocked)
-        fns["spark C++ (plain kp)"] = spark_call("spark C++ (plain kp)", "ext")
+        if fast:
+            fns["spark C++"] = spark_call("spark C++", "ext", sparse_fast)
+        fns["spark C++ (plain layout)"] = spark_call("spark C++ (plain layout)", "ext", sparse)
     if not args.no_torch_sparse:
-        fns["spark torch"] = spark_call("spark torch", "torch")
+        fns["spark torch"] = spark_call("spark torch", "torch", sparse)
     with torch.inference_mode():
         times = time_cycles(fns, copies, args.repeats)
 
@@ -241,11 +246,11 @@ def bench_attn(dtype_name: str, ctx: int, args: argparse.Namespace) -> dict:
                               "cap_fired_rate": cp.mean().item()}))
         else:
             rows.append(_row(name, name, dense_bytes, ts))
-    sparse_name = next(n for n in ("spark C++", "spark C++ (plain kp)", "spark torch") if n in times)
+    sparse_name = next(n for n in ("spark C++", "spark C++ (plain layout)", "spark torch") if n in times)
     cmp = _compare(rows, ("dense C++", "dense C++ (row keys)", "dense torch (bmm)"), sparse_name, dense_bytes)
     target = TARGETS.get(("attn", ctx))
     hugepages_kb = _anon_hugepages_kb()
-    del dense, sparse, blocked, dense_blocked
+    del dense, sparse, dense_fast, sparse_fast
     gc.collect()
     return {"part": "attn", "dtype": dtype_name, "context": ctx, "copies": copies, "anon_hugepages_kb": hugepages_kb,
             "shape": {"heads": H, "kv_heads": KV, "head_dim": D, "r": r, "k": k, "softcap": cap, "scale": scale,
@@ -258,10 +263,6 @@ def bench_attn(dtype_name: str, ctx: int, args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.thp:
-        # transparent huge pages for torch's large CPU allocations (read at the first one, so this only
-        # takes effect when nothing large was allocated yet); applies to dense and sparse alike
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     ext = _extension.available()
     load0 = os.getloadavg()
     sections = []
@@ -332,7 +333,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default="ffn,attn")
     p.add_argument("--contexts", default="4096,8192")
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (each one cycle over the copies)")
-    p.add_argument("--copies", type=int, default=None, help="weight/cache copies (default: >= 6x last-level cache)")
+    p.add_argument("--copies", type=int, default=None, help="weight/cache copies (default: >= 4x last-level cache)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--d-model", type=int, default=2304)
     p.add_argument("--ffn-dim", type=int, default=9216)
@@ -347,13 +348,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=256**-0.5)
     p.add_argument("--softcap", type=float, default=50.0)
     p.add_argument("--no-torch-sparse", action="store_true", help="skip the pure-torch Spark paths")
-    p.add_argument("--no-thp", dest="thp", action="store_false",
-                   help="do not ask for transparent huge pages (THP_MEM_ALLOC_ENABLE=1) for the big tensors")
+    p.add_argument("--thp", action="store_true",
+                   help="allocate with transparent huge pages (restarts python with THP_MEM_ALLOC_ENABLE=1, which "
+                        "torch reads once at start-up); default: torch's default allocation")
     p.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true")
 
 
 def _cli(args: argparse.Namespace) -> int:
+    if args.thp and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        print("note: --thp needs THP_MEM_ALLOC_ENABLE=1 in the environment before python starts; running without")
     res = run(args)
     e = res["env"]
     print(f"{e['cpu']}, {e['threads']} threads, torch {e['torch']}, kernels: {e['isa']}, "
@@ -379,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparkformer.bench.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return _cli(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.thp and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+        rest = list(sys.argv[1:] if argv is None else argv)
+        os.execv(sys.executable, [sys.executable, "-m", "sparkformer.bench.kernels", *rest])
+    return _cli(args)
 
 
 if __name__ == "__main__":

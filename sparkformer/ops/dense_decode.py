@@ -4,9 +4,9 @@ A speed-up is only as honest as its baseline, so the dense model gets the same t
 a fused C++ kernel (same ISA dispatch, threads and fp32 accumulation) next to a plain-PyTorch reference and
 the fastest pure-PyTorch form.
 
-GeGLU layout for decode: ``pack_geglu`` stores, for each neuron j, its gate row, up row and down-projection
-column back to back (one (m, 3, d) buffer), so the fused kernel reads all FFN weights in a single forward
-stream and never goes back to memory for W_down.
+GeGLU layout for decode: ``pack_geglu`` puts W_gate, W_up and W_down^T (each (m, d), one row per neuron) in
+one (3, m, d) buffer. The kernel reads each neuron's gate and up rows as two streams, then the down rows four
+far-apart streams at a time, all front to back (see kernels_impl.h for why the streams are arranged so).
 
 Dense attention cache layout: v (n_kv, L_max, dv) row-major; k either row-major (n_kv, L_max, D) or, faster
 (~10% on the whole op), blocked like Spark's predictor half: (n_kv, L_max // B, D, B) with B a multiple of 64
@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
-from sparkformer.ops.spark_attn_decode import feature_major, valid_range
+from sparkformer.ops.spark_attn_decode import KP_BLOCK, feature_major, valid_range
 
 __all__ = [
+    "DenseCache",
     "GegluWeights",
+    "dense_cache_write",
+    "new_dense_cache",
     "dense_attn_decode",
     "dense_attn_decode_reference",
     "dense_attn_decode_torch",
@@ -47,17 +50,17 @@ class GegluWeights(NamedTuple):
 def pack_geglu(
     w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, dtype: torch.dtype | None = None
 ) -> GegluWeights:
-    """Interleave nn.Linear-layout weights (w_gate, w_up: (m, d); w_down: (d_out, m)) into one (m, 3, d)
-    buffer (requires d_out == d) and return views into it."""
+    """Copy nn.Linear-layout weights (w_gate, w_up: (m, d); w_down: (d, m)) into one (3, m, d) buffer
+    [W_gate; W_up; W_down^T] and return its three (m, d) views."""
     dtype = dtype or w_gate.dtype
     m, d = w_gate.shape
     if w_down.shape != (d, m):
         raise ValueError(f"w_down must be (d, m) = {(d, m)}, got {tuple(w_down.shape)}")
-    packed = torch.empty(m, 3, d, dtype=dtype)
-    packed[:, 0] = w_gate
-    packed[:, 1] = w_up
-    packed[:, 2] = w_down.t()
-    return GegluWeights(packed[:, 0], packed[:, 1], packed[:, 2])
+    packed = torch.empty(3, m, d, dtype=dtype)
+    packed[0] = w_gate
+    packed[1] = w_up
+    packed[2] = w_down.t()
+    return GegluWeights(packed[0], packed[1], packed[2])
 
 
 def geglu_decode_reference(x, w_gate, w_up, w_down_t):
@@ -81,7 +84,7 @@ def geglu_decode(x, w_gate, w_up, w_down_t, *, workspace=None, impl: str = "auto
         x: (d,) activation, any float dtype (fp32 compute; result in x's dtype).
         w_gate, w_up: (m, d); w_down_t: (m, d_out) = W_down transposed. fp32 or bf16, one dtype, last dim
             contiguous (``pack_geglu`` gives the best layout).
-        workspace: optional float32 scratch of at least threads * d_out + 64 elements.
+        workspace: optional float32 scratch of at least threads * d_out + 2 * m + 64 elements.
         impl: "auto" | "ext" | "torch" | "reference".
     """
     if impl == "auto":
@@ -107,6 +110,38 @@ def matvec(w: torch.Tensor, x: torch.Tensor, *, impl: str = "auto") -> torch.Ten
     if impl == "reference":
         return (w.float() @ x.float()).to(x.dtype)
     raise ValueError(f"unknown impl {impl!r} (auto | ext | torch | reference)")
+
+
+class DenseCache(NamedTuple):
+    """One layer's dense attention cache: k (row-major or blocked) and v (row-major)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def new_dense_cache(n_kv: int, max_len: int, head_dim: int, dv: int | None = None,
+                    dtype: torch.dtype = torch.float32, block: int | None = KP_BLOCK) -> DenseCache:
+    """Zeroed cache in the fastest decode layout: keys blocked (n_kv, L // block, head_dim, block)
+    (``block=None``: row-major), values row-major. ``max_len`` is rounded up to a multiple of ``block``."""
+    dv = head_dim if dv is None else dv
+    if block:
+        if block % 64:
+            raise ValueError(f"block must be a multiple of 64, got {block}")
+        max_len = -(-max_len // block) * block
+        k = torch.zeros(n_kv, max_len // block, head_dim, block, dtype=dtype)
+    else:
+        k = torch.zeros(n_kv, max_len, head_dim, dtype=dtype)
+    return DenseCache(k, torch.zeros(n_kv, max_len, dv, dtype=dtype))
+
+
+def dense_cache_write(cache: DenseCache, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store key k (n_kv, head_dim) and value v (n_kv, dv) of position ``pos``."""
+    if cache.k.dim() == 4:
+        block = cache.k.shape[3]
+        cache.k[:, pos // block, :, pos % block] = k
+    else:
+        cache.k[:, pos] = k
+    cache.v[:, pos] = v
 
 
 def _rows(k: torch.Tensor) -> torch.Tensor:

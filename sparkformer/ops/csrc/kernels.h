@@ -3,7 +3,14 @@
 // Each kernel works on a range of rows (or keys) and is free of torch; ops.cpp owns threading
 // (at::parallel_for), selection and the torch op registration. The same kernel source
 // (kernels_impl.h) is compiled three times -- AVX-512, AVX2+FMA and plain C++ -- and ops.cpp picks
-// one table at load time from the CPU's features (see select_kernels in ops.cpp).
+// one table at load time from the CPU's features (see cpu_isa_rank in ops.cpp).
+//
+// What the memory system rewards (measured on the 2-core Zen 4 these were tuned on, standalone tests):
+// one core streams ~33 GB/s from memory with 2 MB pages, ~23 GB/s with 4 KB pages, but only when each
+// access stream is a plain forward run -- two *adjacent* rows read interleaved drop to 13 GB/s, and a
+// single stream that also read-modify-writes an accumulator to ~23; two far-apart streams recover
+// the full rate. Random rows (the sparse gathers) need many independent streams (16 at a time) plus
+// software prefetch to keep enough misses in flight. The kernels below are laid out accordingly.
 //
 // Weights are fp32 or bf16 (passed as raw uint16 bits, `bf16 = true`); everything else -- inputs,
 // accumulators, outputs -- is fp32. bf16 is widened to fp32 exactly (a 16-bit shift), so every
@@ -28,10 +35,11 @@ struct Kernels {
                      float* acc);
 
   // GeGLU neurons [j0, j1): h_j = gelu_tanh(dot(g_j, x)) * dot(u_j, x); acc[0:nd] += h_j * d_j.
-  // g, u: rows of length n (=len(x)); d: rows of length nd (W_down transposed).
+  // g, u: rows of length n (=len(x)); d: rows of length nd (W_down transposed). hs: 2 * (j1 - j0)
+  // floats of scratch.
   void (*geglu_rows)(const void* g, int64_t ldg, const void* u, int64_t ldu, const void* d,
                      int64_t ldd, int64_t n, int64_t nd, bool bf16, const float* x, float* acc,
-                     int64_t j0, int64_t j1);
+                     int64_t j0, int64_t j1, float* hs);
 
   // Feature-major scores: out[h*ldo + j - j0] = sum_{c<r} q[h*r + c] * kp[c*ldc + j],
   // h < nq, j in [j0, j1). One streaming pass over r rows of keys for nq queries at once.
@@ -40,9 +48,11 @@ struct Kernels {
 
   // Blocked feature-major scores: the same sums for keys stored in blocks of B (B % 64 == 0) keys,
   // block b at kp + b*ldb holding an (r, B) tile with row stride ldc. j0, j1 are absolute positions.
-  // One forward stream over the tiles; partial sums stay in registers.
+  // One forward stream over the tiles; partial sums stay in registers. If cap > 0 the scores are
+  // soft-capped (cap * tanh(p / cap)) before they are stored; if stats is given, stats[2h] and
+  // stats[2h + 1] get the sum and sum of squares of head h's stored scores added.
   void (*scores_blk)(const void* kp, bool bf16, int64_t ldb, int64_t ldc, int64_t B, int64_t r, const float* q,
-                     int64_t nq, int64_t j0, int64_t j1, float* out, int64_t ldo);
+                     int64_t nq, int64_t j0, int64_t j1, float* out, int64_t ldo, float cap, double* stats);
 
   // Row-major scores: out[h*ldo + j - j0] = dot(k[j*ldj : j*ldj + dq], q[h*dq : (h+1)*dq]).
   void (*scores_rm)(const void* k, bool bf16, int64_t ldj, int64_t dq, const float* q, int64_t nq,
@@ -64,7 +74,7 @@ struct Kernels {
   float (*exp_sub)(const float* p, int64_t n, float m, float* out);  // out = exp(p - m); returns sum
   void (*gelu_tanh)(float* p, int64_t n);                    // p = gelu_tanh(p)
   float (*max)(const float* p, int64_t n);
-  // idx[0:cnt] = the j in [0, n) with p[j] > theta, ascending; returns cnt. idx needs n + 16 slots.
+  // idx[0:cnt] = the j in [0, n) with p[j] > theta, ascending; returns cnt. Writes only idx[0:n).
   int64_t (*compact_gt)(const float* p, int64_t n, float theta, int32_t* idx);
 };
 

@@ -143,6 +143,14 @@ float stat_threshold(const float* p, int64_t n, double f) {
   return float(sd > 0.0 ? mean + sd * ndtri(1.0 - f) : mean);
 }
 
+// The same threshold from the sum and sum of squares of the n scores (accumulated by the scoring pass;
+// one pass, no shift: like the training op, exact enough unless |mean| / std is beyond ~1e3).
+float threshold_from_sums(double sum, double sumsq, int64_t n, double f) {
+  const double mean = sum / double(n);
+  const double sd = std::sqrt(std::max(0.0, sumsq / double(n) - mean * mean));
+  return float(sd > 0.0 ? mean + sd * ndtri(1.0 - f) : mean);
+}
+
 // id[0:cnt]: candidate positions in ascending order. Keep the k best by (score desc, position desc),
 // still in ascending order; returns k. tmp: cnt floats of scratch. O(cnt): one nth_element on the
 // values, then a pass from the end that gives the ties at the k-th value to the most recent keys.
@@ -244,7 +252,7 @@ std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, c
   const spk::Kernels* kern = K();
   const int64_t P = n_threads();
 
-  float* ws = scratch(workspace, 3 * d_ff + P * dv);  // (+ slack: compact_gt may write 16 past)
+  float* ws = scratch(workspace, 3 * d_ff + P * dv);
   float* s = ws;
   int32_t* idx = reinterpret_cast<int32_t*>(ws + d_ff);
   float* a = ws + 2 * d_ff;
@@ -276,7 +284,7 @@ std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, c
 }
 
 // Dense GeGLU for one token: y = W_down (gelu_tanh(W_gate x) * (W_up x)), with W_down given
-// transposed (w_down_t: (m, d_out)) so every weight read streams row by row.
+// transposed (w_down_t: (m, d_out), one row per neuron) so every weight read streams row by row.
 Tensor geglu_decode(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down_t,
                     const std::optional<Tensor>& workspace) {
   TORCH_CHECK(x.dim() == 1 && w_gate.dim() == 2 && w_up.dim() == 2 && w_down_t.dim() == 2,
@@ -292,13 +300,15 @@ Tensor geglu_decode(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, c
   const Tensor xf = as_f32(x);
   const spk::Kernels* kern = K();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n_threads(), m / 8));
-  float* acc = scratch(workspace, parts * dout);
+  float* acc = scratch(workspace, parts * dout + 2 * m);
+  float* hs = acc + parts * dout;
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       float* ap = acc + p * dout;
       std::fill(ap, ap + dout, 0.0f);
+      const int64_t j0 = m * p / parts, j1 = m * (p + 1) / parts;
       kern->geglu_rows(w_gate.data_ptr(), w_gate.stride(0), w_up.data_ptr(), w_up.stride(0), w_down_t.data_ptr(),
-                       w_down_t.stride(0), d, dout, bf16, xf.data_ptr<float>(), ap, m * p / parts, m * (p + 1) / parts);
+                       w_down_t.stride(0), d, dout, bf16, xf.data_ptr<float>(), ap, j0, j1, hs + 2 * j0);
     }
   });
   Tensor y = at::empty({dout}, xf.options());
@@ -371,18 +381,23 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
   const AttnShape sh = attn_shape(q, nkv, lmax, length, window);
   const int64_t H = sh.H, G = sh.G, n = sh.n, lo = sh.lo;
   const Tensor qf = as_f32(q);
-  Tensor out = at::zeros({H, dv}, qf.options());
-  Tensor kept = at::zeros({H}, at::kLong);
-  Tensor capped = at::zeros({H}, at::kBool);
+  // at::empty + our own fills: at::zeros costs a dispatcher round trip per tensor (~1 us each)
+  Tensor out = at::empty({H, dv}, qf.options());
+  Tensor kept = at::empty({H}, at::kLong);
+  Tensor capped = at::empty({H}, at::kBool);
+  std::fill_n(out.data_ptr<float>(), H * dv, 0.0f);
+  std::fill_n(kept.data_ptr<int64_t>(), H, int64_t(0));
+  std::fill_n(capped.data_ptr<bool>(), H, false);
   if (n == 0) return {out.to(q.scalar_type()), kept, capped};
 
   const spk::Kernels* kern = K();
-  float* ws = scratch(workspace, H * D + 3 * H * n);
+  float* ws = scratch(workspace, H * D + 3 * H * n + 4 * H + 2);
   float* qp = ws;            // H x r, scaled predictor halves
   float* qr = ws + H * r;    // H x dr, scaled other halves
   float* scores = ws + H * D;
   int32_t* idx = reinterpret_cast<int32_t*>(scores + H * n);
   float* wts = scores + 2 * H * n;
+  double* stats = reinterpret_cast<double*>(ws + ((H * D + 3 * H * n + 1) / 2) * 2);  // 2 x H, 8-byte aligned
   const float* qsrc = qf.data_ptr<float>();
   const float fs = float(scale);
   for (int64_t h = 0; h < H; ++h) {
@@ -395,28 +410,35 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
   bool* cappedp = capped.data_ptr<bool>();
 
   // Predictor logits of keys [j0, j1) for the G query heads of kv head g: one streaming pass over the
-  // feature-major half of the keys.
-  auto score = [&](int64_t g, int64_t j0, int64_t j1) {
-    if (blocked)
+  // feature-major half of the keys. With the blocked layout and the whole key range, the soft-cap and
+  // the heads' sums for the statistics are done in the same pass (fused = true), on values in registers.
+  const float cap = softcap.has_value() ? float(*softcap) : 0.0f;
+  auto score = [&](int64_t g, int64_t j0, int64_t j1, bool fused) {
+    if (blocked) {
+      double* st = fused ? stats + 2 * g * G : nullptr;
+      if (st) std::fill(st, st + 2 * G, 0.0);
       kern->scores_blk(at_elem(kp, g * kp.stride(0)), bf16, kp.stride(1), kp.stride(2), B, r, qp + g * G * r, G,
-                       lo + j0, lo + j1, scores + g * G * n + j0, n);
-    else
+                       lo + j0, lo + j1, scores + g * G * n + j0, n, fused ? cap : 0.0f, st);
+    } else {
       kern->scores_fm(at_elem(kp, g * kp.stride(0) + lo), bf16, kp.stride(1), r, qp + g * G * r, G, j0, j1,
                       scores + g * G * n + j0, n);
+    }
   };
-  // Selection for query head h: keys to keep (id) and their softmax weights (w); returns the count.
-  auto select = [&](int64_t h) {
+  // Selection for query head h: keys to keep (id) and their softmax weights (w). `fused`: scores already
+  // soft-capped and summed into stats by `score`.
+  auto select = [&](int64_t h, bool fused) {
     float* p = scores + h * n;
     int32_t* id = idx + h * n;
     float* w = wts + h * n;
-    if (softcap.has_value()) kern->softcap(p, n, float(*softcap));
+    if (!fused && softcap.has_value()) kern->softcap(p, n, cap);
     int64_t cnt = 0;
     bool cap_fired = false;
     if (n <= k) {
       for (int64_t j = 0; j < n; ++j) id[j] = int32_t(j);
       cnt = n;
     } else {
-      const float theta = stat_threshold(p, n, double(k) / double(n));
+      const double f = double(k) / double(n);
+      const float theta = fused ? threshold_from_sums(stats[2 * h], stats[2 * h + 1], n, f) : stat_threshold(p, n, f);
       cnt = kern->compact_gt(p, n, theta, id);
       if (cnt == 0) {  // degenerate scores (e.g. all equal): keep the k best, ties to the most recent
         for (int64_t j = 0; j < n; ++j) id[j] = int32_t(j);
@@ -448,8 +470,8 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
     // with the next kv head's scoring pass was tried: no gain, both are limited by the core's misses.)
     at::parallel_for(0, nkv, 1, [&](int64_t b, int64_t e) {
       for (int64_t g = b; g < e; ++g) {
-        score(g, 0, n);
-        for (int64_t h = g * G; h < (g + 1) * G; ++h) select(h);
+        score(g, 0, n, blocked);
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) select(h, blocked);
         for (int64_t h = g * G; h < (g + 1) * G; ++h) gather(h, 0, keptp[h]);
       }
     });
@@ -457,11 +479,11 @@ std::tuple<Tensor, Tensor, Tensor> spark_attn_decode(const Tensor& q, const Tens
     // Few kv heads: split the scoring pass by key chunks too, then the heads.
     const int64_t nch = chunks_per_head(nkv, n);
     at::parallel_for(0, nkv * nch, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) score(t / nch, n * (t % nch) / nch, n * (t % nch + 1) / nch);
+      for (int64_t t = b; t < e; ++t) score(t / nch, n * (t % nch) / nch, n * (t % nch + 1) / nch, false);
     });
     at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
       for (int64_t h = b; h < e; ++h) {
-        select(h);
+        select(h, false);
         gather(h, 0, keptp[h]);
       }
     });
@@ -490,7 +512,8 @@ Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, in
   const AttnShape sh = attn_shape(q, nkv, lmax, length, window);
   const int64_t H = sh.H, G = sh.G, n = sh.n, lo = sh.lo;
   const Tensor qf = as_f32(q);
-  Tensor out = at::zeros({H, dv}, qf.options());
+  Tensor out = at::empty({H, dv}, qf.options());
+  std::fill_n(out.data_ptr<float>(), H * dv, 0.0f);
   if (n == 0) return out.to(q.scalar_type());
 
   const spk::Kernels* kern = K();
@@ -510,15 +533,16 @@ Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, in
       float* pm = po + G * dv;
       float* pl = pm + G;
       std::fill(po, po + G * dv, 0.0f);
-      if (blocked)
+      const float cap = softcap.has_value() ? float(*softcap) : 0.0f;
+      if (blocked)  // soft-cap applied in registers by the scoring pass
         kern->scores_blk(at_elem(kc, g * kc.stride(0)), bf16, kc.stride(1), kc.stride(2), B, D, qs + g * G * D, G,
-                         lo + j0, lo + j1, sc, n);
+                         lo + j0, lo + j1, sc, n, cap, nullptr);
       else
         kern->scores_rm(at_elem(kc, g * kc.stride(0) + lo * kc.stride(1)), bf16, kc.stride(1), D, qs + g * G * D, G,
                         j0, j1, sc, n);
       for (int64_t h = 0; h < G; ++h) {
         float* s = sc + h * n;
-        if (softcap.has_value()) kern->softcap(s, len, float(*softcap));
+        if (!blocked && softcap.has_value()) kern->softcap(s, len, cap);
         pm[h] = kern->max(s, len);
         pl[h] = kern->exp_sub(s, len, pm[h], s);
       }
