@@ -19,9 +19,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "INTERPRET", "available", "next_pow2", "triton", "tl"]
+__all__ = ["ACT_IDS", "HAS_TRITON", "INTERPRET", "available", "next_pow2", "triton", "tl"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ACT_IDS = {"gelu_tanh": 0, "silu": 1}  # FFN activations the kernels implement
 
 
 def _patch_interpreter_index() -> None:
@@ -81,3 +82,11 @@ if HAS_TRITON:
         w = 1.0 + u
         l1p = tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
         return tl.maximum(x, 0.0) + l1p
+
+    @triton.jit
+    def act_f32(x, ACT: tl.constexpr):
+        """The FFN activation: 0 = gelu_tanh, 1 = silu."""
+        if ACT == 0:
+            return gelu_tanh_f32(x)
+        else:
+            return x / (1.0 + tl.exp(-x))

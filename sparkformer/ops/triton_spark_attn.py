@@ -258,10 +258,14 @@ class SparkAttnPlan:
 
     def run(self, q: torch.Tensor, kp: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
             scale: float, window: int | None = None, softcap: float | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+            capped: torch.Tensor | None = None) -> torch.Tensor:
         """q (H, D); kp blocked (n_kv, L // B, r, B) or plain (n_kv, r, L); kr (n_kv, L, D - r); v (n_kv, L, dv);
-        length: int32 device tensor of shape (1,) (filled positions). -> out (H, dv) fp32."""
+        length: int32 device tensor of shape (1,) (filled positions). -> out (H, dv) fp32.
+        ``out`` / ``kept`` (H,) int64 / ``capped`` (H,) int8: where to write (default: the plan's own)."""
         out = self.out if out is None else out
+        kept = self.kept if kept is None else kept
+        capped = self.capped if capped is None else capped
         if kp.dim() == 4:
             kb, s_kv, s_blk, s_r, s_b = kp.shape[3], kp.stride(0), kp.stride(1), kp.stride(2), kp.stride(3)
         else:
@@ -284,7 +288,7 @@ class SparkAttnPlan:
         _attn_output_kernel[(H, self.splits)](
             q, q.stride(0), kr, kr.stride(0), kr.stride(1), v, v.stride(0), v.stride(1), length, self.p,
             self.p.stride(0), self.cand, self.candp, self.cand.stride(0), self.cnt, self.zsum, self.m, out,
-            out.stride(0), self.kept, self.capped, R, self.head_dim - R, self.dv, self.k, W, float(scale),
+            out.stride(0), kept, capped, R, self.head_dim - R, self.dv, self.k, W, float(scale),
             G=self.group, KP2=self.kp2, BLOCK_J=self.block_j, BLOCK_DR=next_pow2(self.head_dim - R),
             BLOCK_DV=next_pow2(self.dv), num_warps=self.warps)
         return out

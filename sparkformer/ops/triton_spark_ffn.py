@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparkformer.ops.triton_common import HAS_TRITON, gelu_tanh_f32, next_pow2, tl, triton
+from sparkformer.ops.triton_common import ACT_IDS, HAS_TRITON, act_f32, next_pow2, tl, triton
 
 __all__ = ["SparkFFNPlan", "spark_ffn_decode_triton", "triton_spark_ffn_decode"]
 
@@ -95,7 +95,8 @@ if HAS_TRITON:
     def _ffn_select_kernel(s_ptr, part_ptr, x_ptr, k2_ptr, stride_k2, v_ptr, stride_v, idx_ptr, h_ptr, cnt_ptr,
                            y_ptr, N, R, D2, D_OUT, n_parts, z,
                            BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                           SUB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FUSE_OUT: tl.constexpr):
+                           SUB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, FUSE_OUT: tl.constexpr,
+                           ACT: tl.constexpr):
         pid = tl.program_id(0)
         theta = _ffn_theta(part_ptr, N, n_parts, z, BLOCK_N, BLOCK_P)
         rows = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -124,7 +125,7 @@ if HAS_TRITON:
                 w = tl.load(k2_ptr + row[:, None] * stride_k2 + cols[None, :], mask=valid[:, None] & cm[None, :],
                             other=0.0).to(tl.float32)
                 acc += w * xv[None, :]
-            h = gelu_tanh_f32(s_j - theta) * tl.sum(acc, axis=1)
+            h = act_f32(s_j - theta, ACT) * tl.sum(acc, axis=1)
             if FUSE_OUT:
                 _ffn_rows_out(row, h, valid, v_ptr, stride_v, y_ptr, D_OUT, 0, D_OUT, BLOCK_D)
             else:
@@ -181,6 +182,7 @@ class SparkFFNPlan:
     splits: int = 0  # 0: chosen from the SM count
     cols_per: int = 0  # kernel 3 column tile (0: block_d)
     warps: int = 4
+    activation: str = "gelu_tanh"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -207,20 +209,23 @@ class SparkFFNPlan:
         self.y = torch.empty(self.d_out, **f32)
 
     def run(self, x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
-            y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (d,) any float dtype; k1 (n, r), k2 (n, d - r), v (n, d_out): last dims contiguous. -> y fp32."""
+            y: torch.Tensor | None = None, cnt: torch.Tensor | None = None) -> torch.Tensor:
+        """x (d,) any float dtype; k1 (n, r), k2 (n, d - r), v (n, d_out): last dims contiguous. -> y fp32.
+        ``y`` / ``cnt`` (int32, 1 element): where to write the output and the selected count (default: own)."""
         y = self.y if y is None else y
+        cnt = self.cnt if cnt is None else cnt
         _ffn_predict_kernel[(self.n_parts,)](
-            x, k1, k1.stride(0), self.s, self.part, y, self.cnt, self.n, self.r, self.d_out,
+            x, k1, k1.stride(0), self.s, self.part, y, cnt, self.n, self.r, self.d_out,
             BLOCK_N=self.block_n, BLOCK_K=self.block_k, BLOCK_Y=self.block_y, num_warps=self.warps)
         _ffn_select_kernel[(triton.cdiv(self.n, self.block_c),)](
-            self.s, self.part, x, k2, k2.stride(0), v, v.stride(0), self.idx, self.h, self.cnt, y,
+            self.s, self.part, x, k2, k2.stride(0), v, v.stride(0), self.idx, self.h, cnt, y,
             self.n, self.r, self.d2, self.d_out, self.n_parts, self.z,
             BLOCK_N=self.block_n, BLOCK_P=self.block_p, BLOCK_C=self.block_c, SUB=self.sub,
-            BLOCK_K=self.block_k2, BLOCK_D=self.block_d, FUSE_OUT=self.fuse_out, num_warps=self.warps)
+            BLOCK_K=self.block_k2, BLOCK_D=self.block_d, FUSE_OUT=self.fuse_out, ACT=ACT_IDS[self.activation],
+            num_warps=self.warps)
         if not self.fuse_out:
             _ffn_out_kernel[(triton.cdiv(self.d_out, self.cols_per), self.splits)](
-                self.idx, self.h, self.cnt, v, v.stride(0), y, self.d_out, COLS_PER=self.cols_per,
+                self.idx, self.h, cnt, v, v.stride(0), y, self.d_out, COLS_PER=self.cols_per,
                 BLOCK_S=self.block_s, BLOCK_D=self.block_d, num_warps=self.warps)
         return y
 

@@ -1,0 +1,192 @@
+"""Triton decode kernels vs their plain-PyTorch references.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set here before
+triton is imported); with one they compile and run on CUDA. Marked ``triton`` (deselected by default; run with
+``pytest -m triton tests/test_triton_decode.py``), skipped when triton is absent. ``gpu`` tests need CUDA.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from sparkformer.ops.dense_decode import dense_attn_decode_reference  # noqa: E402
+from sparkformer.ops.spark_attn_decode import spark_attn_decode_reference, to_blocked  # noqa: E402
+from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference  # noqa: E402
+from sparkformer.ops.triton_decode import (  # noqa: E402
+    dense_attn_decode_triton, embed_norm, geglu_act, residual_norm, rope_cache)
+from sparkformer.ops.triton_spark_attn import spark_attn_decode_triton, triton_spark_attn_decode  # noqa: E402
+from sparkformer.ops.triton_spark_ffn import spark_ffn_decode_triton, triton_spark_ffn_decode  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.triton
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fuse_out", [False, True])
+def test_spark_ffn_matches_reference(dtype, fuse_out):
+    n, d, r, d_out = 700, 96, 40, 80
+    x = torch.randn(d)
+    k1, k2, v = (torch.randn(n, c) * 0.2 for c in (r, d - r, d_out))
+    k1, k2, v = k1.to(dtype), k2.to(dtype), v.to(dtype)
+    y_ref, n_ref = spark_ffn_decode_reference(x, k1, k2, v, 0.08)
+    y, n_sel = spark_ffn_decode_triton(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV), 0.08, fuse_out)
+    assert abs(int(n_sel) - int(n_ref)) <= 1  # fp32 summation order may move a neuron sitting on theta
+    assert 0.03 < int(n_sel) / n < 0.15
+    assert rel(y, y_ref) < 1e-5  # soft threshold: a neuron at theta contributes ~0, so y stays close anyway
+
+
+def test_spark_ffn_custom_op_and_strided_views():
+    n, d, r = 300, 64, 32
+    x = torch.randn(d, dtype=torch.bfloat16)
+    packed = torch.randn(n, (d - r) + d) * 0.3  # K2 and V rows adjacent, as prepare_spark_ffn lays them out
+    k1 = torch.randn(n, r) * 0.3
+    y_ref, _ = spark_ffn_decode_reference(x, k1, packed[:, : d - r], packed[:, d - r:], 0.1)
+    packed_d = packed.to(DEV)
+    y, n_sel = triton_spark_ffn_decode(x.to(DEV), k1.to(DEV), packed_d[:, : d - r], packed_d[:, d - r:], 0.1)
+    assert y.dtype == torch.bfloat16 and n_sel.dtype == torch.int64
+    assert rel(y.float(), y_ref.float()) < 1e-2
+
+
+def test_spark_ffn_constant_scores_select_nothing():
+    n, d, r = 128, 32, 16
+    x = torch.zeros(d)
+    x[r:] = 1.0  # predictor input zero -> every score equal -> theta = mean, nothing strictly above it
+    k1, k2, v = torch.randn(n, r), torch.randn(n, d - r), torch.randn(n, d)
+    y, n_sel = spark_ffn_decode_triton(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV), 0.08)
+    assert int(n_sel) == 0 and float(y.abs().max()) == 0.0
+
+
+def _spark_cache(n_kv, L, D, r, dtype, blocked):
+    kp = torch.randn(n_kv, r, L).to(dtype)
+    krv = torch.randn(n_kv, L, (D - r) + D).to(dtype)
+    return (to_blocked(kp) if blocked else kp), krv[..., : D - r], krv[..., D - r:]
+
+
+CASES = [  # length, k, window, softcap
+    (200, 16, None, None),
+    (200, 16, 64, 50.0),
+    (10, 16, None, None),  # n <= k: keep all
+    (256, 300, None, 5.0),
+    (130, 8, 100, None),
+    (1, 4, None, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocked", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_spark_attn_matches_reference(dtype, blocked, case):
+    length, k, window, cap = case
+    H, KV, D, r, L = 4, 2, 32, 16, 256
+    q = torch.randn(H, D).to(dtype)
+    kp, kr, v = _spark_cache(KV, L, D, r, dtype, blocked)
+    ref = spark_attn_decode_reference(q, kp, kr, v, length, k, D**-0.5, window, cap)
+    out = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), length, k, D**-0.5, window, cap)
+    assert out[1].cpu().tolist() == ref[1].tolist()
+    assert out[2].cpu().tolist() == ref[2].tolist()
+    assert rel(out[0].float(), ref[0].float()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_spark_attn_gqa_groups_and_hard_cap(group):
+    KV, D, r, L, k = 2, 64, 32, 512, 24
+    H = KV * group
+    q = torch.randn(H, D) * 3  # large logits -> heavy right tail -> the cap fires often
+    kp, kr, v = _spark_cache(KV, L, D, r, torch.float32, True)
+    ref = spark_attn_decode_reference(q, kp, kr, v, 500, k, D**-0.5, None, None)
+    out = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), 500, k, D**-0.5)
+    assert out[1].cpu().tolist() == ref[1].tolist() and out[2].cpu().tolist() == ref[2].tolist()
+    assert rel(out[0], ref[0]) < 1e-5
+
+
+def test_spark_attn_degenerate_and_ties():
+    """Constant scores keep the k most recent keys (nothing clears theta); tied survivors over the cap prefer
+    the more recent key, as the reference's rule says."""
+    KV, H, D, r, L, k = 1, 2, 16, 8, 128, 8
+    q = torch.randn(H, D)
+    q[0, :r] = 0.0  # head 0: every predictor score is 0 -> degenerate
+    kp = torch.randn(KV, r, L)
+    kp[:, :, 40:80] = kp[:, :, 40:41]  # head 1: 40 identical keys, likely all above theta -> cap with ties
+    krv = torch.randn(KV, L, 2 * D - r)
+    kr, v = krv[..., : D - r], krv[..., D - r:]
+    for length in (100, 120):
+        ref = spark_attn_decode_reference(q, kp, kr, v, length, k, D**-0.5)
+        out = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), length, k, D**-0.5)
+        assert out[1].cpu().tolist() == ref[1].tolist() and out[2].cpu().tolist() == ref[2].tolist()
+        assert rel(out[0], ref[0]) < 1e-5
+
+
+def test_spark_attn_custom_op():
+    H, KV, D, r, L = 4, 2, 32, 16, 128
+    q = torch.randn(H, D, dtype=torch.bfloat16)
+    kp, kr, v = _spark_cache(KV, L, D, r, torch.bfloat16, True)
+    out, kept, capped = triton_spark_attn_decode(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), 100, 16, 0.2, 64, 30.0)
+    ref = spark_attn_decode_reference(q, kp, kr, v, 100, 16, 0.2, 64, 30.0)
+    assert out.dtype == torch.bfloat16 and kept.dtype == torch.int64 and capped.dtype == torch.bool
+    assert kept.cpu().tolist() == ref[1].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [(200, None, None), (200, 64, 50.0), (5, None, 30.0), (1, 16, None)])
+def test_dense_attn_matches_reference(dtype, case):
+    length, window, cap = case
+    H, KV, D, L = 4, 2, 32, 256
+    q = torch.randn(H, D)
+    k, v = torch.randn(KV, L, D).to(dtype), torch.randn(KV, L, D).to(dtype)
+    ref = dense_attn_decode_reference(q, k, v, length, D**-0.5, window, cap)
+    out = dense_attn_decode_triton(q.to(DEV), k.to(DEV), v.to(DEV), length, D**-0.5, window, cap)
+    assert rel(out.float(), ref.float()) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_glue_kernels_match_torch():
+    from sparkformer.model import apply_rope, gelu_tanh, rope_tables
+
+    d, H, KV, D, r, L, eps = 48, 4, 2, 16, 8, 64, 1e-6
+    rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w  # noqa: E731
+    emb = torch.randn(10, d)
+    w0, w1, w2 = torch.randn(d), torch.randn(d), torch.randn(d)
+    tok, pos = torch.tensor([7]), torch.tensor([5], dtype=torch.int32)
+    h, xn, ln = torch.empty(d), torch.empty(d), torch.zeros(1, dtype=torch.int32)
+    to = lambda *ts: [t.to(DEV) for t in ts]  # noqa: E731
+    hd, xnd, lnd = to(h, xn, ln)
+    embed_norm(*to(tok, emb), 2.0, hd, w0.to(DEV), xnd, pos.to(DEV), lnd, eps)
+    assert rel(hd, emb[7] * 2) < 1e-6 and rel(xnd, rms(emb[7] * 2, w0)) < 1e-6 and int(lnd) == 6
+    o = torch.randn(d)
+    for post in (w1, None):
+        h0 = hd.clone()
+        residual_norm(o.to(DEV), hd, None if post is None else post.to(DEV), w2.to(DEV), xnd, eps)
+        hh = h0.cpu() + (rms(o, post) if post is not None else o)
+        assert rel(hd, hh) < 1e-6 and rel(xnd, rms(hh, w2)) < 1e-6
+    gu, a = torch.randn(2 * 40), torch.empty(40)
+    ad = a.to(DEV)
+    geglu_act(gu.to(DEV), ad)
+    assert rel(ad, gelu_tanh(gu[:40]) * gu[40:]) < 1e-6
+    # RoPE + cache write, Spark layout (two rotary spaces) and dense
+    qkv = torch.randn((H + 2 * KV) * D)
+    tabs = {n: tuple(t.to(DEV) for t in rope_tables(n, 0, L, 10000.0)) for n in (D, r, D - r)}
+    q_out = torch.empty(H, D, device=DEV)
+    kp = torch.zeros(KV, L // 64, r, 64, device=DEV)
+    krv = torch.zeros(KV, L, 2 * D - r, device=DEV)
+    rope_cache(qkv.to(DEV), pos.to(DEV), q_out, tabs[r], tabs[D - r],
+               ("spark", kp, krv[..., : D - r], krv[..., D - r:]), H, KV, D, r)
+    x = qkv.view(H + 2 * KV, D)
+    cs = {n: rope_tables(n, 0, L, 10000.0) for n in (D, r, D - r)}
+    rot = lambda t, n, off: apply_rope(t[..., off:off + n], cs[n][0][5], cs[n][1][5])  # noqa: E731
+    want = torch.cat([rot(x, r, 0), rot(x, D - r, r)], -1)
+    assert rel(q_out, want[:H]) < 1e-6
+    assert rel(kp[:, 0, :, 5], want[H:H + KV, :r]) < 1e-6
+    assert rel(krv[:, 5, : D - r], want[H:H + KV, r:]) < 1e-6 and rel(krv[:, 5, D - r:], x[H + KV:]) < 1e-6
+    k, v = torch.zeros(KV, L, D, device=DEV), torch.zeros(KV, L, D, device=DEV)
+    rope_cache(qkv.to(DEV), pos.to(DEV), q_out, tabs[D], None, ("dense", k, v), H, KV, D, D)
+    assert rel(q_out, rot(x, D, 0)[:H]) < 1e-6 and rel(k[:, 5], rot(x, D, 0)[H:H + KV]) < 1e-6
