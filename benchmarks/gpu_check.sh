@@ -20,12 +20,12 @@ stage "environment"
 } 2>&1 | tee "$OUT/env.txt"
 
 stage "benchmark: gemma2-2b decode, bf16, context 512,4096"
-timeout 330 $PY -m sparkformer.bench.decode_cuda --preset gemma2-2b --context 512,4096 --dtype bf16 \
+timeout 200 $PY -m sparkformer.bench.decode_cuda --preset gemma2-2b --context 512,4096 --dtype bf16 \
   --tokens 32 --repeats 5 --out "$OUT" --name decode_cuda_h200 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit ${PIPESTATUS[0]}"
 
 stage "tests: Triton kernels vs references, engine, CUDA graph"
-timeout 200 $PY -m pytest -q -p no:cacheprovider -m "triton or gpu" tests/test_triton_decode.py 2>&1 \
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m "triton or gpu" tests/test_triton_decode.py 2>&1 \
   | tee "$OUT/tests.txt" | tail -25
 echo "tests exit ${PIPESTATUS[0]}"
 stage "done"

@@ -146,6 +146,19 @@ def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: 
     return summary(times[1:])
 
 
+def ffn_full_shape_check(engine) -> dict:
+    """The tuned Spark FFN kernels at full size vs the fp32 reference on the same device (layer 0, random x)."""
+    from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference
+
+    st = next(s for s in engine.layers if s.ffn_kind == "spark")
+    x = torch.randn(engine.cfg.d_model, device=engine.device).to(engine.dtype)
+    y = engine.ffn_plan.run(x, *st.ffn).clone()
+    n = int(engine.ffn_plan.cnt[0])
+    y_ref, n_ref = spark_ffn_decode_reference(x, *st.ffn, engine.cfg.spark_ffn_fraction)
+    err = float((y - y_ref.float()).norm() / y_ref.float().norm())
+    return {"rel_err": err, "selected": n, "selected_ref": int(n_ref)}
+
+
 def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, hf: bool,
               peak: float) -> dict:
     dtype = DTYPES[dtype_name]
@@ -170,6 +183,7 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
     reps = tokens
     d_comp = components(dense, context, reps)
     s_comp = components(spark, context, reps)
+    ffn_check = ffn_full_shape_check(spark)
     ffn_pick = {k: getattr(spark.ffn_plan, k) for k in ("fuse_out", "block_n", "block_k", "block_c", "sub",
                                                          "block_s", "splits", "warps")}
     ffn_pick["ms"] = getattr(spark.ffn_plan, "pick_ms", None)
@@ -204,6 +218,7 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
         "spark_components_ms": {k: v * 1e3 for k, v in s_comp.items()},
         "achieved": st,
         "spark_ffn_plan": ffn_pick,
+        "ffn_full_shape_check": ffn_check,
         "setup_s": t_build,
     }
     res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
