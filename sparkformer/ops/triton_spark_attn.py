@@ -30,7 +30,7 @@ from sparkformer.ops.triton_common import HAS_TRITON, next_pow2, softplus_f32, t
 
 __all__ = ["SparkAttnPlan", "ndtri_table", "spark_attn_decode_triton", "triton_spark_attn_decode"]
 
-_I64_MIN = -(2**63)
+_I64_MIN = tl.constexpr(-(2**63)) if HAS_TRITON else -(2**63)  # jit code reads only constexpr globals
 
 if HAS_TRITON:
 
