@@ -46,6 +46,22 @@ def test_spark_ffn_matches_reference(dtype, fuse_out):
     assert rel(y, y_ref) < 1e-5  # soft threshold: a neuron at theta contributes ~0, so y stays close anyway
 
 
+@pytest.mark.parametrize("kw", [dict(block_c=32, sub=8, splits=64), dict(fuse_out=True, block_c=32, sub=8),
+                                dict(block_n=8, block_k=1024, block_c=32, sub=8, splits=5, block_s=4),
+                                dict(block_n=32, block_k=512, warps=8, sub=4)])
+def test_spark_ffn_launch_shapes(kw):
+    """Every launch shape the on-device tuner may pick computes the same function."""
+    from sparkformer.ops.triton_spark_ffn import SparkFFNPlan
+
+    n, d, r = 500, 80, 48
+    x = torch.randn(d)
+    k1, k2, v = (torch.randn(n, c) * 0.2 for c in (r, d - r, d))
+    y_ref, n_ref = spark_ffn_decode_reference(x, k1, k2, v, 0.1)
+    plan = SparkFFNPlan.for_weights(k1.to(DEV), k2.to(DEV), v.to(DEV), 0.1, **kw)
+    y = plan.run(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV))
+    assert abs(int(plan.cnt[0]) - int(n_ref)) <= 1 and rel(y, y_ref) < 1e-5
+
+
 def test_spark_ffn_custom_op_and_strided_views():
     n, d, r = 300, 64, 32
     x = torch.randn(d, dtype=torch.bfloat16)

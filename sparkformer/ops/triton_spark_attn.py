@@ -259,7 +259,7 @@ class SparkAttnPlan:
     def run(self, q: torch.Tensor, kp: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
             scale: float, window: int | None = None, softcap: float | None = None,
             out: torch.Tensor | None = None, kept: torch.Tensor | None = None,
-            capped: torch.Tensor | None = None) -> torch.Tensor:
+            capped: torch.Tensor | None = None, stages: int = 3) -> torch.Tensor:
         """q (H, D); kp blocked (n_kv, L // B, r, B) or plain (n_kv, r, L); kr (n_kv, L, D - r); v (n_kv, L, dv);
         length: int32 device tensor of shape (1,) (filled positions). -> out (H, dv) fp32.
         ``out`` / ``kept`` (H,) int64 / ``capped`` (H,) int8: where to write (default: the plan's own)."""
@@ -279,12 +279,16 @@ class SparkAttnPlan:
             q, q.stride(0), kp, s_kv, s_blk, s_r, s_b, kb, length, self.p, self.p.stride(0), self.part,
             self.part.stride(0), self.cnt, self.zsum, R, W, float(scale), cap,
             G=self.group, BLOCK_L=self.block_l, BLOCK_R=next_pow2(R), num_warps=self.warps)
+        if stages < 2:  # per-kernel timing only
+            return out
         n_chunks = triton.cdiv(min(self.max_len, W) if W else self.max_len, self.chunk)
         _attn_select_kernel[(H, n_chunks)](
             length, self.p, self.p.stride(0), self.part, self.part.stride(0), self.ztab, self.cand, self.candp,
             self.cand.stride(0), self.cnt, self.zsum, self.m, out, out.stride(0), self.dv, self.k, W,
             BLOCK_L=self.block_l, BLOCK_P=self.block_p, CHUNK=self.chunk, BLOCK_DV=min(1024, next_pow2(self.dv)),
             num_warps=self.warps)
+        if stages < 3:
+            return out
         _attn_output_kernel[(H, self.splits)](
             q, q.stride(0), kr, kr.stride(0), kr.stride(1), v, v.stride(0), v.stride(1), length, self.p,
             self.p.stride(0), self.cand, self.candp, self.cand.stride(0), self.cnt, self.zsum, self.m, out,

@@ -209,21 +209,24 @@ class SparkFFNPlan:
         self.y = torch.empty(self.d_out, **f32)
 
     def run(self, x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
-            y: torch.Tensor | None = None, cnt: torch.Tensor | None = None) -> torch.Tensor:
+            y: torch.Tensor | None = None, cnt: torch.Tensor | None = None, stages: int = 3) -> torch.Tensor:
         """x (d,) any float dtype; k1 (n, r), k2 (n, d - r), v (n, d_out): last dims contiguous. -> y fp32.
-        ``y`` / ``cnt`` (int32, 1 element): where to write the output and the selected count (default: own)."""
+        ``y`` / ``cnt`` (int32, 1 element): where to write the output and the selected count (default: own).
+        ``stages`` < 3 stops after that many launches (per-kernel timing only)."""
         y = self.y if y is None else y
         cnt = self.cnt if cnt is None else cnt
         _ffn_predict_kernel[(self.n_parts,)](
             x, k1, k1.stride(0), self.s, self.part, y, cnt, self.n, self.r, self.d_out,
             BLOCK_N=self.block_n, BLOCK_K=self.block_k, BLOCK_Y=self.block_y, num_warps=self.warps)
+        if stages < 2:
+            return y
         _ffn_select_kernel[(triton.cdiv(self.n, self.block_c),)](
             self.s, self.part, x, k2, k2.stride(0), v, v.stride(0), self.idx, self.h, cnt, y,
             self.n, self.r, self.d2, self.d_out, self.n_parts, self.z,
             BLOCK_N=self.block_n, BLOCK_P=self.block_p, BLOCK_C=self.block_c, SUB=self.sub,
             BLOCK_K=self.block_k2, BLOCK_D=self.block_d, FUSE_OUT=self.fuse_out, ACT=ACT_IDS[self.activation],
             num_warps=self.warps)
-        if not self.fuse_out:
+        if not self.fuse_out and stages >= 3:
             _ffn_out_kernel[(triton.cdiv(self.d_out, self.cols_per), self.splits)](
                 self.idx, self.h, cnt, v, v.stride(0), y, self.d_out, COLS_PER=self.cols_per,
                 BLOCK_S=self.block_s, BLOCK_D=self.block_d, num_warps=self.warps)
@@ -247,6 +250,10 @@ class SparkFFNPlan:
             dict(fuse_out=False, block_n=32, block_k=512, warps=8),
             dict(fuse_out=False, block_c=64, sub=8, block_s=16),
             dict(fuse_out=True, block_c=64, sub=8),
+            # more, shorter programs (the select chain is latency-bound at 108 programs)
+            dict(fuse_out=False, block_c=32, sub=8, splits=64),
+            dict(fuse_out=True, block_c=32, sub=8),
+            dict(fuse_out=False, block_n=8, block_k=1024, block_c=32, sub=8, splits=64, block_s=4),
         ]
         weights = weights or [(k1, k2, v)]
         best, best_t = None, float("inf")
