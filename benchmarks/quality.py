@@ -495,6 +495,40 @@ def run_study(args: argparse.Namespace) -> dict:
     return res
 
 
+def retime(args: argparse.Namespace, rpath: Path) -> dict:
+    """--timing-only: time the training steps on this machine and put them into an existing result file (trained
+    elsewhere, e.g. on a lent GPU); the training machine's own timing is kept under ``timing_training_machine``."""
+    if not rpath.is_file():
+        raise SystemExit(f"--timing-only needs an existing result file; {rpath} does not exist (run the study first)")
+    res = json.loads(rpath.read_text())
+    s = dict(res["settings"])
+    data_path = Path(args.data_dir).expanduser() if args.data_dir else None
+    if data_path is None:
+        prepare(quiet=True)
+        data_path = default_data_dir()
+    data = TokenData(data_path)
+    if data.manifest["tokenizer_sha256"] != s["tokenizer_sha256"]:
+        raise SystemExit(f"{data_path}: its tokenizer differs from the one the study trained with; pass --data-dir "
+                         "with the study's data")
+    if args.time_repeats:
+        s["time_repeats"] = args.time_repeats
+    s["data_dir"] = str(data_path)
+    cfg = train_config(s, "dense", Path(res["settings"]["out_dir"]), None, False)
+    print(f"timing a training step ({s['time_repeats']} interleaved rounds) on this machine ...", file=sys.stderr)
+    timing, tinfo = time_steps(s, data, cfg, s["time_repeats"])
+    if "timing_training_machine" not in res:
+        res["timing_training_machine"] = {"env": res["env"], "timing": res["timing"], "timing_info": res["timing_info"]}
+    res["training_env"] = res.get("training_env", res["env"])
+    res["env"] = env_info("float32")
+    res["timing"], res["timing_info"] = timing, tinfo
+    for name, v in res["variants"].items():
+        v["step_time_s"], v["step_time"] = timing[name]["median"], timing[name]
+    res["timing_command"] = "python " + " ".join(shlex.quote(a) for a in
+                                                 [os.path.relpath(__file__, Path.cwd())] + args.argv)
+    res["targets"] = check_targets(res)
+    return res
+
+
 def print_table(res: dict) -> None:
     s, e = res["settings"], res["env"]
     print(f"{e['cpu']}, {e['threads']} threads, torch {e['torch']}, fp32; "
@@ -577,6 +611,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop each run after this step, as an interruption would (rerun to continue)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only time the training steps on this machine and update the existing result file")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -589,6 +625,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.timing_only:
+            rpath = Path(args.results) if args.results else REPO / "benchmarks" / "results" / "quality.json"
+            res = retime(args, rpath)
+            path = write_result(rpath.stem, res, rpath.parent)
+            print_table(res)
+            print(json.dumps(summary_line(res, path, None)))
+            return 0
         res = run_study(args)
     except Interrupted as e:
         print(f"quality study interrupted: {e}; run the same command again to continue", file=sys.stderr)

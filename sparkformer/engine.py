@@ -10,6 +10,8 @@ Layout, chosen at load time so that every read streams:
   all keys is one forward stream and each kept key costs one contiguous read (ops.spark_attn_decode explains).
 - Spark FFN: K1 (d_ff, r) contiguous; each neuron's K2 row and V row adjacent in one buffer.
 - GeGLU FFN: [W_gate; W_up; W_down^T] in one (3, m, d) buffer, read as a few long forward streams.
+- Routed FFN (a pretrained gated FFN with a sparkified predictor or brick router, ``from_model(..., routers=)``):
+  each neuron's gate and up rows side by side (m, 2, d) and W_down^T (m, d), so the kept neurons are one gather each.
 
 Both dense and Spark models run here with the same kernels machinery (``sparkformer.ops``: fused C++ ops when the
 extension builds, fast pure-torch otherwise), the same threads and dtype: the dense model is an honest competitor.
@@ -26,8 +28,8 @@ from typing import Callable, Iterator
 import torch
 
 from sparkformer.config import ModelConfig
-from sparkformer.model import ACTIVATIONS, SparkLM, apply_rope, attention_mask, dense_attention, gelu_tanh, \
-    rope_tables, sample_next, softcap, spark_attention
+from sparkformer.model import ACTIVATIONS, SparkLM, apply_rope, gelu_tanh, rope_tables, sample_next, softcap
+from sparkformer.ops.attn_prefill import prefill_attention
 from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, dense_cache_write, geglu_decode, matvec, \
     new_dense_cache, pack_geglu
 from sparkformer.ops.spark_attn_decode import feature_major, new_spark_cache, spark_attn_decode, spark_cache_write
@@ -59,6 +61,9 @@ class LayerState:
     norms: torch.Tensor  # (4, d) fp32: 1 + w for input, post-attn, pre-ffn, post-ffn norms
     ffn: tuple  # SparkFFNWeights (k1, k2, v) or GegluWeights (w_gate, w_up, w_down_t)
     cache: tuple = ()  # DenseCache (k, v) or SparkCache (kp, kr, v)
+    router: object = None  # ffn_kind "routed": a bricks Router choosing this layer's neurons per token
+    gate_up: torch.Tensor | None = None  # routed: (m, 2, d) each neuron's gate and up rows side by side
+    router_fast: tuple | None = None  # routed by a plain sparkified predictor: (A, B, n, ndtri(1 - f), act)
 
 
 @dataclass
@@ -110,8 +115,12 @@ class DecodeEngine:
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: SparkLM, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
-                   impl: str = "auto") -> "DecodeEngine":
-        """Copy a ``SparkLM``'s weights into decode layout (the model can be freed afterwards)."""
+                   impl: str = "auto", routers=None) -> "DecodeEngine":
+        """Copy a ``SparkLM``'s weights into decode layout (the model can be freed afterwards).
+
+        ``routers``: optional per-layer ``sparkformer.bricks.routing.Router`` (or None) for dense gated FFN layers,
+        e.g. ``load_routers("predictor.safetensors")[0]`` from ``sparkformer bricks sparkify``: those layers run
+        only the neurons their router selects per token (decode and prefill alike)."""
         if not isinstance(model, SparkLM):
             raise TypeError(f"DecodeEngine.from_model needs a SparkLM, got {type(model).__name__} "
                             "(for a transformers SparkForCausalLM pass its .model)")
@@ -121,6 +130,9 @@ class DecodeEngine:
         bad = sorted({cfg.ffn_kind(i) for i in range(cfg.n_layers)} - {"geglu", "spark"})
         if bad:
             raise ValueError(f"the decode engine supports ffn kinds geglu and spark, not {bad} (use SparkLM.generate)")
+        routers = list(routers) if routers is not None else [None] * cfg.n_layers
+        if len(routers) != cfg.n_layers:
+            raise ValueError(f"got {len(routers)} routers for a {cfg.n_layers}-layer model (one per layer, None = dense)")
         layers = []
         with torch.no_grad():
             for i, blk in enumerate(model.layers):
@@ -134,8 +146,11 @@ class DecodeEngine:
                                             f.down_proj.weight.t(), f.rank, dtype)
                 else:
                     ffn = pack_geglu(f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight, dtype)
-                layers.append(LayerState(a.kind, f.kind, cfg.window(i), w_qkv, a.o_proj.weight.to(dtype).contiguous(),
-                                         norms, ffn))
+                st = LayerState(a.kind, f.kind, cfg.window(i), w_qkv, a.o_proj.weight.to(dtype).contiguous(), norms,
+                                ffn)
+                if routers[i] is not None:
+                    _attach_router(st, routers[i], f, i, dtype)
+                layers.append(st)
             embed = model.embed.weight.to(dtype).contiguous()
             head = None if model.lm_head is None else model.lm_head.weight.to(dtype).contiguous()
             final = model.final_norm.scale()
@@ -272,12 +287,14 @@ class DecodeEngine:
                     y, n_sel = _spark_ffn_decode_act(xn, *st.ffn, cfg.spark_ffn_fraction, self._act)
                 self.stats.ffn_neurons += int(n_sel)
                 self.stats.ffn_layers += 1
+            elif st.ffn_kind == "routed":
+                y, n_sel = self._routed_ffn_decode(st, xn)
+                self.stats.ffn_neurons += n_sel
+                self.stats.ffn_layers += 1
             elif self._act is None:
                 y = geglu_decode(xn, *st.ffn, impl=impl)
             else:
-                wg, wu, wd_t = st.ffn
-                y = (self._act(torch.mv(wg, xn.to(wg.dtype)).float()) * torch.mv(wu, xn.to(wu.dtype)).float()
-                     ).to(wd_t.dtype) @ wd_t
+                y = _gated_ffn_decode_torch(xn, *st.ffn, self._act)
             if prof:
                 t = self._tick("ffn", t)
             y = y.float()
@@ -323,15 +340,9 @@ class DecodeEngine:
                 kk = (c.k[:, : pos0 + T] if c.k.dim() == 3 else feature_major(c.k)[:, :, : pos0 + T].transpose(1, 2))
                 kk = kk.float()
             vv = c.v[:, : pos0 + T].float()
-            rep = H // KV
-            kk, vv = kk.repeat_interleave(rep, 0)[None], vv.repeat_interleave(rep, 0)[None]
-            mask = attention_mask(T, pos0 + T, pos0, st.window, x.device)
-            if st.attn_kind == "spark":
-                out, _ = spark_attention(q[None], kk, vv, mask, r, cfg.spark_attn_topk, cfg.attn_scale,
-                                         cfg.attn_logit_softcap, hard_cap=True)
-            else:
-                out = dense_attention(q[None], kk, vv, mask, cfg.attn_scale, cfg.attn_logit_softcap)
-            out = out[0].transpose(0, 1).reshape(T, H * hd)
+            out, _ = prefill_attention(q, kk, vv, pos0, kind=st.attn_kind, scale=cfg.attn_scale, window=st.window,
+                                       cap=cfg.attn_logit_softcap, rank=r, topk=cfg.spark_attn_topk)
+            out = out.transpose(0, 1).reshape(T, H * hd)
             o = (out.to(dt) @ st.w_o.t()).float()
             x = x + (self._rms(o, st.norms[1]) if self._post else o)
             xn = self._rms(x, st.norms[2]).to(dt)
@@ -341,11 +352,32 @@ class DecodeEngine:
                 y = ((a * (xn[:, k1.shape[1]:] @ k2.t()).float()).to(dt) @ vw).float()
             else:
                 wg, wu, wd_t = st.ffn
-                y = ((act((xn @ wg.t()).float()) * (xn @ wu.t()).float()).to(dt) @ wd_t).float()
+                a = act((xn @ wg.t()).float()) * (xn @ wu.t()).float()
+                if st.router is not None:  # the same per-token selection as decode
+                    a = a * st.router.neuron_mask(xn)
+                y = (a.to(dt) @ wd_t).float()
             x = x + (self._rms(y, st.norms[3]) if self._post else y)
         self.pos = pos0 + T
         last = self._rms(x[-1], self.final_norm)
         return softcap(matvec(self.head, last, impl=self.impl).float(), cfg.final_logit_softcap)
+
+    def _routed_ffn_decode(self, st: LayerState, xn: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Gated FFN over the neurons the layer's router keeps for this token: one gather of their gate/up rows,
+        one of their W_down columns."""
+        act = ACTIVATIONS[self.cfg.ffn_activation]
+        x = xn.to(self.dtype)
+        fast = st.router_fast
+        if fast is not None:  # a sparkified LowRankPredictor: its scores and statistical threshold in a few ops
+            A, B, n, c, score_act = fast
+            y = matvec(B, matvec(A, x, impl=self.impl).to(self.dtype), impl=self.impl).float()
+            s = (score_act(y[:n]) * y[n:]).abs_()
+            var, mean = torch.var_mean(s, correction=0)
+            idx = (s > mean + var.sqrt() * c).nonzero().squeeze(1)
+        else:
+            idx = st.router.neuron_mask(x[None])[0].nonzero().squeeze(1)
+        gu = (st.gate_up.index_select(0, idx).view(-1, x.numel()) @ x).float().view(-1, 2)
+        h = act(gu[:, 0]) * gu[:, 1]
+        return h.to(self.dtype) @ st.ffn[2].index_select(0, idx), idx.numel()
 
     def _rope_rows(self, x: torch.Tensor, pos0: int, split: int | None) -> torch.Tensor:
         T = x.shape[-2]
@@ -378,6 +410,49 @@ class DecodeEngine:
                 logits = self.step(tok)
 
 
+def _attach_router(st: LayerState, router, ffn, layer: int, dtype: torch.dtype) -> None:
+    """Make layer ``st`` a routed FFN layer driven by ``router`` (a copy in the engine's dtype)."""
+    import copy
+
+    if st.ffn_kind != "geglu":
+        raise ValueError(f"layer {layer}: routers apply to dense gated FFN layers, this one is {st.ffn_kind!r}")
+    n = ffn.gate_proj.weight.shape[0]
+    if getattr(router, "n_neurons", None) != n:
+        raise ValueError(f"layer {layer}: router is for {getattr(router, 'n_neurons', '?')} neurons, the FFN has {n}")
+    st.router = copy.deepcopy(router).to(dtype).eval()
+    st.router_fast = _lowrank_fast_path(st.router, dtype)
+    st.gate_up = torch.stack([ffn.gate_proj.weight, ffn.up_proj.weight], 1).to(dtype).contiguous()
+    st.ffn_kind = "routed"
+
+
+def _lowrank_fast_path(router, dtype: torch.dtype) -> tuple | None:
+    """(A, B, n, c, act) when ``router`` is a neuron-level low-rank 'gate_up' predictor with statistical selection and the
+    model's activation (decode then skips the generic Router calls); else None."""
+    from sparkformer.bricks.routing import ACTS, LowRankPredictor
+
+    if not (type(router) is LowRankPredictor and router.groups is None and router.A is not None
+            and router.bias is None and router.output == "gate_up" and router.method == "stat"
+            and router.fraction < 1.0):
+        return None
+    f = min(1.0, router.stat_fraction if router.stat_fraction is not None else router.fraction)
+    c = float(torch.special.ndtri(torch.tensor(1.0 - f, dtype=torch.float64).clamp(1e-12, 1.0 - 1e-12)))
+    return (router.A.detach().to(dtype).contiguous(), router.B.detach().to(dtype).contiguous(), router.n_neurons, c,
+            ACTS[router.act])
+
+
+def _gated_ffn_decode_torch(x, wg, wu, wd_t, act):
+    """Dense gated FFN decode in torch ops, for activations the fused kernel does not implement; gate and up are one
+    matvec when their rows are adjacent in memory (``pack_geglu``'s layout)."""
+    m = wg.shape[0]
+    x = x.to(wg.dtype)
+    if wu.data_ptr() == wg.data_ptr() + wg.numel() * wg.element_size() and wg.is_contiguous() and wu.is_contiguous():
+        gu = torch.mv(wg.as_strided((2 * m, wg.shape[1]), (wg.shape[1], 1)), x).float()
+        g, u = gu[:m], gu[m:]
+    else:
+        g, u = torch.mv(wg, x).float(), torch.mv(wu, x).float()
+    return (act(g) * u).to(wd_t.dtype) @ wd_t
+
+
 def _cache_write_rows(cache: tuple, pos0: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store keys k (KV, T, hd) and values v (KV, T, dv) of positions pos0.. into a dense or Spark cache."""
     T = k.shape[1]
@@ -407,9 +482,20 @@ def _spark_ffn_decode_act(x, k1, k2, v, fraction, act):
     return h.to(v.dtype) @ v.index_select(0, idx), idx.numel()
 
 
+def make_engine(model: SparkLM, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
+                device: str | torch.device = "cpu", **kw):
+    """The decode engine for ``device``: ``DecodeEngine`` on CPU, ``CudaDecodeEngine`` (Triton kernels + CUDA graphs)
+    on CUDA. Both have ``prefill``, ``step``, ``generate`` and ``reset``."""
+    if torch.device(device).type == "cuda":
+        from sparkformer.cuda_engine import CudaDecodeEngine  # lazy: CPU-only installs never import triton
+
+        return CudaDecodeEngine.from_model(model, resolve_dtype(dtype), max_len, device=device)
+    return DecodeEngine.from_model(model, dtype, max_len, **kw)
+
+
 def stop_on_strings(decode: Callable[[list[int]], str], stops: list[str]) -> Callable[[list[int]], bool]:
     """A ``stop`` callback for ``generate`` that fires when the decoded text contains any of ``stops``."""
     return lambda toks: any(s in decode(toks) for s in stops)
 
 
-__all__ = ["DecodeEngine", "DecodeStats", "resolve_dtype", "stop_on_strings"]
+__all__ = ["DecodeEngine", "DecodeStats", "make_engine", "resolve_dtype", "stop_on_strings"]

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from sparkformer.engine import DecodeEngine, stop_on_strings
+from sparkformer.engine import DecodeEngine, make_engine, stop_on_strings
 
 
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                   top_p: float = 0.95, dtype: str = "fp32", stop: list[str] | None = None, seed: int = 0,
-                  impl: str = "auto", stream=None) -> dict:
+                  impl: str = "auto", stream=None, device: str = "cpu") -> dict:
     """Generate from a checkpoint folder (model.safetensors + config.json + tokenizer.json). Python API of the CLI."""
     from sparkformer.tokenizer import load_tokenizer
     from sparkformer.train import load_checkpoint, resolve_checkpoint
@@ -31,7 +31,10 @@ def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 100, tempe
     if len(ids) >= model.config.max_seq_len:
         raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {model.config.max_seq_len}")
     max_new_tokens = max_len - len(ids)
-    engine = DecodeEngine.from_model(model.eval(), dtype=dtype, max_len=max_len, impl=impl)
+    if device == "cpu":
+        engine = DecodeEngine.from_model(model.eval(), dtype=dtype, max_len=max_len, impl=impl)
+    else:
+        engine = make_engine(model.eval(), dtype, max_len, device)
     del model
     gen = torch.Generator().manual_seed(seed)
     stop_fn = stop_on_strings(tok.decode, stop) if stop else None
@@ -59,7 +62,8 @@ def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 100, tempe
         "prompt_tokens": len(ids), "new_tokens": n, "text": text,
         "prefill_s": (t_first or t1) - t0,
         "decode_tokens_per_s": (n - 1) / (t1 - t_first) if n > 1 and t_first else None,
-        "sparsity": engine.stats.summary(engine.cfg.spark_ffn_dim),
+        "sparsity": (engine.stats_summary() if hasattr(engine, "stats_summary")
+                     else engine.stats.summary(engine.cfg.spark_ffn_dim)),
         "dtype": dtype,
     }
 
@@ -68,7 +72,7 @@ def _cli(args: argparse.Namespace) -> int:
     if args.stream:
         sys.stdout.write(args.prompt)
     res = generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.dtype,
-                        args.stop, args.seed, args.impl, sys.stdout if args.stream else None)
+                        args.stop, args.seed, args.impl, sys.stdout if args.stream else None, args.device)
     if not args.stream:
         print(args.prompt + res["text"])
     print()
@@ -87,5 +91,6 @@ def add_cli(sub) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", choices=["auto", "ext", "torch", "reference"])
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N for the Triton engine (needs triton)")
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.set_defaults(func=_cli)

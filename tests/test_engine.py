@@ -113,3 +113,44 @@ def test_engine_llama_style_spark_model():
     e = DecodeEngine.from_model(m)
     got = torch.stack([e.prefill(x[0, :20])] + [e.step(int(t)) for t in x[0, 20:39]])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def _llama_dense_cfg():
+    return cfg_for("dense", norm_style="llama", post_norms=False, embed_scale=False, ffn_activation="silu",
+                   tie_embeddings=True, attn_logit_softcap=None, final_logit_softcap=None)
+
+
+def test_engine_routed_ffn_matches_routed_model():
+    """A dense gated model with sparkified predictors: the engine's gathered FFN equals bricks.route's masking."""
+    from sparkformer.bricks.routing import LowRankPredictor, route
+
+    torch.manual_seed(0)
+    cfg = _llama_dense_cfg()
+    m = SparkLM(cfg).eval()
+    d, n = cfg.d_model, cfg.ffn_dim
+    routers = [LowRankPredictor(torch.randn(2 * n, 16), A=torch.randn(16, d), output="gate_up", act="silu",
+                                fraction=0.3, method="stat") if i != 1 else None for i in range(cfg.n_layers)]
+    x = torch.randint(0, 97, (1, 40))
+    with route(m, routers) as stats:
+        ref = m(x).logits[0, 19:39]
+    e = DecodeEngine.from_model(m, routers=routers)
+    got = torch.stack([e.prefill(x[0, :20])] + [e.step(int(t)) for t in x[0, 20:39]])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    activity = e.stats.summary(n)["ffn_activity"]
+    assert 0.15 < activity < 0.45, activity  # the routers really drop neurons (~30% kept)
+    assert stats.kept[0] < stats.total[0]
+    # and routing changes the output: the dense engine differs
+    dense = DecodeEngine.from_model(m)
+    assert not torch.allclose(dense.prefill(x[0, :20]), got[0], atol=1e-3)
+
+
+def test_engine_rejects_bad_routers():
+    from sparkformer.bricks.routing import LowRankPredictor
+
+    cfg = _llama_dense_cfg()
+    m = SparkLM(cfg).eval()
+    r = LowRankPredictor(torch.randn(2 * 10, 4), A=torch.randn(4, cfg.d_model), output="gate_up")
+    with pytest.raises(ValueError, match="one per layer"):
+        DecodeEngine.from_model(m, routers=[None])
+    with pytest.raises(ValueError, match="neurons"):
+        DecodeEngine.from_model(m, routers=[r, None, None])

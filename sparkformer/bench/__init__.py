@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["topk", "decode"]
+BENCHMARKS = ["topk", "decode", "routed"]
 
 
 def add_cli(sub) -> None:

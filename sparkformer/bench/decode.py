@@ -106,12 +106,29 @@ def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: 
     return summary(times)
 
 
+def time_prefill(dense: DecodeEngine, spark: DecodeEngine, n: int, repeats: int) -> dict:
+    """Prefill of n random tokens from an empty cache, dense and Spark interleaved (after one warm-up each)."""
+    ids = torch.randint(0, dense.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+    t = {"dense": [], "spark": []}
+    for rep in range(repeats + 1):
+        for name, e in (("dense", dense), ("spark", spark)):
+            e.reset()
+            t0 = time.perf_counter()
+            e.prefill(ids)
+            if rep:
+                t[name].append(time.perf_counter() - t0)
+    dm, sm = statistics.median(t["dense"]), statistics.median(t["spark"])
+    return {"tokens": n, "repeats": repeats, "dense_s": dm, "spark_s": sm, "spark_over_dense": sm / dm,
+            "dense_tokens_per_s": n / dm, "spark_tokens_per_s": n / sm}
+
+
 def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, impl: str,
-              hf: bool) -> dict:
+              hf: bool, prefill: int = 0, prefill_repeats: int = 2) -> dict:
     dtype = resolve_dtype(dtype_name)
-    max_len = context + tokens + 1
+    max_len = max(context + tokens + 1, prefill)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
     dense, spark = build_pair(cfg, dtype, max_len, impl)
+    pre = time_prefill(dense, spark, prefill, prefill_repeats) if prefill else None
     fill_cache_random(dense, context)
     fill_cache_random(spark, context)
     time_tokens(dense, context, 2)  # warm-up (first-touch pages, thread pools)
@@ -147,6 +164,7 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
         "dense_components_ms": {k: v * 1e3 for k, v in d_comp.items()},
         "spark_components_ms": {k: v * 1e3 for k, v in s_comp.items()},
         "achieved": st,
+        "prefill": pre,
     }
     res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
     hf_res = hf_ms_per_token(cfg, dtype, context, max(2, tokens // 2), max(1, repeats // 2)) if hf else None
@@ -167,6 +185,11 @@ def print_table(runs: list[dict]) -> None:
               f"{r['attention_speedup']:6.2f} {r['dense_gb_per_s']:10.1f} {r['spark_gb_per_s']:10.1f} {hf} "
               f"{a.get('ffn_neurons_per_layer', 0):11.0f} {a.get('keys_per_query', 0):7.1f} "
               f"{a.get('cap_fired_fraction', 0):5.2f}")
+    for r in runs:
+        if r.get("prefill"):
+            p = r["prefill"]
+            print(f"prefill {p['tokens']} tokens ({r['dtype']}): dense {p['dense_s']:.2f} s, spark {p['spark_s']:.2f} s, "
+                  f"spark/dense {p['spark_over_dense']:.2f}")
     print("components (ms/token, dense | spark):")
     for r in runs:
         d, s = r["dense_components_ms"], r["spark_components_ms"]
@@ -184,7 +207,8 @@ def run(args: argparse.Namespace) -> dict:
     runs = []
     for dtype in args.dtype.split(","):
         for ctx in [int(c) for c in args.context.split(",")]:
-            r = bench_one(cfg, dtype, ctx, args.tokens, args.repeats, args.impl, not args.no_hf)
+            r = bench_one(cfg, dtype, ctx, args.tokens, args.repeats, args.impl, not args.no_hf, args.prefill,
+                          args.prefill_repeats)
             runs.append(r)
             print(f"done {dtype} ctx {ctx}: {r['dense_ms_per_token']:.1f} -> {r['spark_ms_per_token']:.1f} ms/token",
                   flush=True)
@@ -195,6 +219,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    if args.device == "cuda":  # Triton kernels + CUDA graphs; imported lazily so CPU runs never import triton
+        from sparkformer.bench.decode_cuda import cli as cuda_cli
+
+        return cuda_cli(args)
     res = run(args)
     print_table(res["runs"])
     if not args.no_save:
@@ -214,6 +242,10 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--impl", default="auto", choices=["auto", "ext", "torch"])
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: Triton kernels + CUDA graphs (sparkformer.bench.decode_cuda)")
+    p.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (0: off)")
+    p.add_argument("--prefill-repeats", type=int, default=2)
     p.add_argument("--name", default=None, help="result file name (default decode_<preset>)")
     p.add_argument("--out", default=None)
     p.add_argument("--no-save", action="store_true")
