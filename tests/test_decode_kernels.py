@@ -567,3 +567,21 @@ def test_kernel_bench_runs_at_tiny_shapes(capsys):
     assert res["benchmark"] == "kernels" and len(res["sections"]) == 4
     for s in res["sections"]:
         assert s["ideal_ratio"] > 1 and s["measured_ratio"] > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_spark_ffn_decode_batch_equals_per_row_reference(batch):
+    from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_batch, spark_ffn_decode_reference
+
+    g = torch.Generator().manual_seed(batch)
+    d, r, n = 64, 16, 256
+    k1, k2, v = torch.randn(n, r, generator=g), torch.randn(n, d - r, generator=g), torch.randn(n, d, generator=g)
+    x = torch.randn(batch, d, generator=g)
+    y, n_sel, n_union = spark_ffn_decode_batch(x, k1, k2, v, 0.08)
+    for b in range(batch):
+        ref, ref_n = spark_ffn_decode_reference(x[b], k1, k2, v, 0.08)
+        torch.testing.assert_close(y[b], ref, rtol=1e-4, atol=1e-4)
+        assert int(n_sel[b]) == int(ref_n)
+    assert max(n_sel.tolist()) <= n_union <= min(n, int(n_sel.sum()))
+    with pytest.raises(ValueError, match=r"\(B, d\)"):
+        spark_ffn_decode_batch(x[0], k1, k2, v, 0.08)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["topk", "decode", "routed"]
+BENCHMARKS = ["topk", "decode", "routed", "batch"]
 
 
 def add_cli(sub) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -48,12 +50,17 @@ def time_tokens(engine: DecodeEngine, context: int, tokens: int) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
-def components(engine: DecodeEngine, context: int, tokens: int) -> dict:
+def timed_run(engine: DecodeEngine, context: int, tokens: int, times: list, comps: list) -> None:
+    """One timed run of ``tokens`` steps; appends seconds/token and per-component seconds/token."""
     engine.timers = {}
-    time_tokens(engine, context, tokens)
-    out = {k: v / tokens for k, v in engine.timers.items()}
+    times.append(time_tokens(engine, context, tokens))
+    comps.append({k: v / tokens for k, v in engine.timers.items()})
     engine.timers = None
-    return out
+
+
+def median_components(runs: list[dict]) -> dict:
+    """Per-component seconds per token: the median over timed runs."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def build_pair(cfg: ModelConfig, dtype: torch.dtype, max_len: int, impl: str) -> tuple[DecodeEngine, DecodeEngine]:
@@ -134,13 +141,12 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
     time_tokens(dense, context, 2)  # warm-up (first-touch pages, thread pools)
     time_tokens(spark, context, 2)
     spark.stats = type(spark.stats)()
-    d_t, s_t = [], []
-    for _ in range(repeats):  # interleaved
-        d_t.append(time_tokens(dense, context, tokens))
-        s_t.append(time_tokens(spark, context, tokens))
+    d_t, s_t, d_c, s_c = [], [], [], []
+    for _ in range(repeats):  # interleaved; per-component times come from the same timed runs
+        timed_run(dense, context, tokens, d_t, d_c)
+        timed_run(spark, context, tokens, s_t, s_c)
     st = spark.stats.summary(cfg.spark_ffn_dim)
-    d_comp = components(dense, context, max(2, tokens // 2))
-    s_comp = components(spark, context, max(2, tokens // 2))
+    d_comp, s_comp = median_components(d_c), median_components(s_c)
     del dense, spark
     gc.collect()
     b = 4 if dtype == torch.float32 else 2
@@ -197,7 +203,27 @@ def print_table(runs: list[dict]) -> None:
             f"{k} {d.get(k, 0):.1f} | {s.get(k, 0):.1f}" for k in ("attn_proj", "attention", "ffn", "lm_head")))
 
 
-def run(args: argparse.Namespace) -> dict:
+def _bench_one_in_child(threads: int, *args) -> dict:
+    _return_freed_memory()
+    torch.set_num_threads(threads)
+    return bench_one(*args)
+
+
+def _return_freed_memory(threshold: int = 4 << 20) -> None:
+    """glibc: serve every allocation >= 4 MB by mmap and give it back on free. By default glibc raises that threshold
+    after large frees, and a decode loop that grows a KV cache by torch.cat (HF's) then fragments the heap until a
+    24 GB machine runs out (seen with the fp32 2B models on huge pages). No-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (also turns the dynamic threshold off)
+    except (OSError, AttributeError):
+        pass
+
+
+def run(args: argparse.Namespace, on_result=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}
@@ -205,13 +231,19 @@ def run(args: argparse.Namespace) -> dict:
         overrides["n_layers"] = args.layers
     cfg = get_preset(args.preset, **overrides)
     runs = []
+    # each (dtype, context) in a fresh process: full-size models are most of the RAM, and memory the allocator keeps
+    # after one configuration's models are freed must not push the next one out of memory (or into other pages)
+    ctx_mp = multiprocessing.get_context("spawn")
     for dtype in args.dtype.split(","):
         for ctx in [int(c) for c in args.context.split(",")]:
-            r = bench_one(cfg, dtype, ctx, args.tokens, args.repeats, args.impl, not args.no_hf, args.prefill,
-                          args.prefill_repeats)
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx_mp) as pool:
+                r = pool.submit(_bench_one_in_child, torch.get_num_threads(), cfg, dtype, ctx, args.tokens,
+                                args.repeats, args.impl, not args.no_hf, args.prefill, args.prefill_repeats).result()
             runs.append(r)
             print(f"done {dtype} ctx {ctx}: {r['dense_ms_per_token']:.1f} -> {r['spark_ms_per_token']:.1f} ms/token",
                   flush=True)
+            if on_result is not None:  # save what is done so far: a crash later loses only the rest
+                on_result(runs)
     from sparkformer.ops import _extension
 
     return {"benchmark": "decode", "preset": args.preset, "layers": cfg.n_layers, "impl": args.impl,
@@ -223,10 +255,15 @@ def _cli(args: argparse.Namespace) -> int:
         from sparkformer.bench.decode_cuda import cli as cuda_cli
 
         return cuda_cli(args)
-    res = run(args)
+    name = args.name or f"decode_{args.preset}"
+
+    def save_partial(runs: list[dict]) -> None:
+        write_result(name, {"benchmark": "decode", "preset": args.preset, "complete": False, "runs": runs}, args.out)
+
+    res = run(args, None if args.no_save else save_partial)
     print_table(res["runs"])
     if not args.no_save:
-        write_result(args.name or f"decode_{args.preset}", res, args.out)
+        write_result(name, {**res, "complete": True}, args.out)
     print(json.dumps(res))
     return 0
 

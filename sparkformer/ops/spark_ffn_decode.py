@@ -35,6 +35,7 @@ __all__ = [
     "SparkFFNWeights",
     "prepare_spark_ffn",
     "spark_ffn_decode",
+    "spark_ffn_decode_batch",
     "spark_ffn_decode_reference",
     "spark_ffn_decode_torch",
     "spark_ffn_workspace",
@@ -122,6 +123,38 @@ def spark_ffn_decode(
     if impl == "reference":
         return spark_ffn_decode_reference(x, k1, k2, v, fraction)
     raise ValueError(f"unknown impl {impl!r} (auto | ext | torch | reference)")
+
+
+def spark_ffn_decode_batch(
+    x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Spark FFN for B tokens at once (batched decode), pure PyTorch.
+
+    Every row keeps its own selection (the same math as ``spark_ffn_decode``), but the K2 and V rows are read once
+    for the *union* of the rows' selections, so the bytes read grow with the union: with independent 8% selections
+    about 1 - 0.92^B of the neurons (28% at B = 4, 74% at B = 16), which is where batching eats the sparse gain.
+
+    Args:
+        x: (B, d) activations; k1, k2, v as in ``spark_ffn_decode``.
+    Returns:
+        (y (B, d_out) in x's dtype, n_selected (B,) int64, size of the union).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be (B, d), got {tuple(x.shape)}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    r = k1.shape[1]
+    xw = x.to(k1.dtype)
+    s = (xw[:, :r] @ k1.t()).float()  # (B, d_ff): all of K1, once for the batch
+    z = torch.special.ndtri(torch.tensor(1.0 - fraction, dtype=torch.float64)).item()
+    var, mean = torch.var_mean(s, dim=1, correction=0, keepdim=True)
+    theta = mean + var.sqrt() * z
+    selected = s > theta
+    union = selected.any(0).nonzero().squeeze(1)
+    a = F.gelu(torch.relu(s.index_select(1, union) - theta), approximate="tanh")  # 0 where a row did not select
+    h = a * (xw[:, r:] @ k2.index_select(0, union).t()).float()
+    y = h.to(v.dtype) @ v.index_select(0, union)
+    return y.to(x.dtype), selected.sum(1), union.numel()
 
 
 def spark_ffn_workspace(d_ff: int, d_out: int, threads: int | None = None) -> torch.Tensor:
