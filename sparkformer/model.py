@@ -243,23 +243,74 @@ class Attention(nn.Module):
         q, k = self._rotate(q, pos0), self._rotate(k, pos0)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos0)
-        mask = attention_mask(T, k.shape[2], pos0, self.window, x.device)
         rep = self.n_heads // self.n_kv
         if self.kind == "spark":
-            out = self._spark(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask)
+            self._kept: list[torch.Tensor] = []
+            out, _ = chunked_attention(q, k, v, pos0, kind="spark", scale=self.scale, window=self.window,
+                                       cap=self.cap, spark_fn=self._spark)
+            if self._kept:
+                n_kept = torch.cat([n.flatten() for n in self._kept])
+                self.last_keys_per_query = n_kept.float().mean().detach()
+                self.last_cap_exceeded = (n_kept > self.topk).float().mean().detach()
         elif self.cap is None:
+            mask = attention_mask(T, k.shape[2], pos0, self.window, x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=rep > 1)
-        else:
-            out = dense_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), mask, self.scale,
-                                  self.cap)
+        else:  # the soft-cap is not expressible in SDPA
+            out, _ = chunked_attention(q, k, v, pos0, kind="dense", scale=self.scale, window=self.window, cap=self.cap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
     def _spark(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Spark attention of one chunk (``chunked_attention``'s shapes); records the keys kept per query. Analysis
+        code may replace it on an instance to observe every chunk."""
         out, n_kept = spark_attention(q, k, v, mask, self.rank, self.topk, self.scale, self.cap, self.exact,
                                       self.hard_cap)
-        self.last_keys_per_query = n_kept.float().mean().detach()
-        self.last_cap_exceeded = (n_kept > self.topk).float().mean().detach()
+        self._kept.append(n_kept.detach())
         return out
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, *, kind: str, scale: float,
+                      window: int | None = None, cap: float | None = None, rank: int | None = None,
+                      topk: int | None = None, exact: bool = False, hard_cap: bool = False, chunk: int = 256,
+                      spark_fn=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dense_attention`` / ``spark_attention`` of T queries over a cache of positions [0, pos0 + T), computed
+    chunk by chunk: the query heads sharing a KV head are folded into the rows (K/V are never copied per head) and
+    each chunk of ``chunk`` query positions sees only the keys it can attend to (causal, in the window), so the
+    masked upper triangle is skipped and each chunk's score tensors stay cache-sized. Same result as the full
+    form (tested); 3-4x faster forward + backward on CPU at T = 512.
+
+    q: (B, H, T, D); k, v: (B, KV, pos0 + T, D / dv). ``spark_fn(q, k, v, mask) -> out``, if given, computes each
+    Spark chunk instead of ``spark_attention`` (the model's hook). Returns (out (B, H, T, dv), keys kept per query
+    (B, H, T) for Spark without ``spark_fn``, else None).
+    """
+    B, H, T, D = q.shape
+    KV, L = k.shape[1], k.shape[2]
+    if L != pos0 + T or v.shape[:3] != (B, KV, L) or k.shape[0] != B:
+        raise ValueError(f"k/v must be (B={B}, KV, {pos0 + T}, ...), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if H % KV:
+        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({KV})")
+    if kind == "spark" and spark_fn is None and (rank is None or topk is None):
+        raise ValueError("spark attention needs rank and topk")
+    rep, dv = H // KV, v.shape[-1]
+    qg = q.reshape(B * KV, rep, T, D)
+    kf, vf = k.reshape(B * KV, L, D), v.reshape(B * KV, L, dv)
+    outs, kept = [], []
+    for t0 in range(0, T, chunk):
+        c = min(chunk, T - t0)
+        a0 = pos0 + t0  # absolute position of the chunk's first query
+        lo = max(0, a0 - window + 1) if window is not None else 0
+        qc = qg[:, :, t0: t0 + c].reshape(B * KV, 1, rep * c, D)
+        kc, vc = kf[:, None, lo: a0 + c], vf[:, None, lo: a0 + c]
+        mask = attention_mask(c, a0 + c - lo, a0 - lo, window, q.device).repeat(rep, 1)
+        if kind == "spark" and spark_fn is not None:
+            o = spark_fn(qc, kc, vc, mask)
+        elif kind == "spark":
+            o, n = spark_attention(qc, kc, vc, mask, rank, topk, scale, cap, exact, hard_cap)
+            kept.append(n.view(B * KV, rep, c))
+        else:
+            o = dense_attention(qc, kc, vc, mask, scale, cap)
+        outs.append(o.view(B * KV, rep, c, dv))
+    out = torch.cat(outs, 2).view(B, H, T, dv)
+    return out, (torch.cat(kept, 2).view(B, H, T) if kept else None)
 
 
 def dense_attention(q, k, v, mask, scale: float, cap: float | None) -> torch.Tensor:
