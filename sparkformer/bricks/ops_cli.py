@@ -207,7 +207,7 @@ def run_lora(model: str, out: str | Path, capabilities: str = "default", targets
 
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(m), str(out / "bricks" / caps[0])).eval()
         with torch.no_grad():
-            pl = pm(input_ids=ids, use_cache=False).logits
+            pl = forward_logits(pm.get_base_model(), ids)  # peft injected its layers in place; works for SparkLM too
         res["peft_vs_ours_max_abs_diff"] = float((pl - att).abs().max())
         del pm
     except ImportError:
