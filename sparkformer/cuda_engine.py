@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from sparkformer.config import ModelConfig
-from sparkformer.model import SparkLM, rope_tables, sample_next
+from sparkformer.model import SparkLM, rope_tables
 from sparkformer.ops.triton_decode import DenseAttnPlan, embed_norm, geglu_act, residual_norm, rope_cache
 from sparkformer.ops.triton_spark_attn import SparkAttnPlan
 from sparkformer.ops.triton_spark_ffn import SparkFFNPlan
@@ -349,22 +349,9 @@ class CudaDecodeEngine:
                  top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
         """Yield new token ids one at a time (streaming), as ``DecodeEngine.generate``."""
-        prompt = torch.as_tensor(prompt, dtype=torch.long).flatten()
-        if self.pos + prompt.numel() + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds the cache size "
-                             f"{self.max_len - self.pos}")
-        logits = self.prefill(prompt)
-        out: list[int] = []
-        for i in range(max_new_tokens):
-            if generator is not None and generator.device != logits.device:
-                logits = logits.cpu()
-            tok = int(sample_next(logits[None], temperature, top_p, generator)[0])  # the one host sync
-            out.append(tok)
-            yield tok
-            if (eos_token_id is not None and tok == eos_token_id) or (stop is not None and stop(out)):
-                return
-            if i + 1 < max_new_tokens:
-                logits = self.step(tok)
+        from sparkformer.engine import generate_tokens
+
+        return generate_tokens(self, prompt, max_new_tokens, temperature, top_p, eos_token_id, generator, stop)
 
     # ---- benchmarking helpers -----------------------------------------------------------------------------------
     def fill_cache_random(self, context: int, seed: int = 0) -> None:

@@ -34,9 +34,9 @@ import torch
 from sparkformer.config import ModelConfig
 from sparkformer.model import ACTIVATIONS, SparkLM, apply_rope, gelu_tanh, rope_tables, sample_next, softcap
 from sparkformer.ops.attn_prefill import prefill_attention
-from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, dense_cache_write, geglu_decode, matvec, \
-    new_dense_cache, pack_geglu
-from sparkformer.ops.spark_attn_decode import feature_major, new_spark_cache, spark_attn_decode, spark_cache_write
+from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, dense_cache_keys, dense_cache_write, \
+    geglu_decode, matvec, new_dense_cache, pack_geglu
+from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_attn_decode, spark_cache_write
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn, spark_ffn_decode
 from sparkformer.ops.stat_topk import stat_threshold, stat_topk
 
@@ -336,13 +336,12 @@ class DecodeEngine:
             q = self._rope_rows(q, pos0, split)
             k = self._rope_rows(k, pos0, split)
             c = st.cache
-            _cache_write_rows(c, pos0, k.to(dt), v.to(dt))
             if st.attn_kind == "spark":
-                kp = feature_major(c.kp)[:, :, : pos0 + T].transpose(1, 2)
-                kk = torch.cat([kp, c.kr[:, : pos0 + T]], -1).float()
+                spark_cache_write(c, pos0, k.to(dt), v.to(dt))
+                kk = torch.cat([read_key_rows(c.kp, pos0 + T), c.kr[:, : pos0 + T]], -1).float()
             else:
-                kk = (c.k[:, : pos0 + T] if c.k.dim() == 3 else feature_major(c.k)[:, :, : pos0 + T].transpose(1, 2))
-                kk = kk.float()
+                dense_cache_write(c, pos0, k.to(dt), v.to(dt))
+                kk = dense_cache_keys(c, pos0 + T).float()
             vv = c.v[:, : pos0 + T].float()
             out, _ = prefill_attention(q, kk, vv, pos0, kind=st.attn_kind, scale=cfg.attn_scale, window=st.window,
                                        cap=cfg.attn_logit_softcap, rank=r, topk=cfg.spark_attn_topk)
@@ -398,20 +397,33 @@ class DecodeEngine:
                  top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
         """Yield new token ids one at a time (streaming). ``stop(tokens_so_far)`` ends early (e.g. stop strings)."""
-        prompt = torch.as_tensor(prompt, dtype=torch.long).flatten()
-        if self.pos + prompt.numel() + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds the cache size "
-                             f"{self.max_len - self.pos}")
-        logits = self.prefill(prompt)
-        out: list[int] = []
-        for i in range(max_new_tokens):
-            tok = int(sample_next(logits[None], temperature, top_p, generator)[0])
-            out.append(tok)
-            yield tok
-            if (eos_token_id is not None and tok == eos_token_id) or (stop is not None and stop(out)):
-                return
-            if i + 1 < max_new_tokens:
-                logits = self.step(tok)
+        return generate_tokens(self, prompt, max_new_tokens, temperature, top_p, eos_token_id, generator, stop)
+
+
+def generate_tokens(engine, prompt: torch.Tensor | list[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                    stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
+    """The sampling loop of every engine (anything with ``pos``, ``max_len``, ``prefill`` and ``step``)."""
+    prompt = torch.as_tensor(prompt, dtype=torch.long).flatten()
+    if engine.pos + prompt.numel() + max_new_tokens > engine.max_len:
+        raise ValueError(f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds the cache size "
+                         f"{engine.max_len - engine.pos}")
+    return _generate_loop(engine, prompt, max_new_tokens, temperature, top_p, eos_token_id, generator, stop)
+
+
+def _generate_loop(engine, prompt, max_new_tokens, temperature, top_p, eos_token_id, generator, stop):
+    logits = engine.prefill(prompt)
+    out: list[int] = []
+    for i in range(max_new_tokens):
+        if generator is not None and generator.device != logits.device:  # a CPU generator with GPU logits
+            logits = logits.cpu()
+        tok = int(sample_next(logits[None], temperature, top_p, generator)[0])  # the one host sync per token
+        out.append(tok)
+        yield tok
+        if (eos_token_id is not None and tok == eos_token_id) or (stop is not None and stop(out)):
+            return
+        if i + 1 < max_new_tokens:
+            logits = engine.step(tok)
 
 
 def _attach_router(st: LayerState, router, ffn, layer: int, dtype: torch.dtype) -> None:
@@ -457,25 +469,6 @@ def _gated_ffn_decode_torch(x, wg, wu, wd_t, act):
     return (act(g) * u).to(wd_t.dtype) @ wd_t
 
 
-def _cache_write_rows(cache: tuple, pos0: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store keys k (KV, T, hd) and values v (KV, T, dv) of positions pos0.. into a dense or Spark cache."""
-    T = k.shape[1]
-    pos = torch.arange(pos0, pos0 + T)
-    keys = cache[0]  # DenseCache.k or SparkCache.kp
-    if len(cache) == 3:  # Spark: predictor half feature-major, the rest row-major
-        r = keys.shape[-2]
-        cache.kr[:, pos0: pos0 + T] = k[..., r:]
-        k = k[..., :r]
-    if keys.dim() == 4:  # blocked (KV, L/B, width, B): index (block, offset) per position
-        B = keys.shape[3]
-        keys[:, pos // B, :, pos % B] = k.transpose(0, 1)
-    elif len(cache) == 3:  # plain feature-major (KV, r, L)
-        keys[:, :, pos0: pos0 + T] = k.transpose(1, 2)
-    else:
-        keys[:, pos0: pos0 + T] = k
-    cache.v[:, pos0: pos0 + T] = v
-
-
 def _spark_ffn_decode_act(x, k1, k2, v, fraction, act):
     """Spark FFN decode for activations the fused kernel does not implement (pure torch, same selection)."""
     r = k1.shape[1]
@@ -502,4 +495,4 @@ def stop_on_strings(decode: Callable[[list[int]], str], stops: list[str]) -> Cal
     return lambda toks: any(s in decode(toks) for s in stops)
 
 
-__all__ = ["DecodeEngine", "DecodeStats", "make_engine", "resolve_dtype", "stop_on_strings"]
+__all__ = ["DecodeEngine", "DecodeStats", "generate_tokens", "make_engine", "resolve_dtype", "stop_on_strings"]

@@ -17,27 +17,22 @@ from sparkformer.bricks import analysis as A
 from sparkformer.bricks.capabilities import (CapabilitySet, Prompt, arithmetic_problem, build_capability_set,
                                              resolve_capabilities, strip_docs_and_comments)
 from sparkformer.bricks.neurons import NeuronView
-from sparkformer.config import ModelConfig
 from sparkformer.model import SparkLM
+from tiny_models import tiny_llama as shared_llama
+from tiny_models import tiny_spark as shared_spark
 
 transformers = pytest.importorskip("transformers")
 
 
-# ---- fixtures -----------------------------------------------------------------------------------------------------
 def tiny_llama(act: str = "silu", layers: int = 2) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, hidden_act=act,
-                                   max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return shared_llama(layers=layers, act=act)
 
 
 def tiny_spark(kind: str = "spark") -> SparkLM:
-    cfg = ModelConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=64,
-                      max_seq_len=64, sliding_window=8, spark_attn_topk=6, spark_ffn_fraction=0.25,
-                      ffn=kind, attention="dense")
-    return SparkLM(cfg).eval()
+    return shared_spark(kind)
 
 
+# ---- fixtures -----------------------------------------------------------------------------------------------------
 class CharTok:
     """Characters -> ids 0..39 (no special tokens)."""
 

@@ -10,32 +10,22 @@ import torch
 from sparkformer.bricks.grow import (GrowthConfig, UpcycledMoE, WidenedFFN, fold_width, grow_depth, grow_width,
                                      run_growth, upcycle)
 from sparkformer.bricks.lora import train_parameters
-from sparkformer.config import ModelConfig
 from sparkformer.model import SparkLM
+from tiny_models import tiny_llama as shared_llama
+from tiny_models import tiny_spark as shared_spark
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_llama(layers: int = 3) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   initializer_range=0.2)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return shared_llama(layers=layers, init=0.2)
 
 
 def tiny_spark(kind: str = "geglu") -> SparkLM:
-    cfg = ModelConfig(vocab_size=40, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=64,
-                      max_seq_len=64, sliding_window=8, spark_attn_topk=6, spark_ffn_fraction=0.25,
-                      ffn=kind, attention="dense")
-    return SparkLM(cfg).eval()
+    return shared_spark(kind, layers=3)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODELS = [tiny_llama, tiny_spark, lambda: tiny_spark("spark")]

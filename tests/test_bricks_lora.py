@@ -10,33 +10,13 @@ import torch
 
 from sparkformer.bricks.lora import (LoRABrick, LoRAConfig, LoRAMixture, load_bricks,
                                      sequence_nll, tokenizer_fingerprint, train_lora)
-from sparkformer.config import ModelConfig
 from sparkformer.model import SparkLM
+from tiny_models import tiny_llama, tiny_spark
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and far slower with two on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_llama(layers: int = 2, inter: int = 48, init: float = 0.02) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   initializer_range=init)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_spark(kind: str = "geglu") -> SparkLM:
-    cfg = ModelConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=64,
-                      max_seq_len=64, sliding_window=8, spark_attn_topk=6, spark_ffn_fraction=0.25,
-                      ffn=kind, attention="dense")
-    return SparkLM(cfg).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, ids):

@@ -10,22 +10,12 @@ import torch
 from sparkformer.bricks.lora import LoRABrick, LoRAConfig
 from sparkformer.bricks.merge import (MERGE_METHODS, DeltaBrick, IncompatibleBricks, check_tokenizers, merge_bricks,
                                       merge_deltas, merge_models, merge_tensors, model_delta, trim_top)
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_llama(inter: int = 48, vocab: int = 40) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=inter, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, ids):

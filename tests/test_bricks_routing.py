@@ -22,24 +22,19 @@ from sparkformer.bricks.routing import (BrickMLPRouter, LowRankPredictor, Oracle
                                         select_units, spark_routers)
 from sparkformer.bricks.sparkify import (SparkifyConfig, calibrate_stat_fraction, continued_training,
                                          fit_predictor, recall_metrics, routed_loss, sparkify_model)
-from sparkformer.config import ModelConfig
 from sparkformer.model import SparkLM
+from tiny_models import tiny_llama as shared_llama
+from tiny_models import tiny_spark as shared_spark
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(layers: int = 2, act: str = "silu") -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, hidden_act=act,
-                                   max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return shared_llama(layers=layers, act=act)
 
 
 def tiny_spark(kind: str = "spark", topk: str = "statistical") -> SparkLM:
-    cfg = ModelConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=64,
-                      max_seq_len=64, sliding_window=8, spark_attn_topk=6, spark_ffn_fraction=0.25,
-                      ffn=kind, attention="dense", topk_method=topk)
-    m = SparkLM(cfg).eval()
+    m = shared_spark(kind, topk_method=topk)
     with torch.no_grad():  # non-zero norms so the blocks actually transform x
         for name, p in m.named_parameters():
             if "norm" in name:

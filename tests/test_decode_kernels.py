@@ -585,3 +585,28 @@ def test_spark_ffn_decode_batch_equals_per_row_reference(batch):
     assert max(n_sel.tolist()) <= n_union <= min(n, int(n_sel.sum()))
     with pytest.raises(ValueError, match=r"\(B, d\)"):
         spark_ffn_decode_batch(x[0], k1, k2, v, 0.08)
+
+
+@pytest.mark.parametrize("block", [64, None])
+def test_cache_row_writes_equal_per_position_writes(block):
+    """Prefill's range writes and the per-token writes store the same cache, in both key layouts."""
+    from sparkformer.ops.dense_decode import dense_cache_keys, dense_cache_write, new_dense_cache
+    from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_cache_write
+
+    g = torch.Generator().manual_seed(0)
+    kv, T, hd, r, pos0 = 2, 70, 16, 4, 3
+    k, v = torch.randn(kv, T, hd, generator=g), torch.randn(kv, T, hd, generator=g)
+    for new, write in ((lambda: new_dense_cache(kv, 80, hd, block=block), dense_cache_write),
+                       (lambda: new_spark_cache(kv, 80, hd, r, block=block), spark_cache_write)):
+        rows, one = new(), new()
+        write(rows, pos0, k, v)
+        for t in range(T):
+            write(one, pos0 + t, k[:, t], v[:, t])
+        for a, b in zip(rows, one):
+            assert torch.equal(a, b)
+    dense = new_dense_cache(kv, 80, hd, block=block)
+    dense_cache_write(dense, pos0, k, v)
+    assert torch.equal(dense_cache_keys(dense, pos0 + T)[:, pos0:], k)
+    spark = new_spark_cache(kv, 80, hd, r, block=block)
+    spark_cache_write(spark, pos0, k, v)
+    assert torch.equal(read_key_rows(spark.kp, pos0 + T)[:, pos0:], k[..., :r])

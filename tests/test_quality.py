@@ -83,6 +83,19 @@ def test_quick_study_writes_all_keys(quality, data_dir, tmp_path, capsys):
     last = json.loads(out[-1])
     assert last["benchmark"] == "quality" and set(last["variants"]) == set(VARIANTS)
 
+    # --timing-only re-times the steps here and keeps the training machine's timing and the quality results
+    res["timing"]["dense"]["median"] = -1.0  # a marker the re-timing must replace
+    (tmp_path / "quality.json").write_text(json.dumps(res))
+    assert quality.main(["--timing-only", "--data-dir", str(data_dir), "--results", str(tmp_path / "quality.json"),
+                         "--time-repeats", "1"]) == 0
+    new = json.loads((tmp_path / "quality.json").read_text())
+    assert new["timing_training_machine"]["timing"]["dense"]["median"] == -1.0
+    assert new["timing"]["dense"]["median"] > 0
+    assert new["variants"]["dense"]["step_time_s"] == new["timing"]["dense"]["median"]
+    assert new["variants"]["spark"]["final_val_loss"] == res["variants"]["spark"]["final_val_loss"]
+    with pytest.raises(SystemExit, match="does not exist"):
+        quality.main(["--timing-only", "--results", str(tmp_path / "missing.json")])
+
 
 def test_interrupted_study_resumes_and_refuses_other_settings(quality, data_dir, tmp_path):
     short = ("--budget-tokens", str(8 * 4 * 64), "--eval-interval", "4", "--time-repeats", "1")

@@ -16,13 +16,12 @@ the union fraction and the byte-ideal ratio (dense FFN bytes / (K1 + union x (K2
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from sparkformer.bench.common import env_info, summary, write_result
+from sparkformer.bench.common import env_info, finish, summary
 from sparkformer.config import get_preset
 from sparkformer.engine import resolve_dtype
 from sparkformer.model import gelu_tanh
@@ -116,11 +115,7 @@ def print_table(runs: list[dict]) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     res = run(args)
-    print_table(res["runs"])
-    if not args.no_save:
-        write_result(args.name or f"batch_ffn_{args.preset}", res, args.out)
-    print(json.dumps(res))
-    return 0
+    return finish(res, lambda: print_table(res["runs"]), args.name or f"batch_ffn_{args.preset}", args)
 
 
 def add_parser(sub) -> None:

@@ -72,3 +72,12 @@ def write_result(name: str, payload: dict, out_dir: str | Path | None = None) ->
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def finish(res: dict, print_table: Callable[[], None], name: str, args) -> int:
+    """The end of every benchmark command: the table, the result file (unless ``--no-save``), one JSON line."""
+    print_table()
+    if not args.no_save:
+        write_result(name, res, args.out)
+    print(json.dumps(res))
+    return 0

@@ -70,12 +70,16 @@ def build_pair(cfg: ModelConfig, dtype: torch.dtype, max_len: int, impl: str) ->
     return dense, spark
 
 
-def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: int, repeats: int) -> dict | None:
-    """Per-token decode of HF Gemma2ForCausalLM on the dense shape with a pre-filled cache (what generate does)."""
+def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: int, repeats: int,
+                    device: str = "cpu", warmup: int = 0) -> dict | None:
+    """Per-token decode of HF Gemma2ForCausalLM (eager attention) on the dense shape with a pre-filled cache (what
+    generate does), on ``device``; each token is read on the host as generate does. ``warmup`` untimed rounds."""
     try:
         from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM
     except ImportError:
         return None
+    import inspect
+
     dcfg = cfg.replace(ffn="geglu", attention="dense")
     hc = Gemma2Config(vocab_size=dcfg.vocab_size, hidden_size=dcfg.d_model, intermediate_size=dcfg.ffn_dim,
                       num_hidden_layers=dcfg.n_layers, num_attention_heads=dcfg.n_heads,
@@ -85,32 +89,37 @@ def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: 
                       attn_implementation="eager")
     with torch.device("meta"):
         model = Gemma2ForCausalLM(hc)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     model.eval()
-    import inspect
-
+    cuda = torch.device(device).type == "cuda"
     cache_kw = "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache"
     times = []
     with torch.no_grad():
-        for r in range(repeats):
+        for _ in range(warmup + repeats):
             cache = DynamicCache(config=hc) if "config" in inspect.signature(DynamicCache).parameters else DynamicCache()
             shape = (1, dcfg.n_kv_heads, context, dcfg.head_dim)
             for i in range(dcfg.n_layers):
-                cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), i)
-            tok = torch.ones(1, 1, dtype=torch.long)
+                cache.update(torch.randn(shape, dtype=dtype, device=device),
+                             torch.randn(shape, dtype=dtype, device=device), i)
+            tok = torch.ones(1, 1, dtype=torch.long, device=device)
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             for j in range(tokens):
-                pos = torch.tensor([[context + j]])
+                pos = torch.tensor([[context + j]], device=device)
                 out = model(input_ids=tok, position_ids=pos, use_cache=True, **{cache_kw: cache})
                 cache = getattr(out, cache_kw, None) or getattr(out, "past_key_values", cache)
                 tok = out.logits[:, -1:].argmax(-1)
+                int(tok)  # generate reads each token on the host
             times.append((time.perf_counter() - t0) / tokens)
-    del model
+    del model, cache
     gc.collect()
-    return summary(times)
+    if cuda:
+        torch.cuda.empty_cache()
+    return summary(times[warmup:])
 
 
 def time_prefill(dense: DecodeEngine, spark: DecodeEngine, n: int, repeats: int) -> dict:
@@ -127,6 +136,39 @@ def time_prefill(dense: DecodeEngine, spark: DecodeEngine, n: int, repeats: int)
     dm, sm = statistics.median(t["dense"]), statistics.median(t["spark"])
     return {"tokens": n, "repeats": repeats, "dense_s": dm, "spark_s": sm, "spark_over_dense": sm / dm,
             "dense_tokens_per_s": n / dm, "spark_tokens_per_s": n / sm}
+
+
+def comparison(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, d_t: list[float],
+               s_t: list[float], d_comp: dict, s_comp: dict, achieved: dict) -> dict:
+    """The dense-vs-Spark result of one (dtype, context) from seconds per token (per timed run) and per-component
+    seconds per token: ms, measured and byte-ideal ratios, bytes and achieved GB/s (CPU and CUDA benchmarks alike)."""
+    b = 4 if dtype_name in ("fp32", "float32") else 2
+    dcost = token_cost(cfg.replace(ffn="geglu", attention="dense"), context, b)
+    scost = token_cost(cfg.replace(ffn="spark", attention="spark"), context, b,
+                       ffn_fraction=achieved.get("ffn_activity"),
+                       keys=round(achieved.get("keys_per_query", cfg.spark_attn_topk)))
+    dm, sm = statistics.median(d_t), statistics.median(s_t)
+    res = {
+        "dtype": dtype_name, "context": context, "layers": cfg.n_layers, "tokens": tokens, "repeats": repeats,
+        "dense_ms_per_token": dm * 1e3, "spark_ms_per_token": sm * 1e3,
+        "dense_ms": {k: v * 1e3 for k, v in summary(d_t).items() if k != "n"},
+        "spark_ms": {k: v * 1e3 for k, v in summary(s_t).items() if k != "n"},
+        "speedup": dm / sm,
+        "ideal_speedup": dcost.bytes / scost.bytes,
+        "dense_bytes_per_token": dcost.bytes, "spark_bytes_per_token": scost.bytes,
+        "dense_gb_per_s": dcost.bytes / dm / 1e9, "spark_gb_per_s": scost.bytes / sm / 1e9,
+        "ffn_speedup": d_comp.get("ffn", 0) / max(s_comp.get("ffn", 1e-12), 1e-12),
+        "attention_speedup": d_comp.get("attention", 0) / max(s_comp.get("attention", 1e-12), 1e-12),
+        "ideal_ffn_speedup": dcost.ffn_bytes / scost.ffn_bytes,
+        "ideal_attention_speedup": dcost.kv_bytes / scost.kv_bytes,
+        "dense_ffn_bytes_per_token": dcost.ffn_bytes, "spark_ffn_bytes_per_token": scost.ffn_bytes,
+        "dense_kv_bytes_per_token": dcost.kv_bytes, "spark_kv_bytes_per_token": scost.kv_bytes,
+        "dense_components_ms": {k: v * 1e3 for k, v in d_comp.items()},
+        "spark_components_ms": {k: v * 1e3 for k, v in s_comp.items()},
+        "achieved": achieved,
+    }
+    res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
+    return res
 
 
 def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, impl: str,
@@ -149,46 +191,25 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
     d_comp, s_comp = median_components(d_c), median_components(s_c)
     del dense, spark
     gc.collect()
-    b = 4 if dtype == torch.float32 else 2
-    dcost = token_cost(cfg.replace(ffn="geglu", attention="dense"), context, b)
-    scost = token_cost(cfg.replace(ffn="spark", attention="spark"), context, b,
-                       ffn_fraction=st.get("ffn_activity"), keys=round(st.get("keys_per_query", cfg.spark_attn_topk)))
-    dm, sm = statistics.median(d_t), statistics.median(s_t)
-    res = {
-        "dtype": dtype_name, "context": context, "layers": cfg.n_layers, "tokens": tokens, "repeats": repeats,
-        "dense_ms_per_token": dm * 1e3, "spark_ms_per_token": sm * 1e3,
-        "dense_ms": {k: v * 1e3 for k, v in summary(d_t).items() if k != "n"},
-        "spark_ms": {k: v * 1e3 for k, v in summary(s_t).items() if k != "n"},
-        "speedup": dm / sm,
-        "ideal_speedup": dcost.bytes / scost.bytes,
-        "dense_bytes_per_token": dcost.bytes, "spark_bytes_per_token": scost.bytes,
-        "dense_gb_per_s": dcost.bytes / dm / 1e9, "spark_gb_per_s": scost.bytes / sm / 1e9,
-        "ffn_speedup": d_comp.get("ffn", 0) / max(s_comp.get("ffn", 1e-12), 1e-12),
-        "attention_speedup": d_comp.get("attention", 0) / max(s_comp.get("attention", 1e-12), 1e-12),
-        "ideal_ffn_speedup": dcost.ffn_bytes / scost.ffn_bytes,
-        "ideal_attention_speedup": dcost.kv_bytes / scost.kv_bytes,
-        "dense_components_ms": {k: v * 1e3 for k, v in d_comp.items()},
-        "spark_components_ms": {k: v * 1e3 for k, v in s_comp.items()},
-        "achieved": st,
-        "prefill": pre,
-    }
-    res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
+    res = {**comparison(cfg, dtype_name, context, tokens, repeats, d_t, s_t, d_comp, s_comp, st), "prefill": pre}
     hf_res = hf_ms_per_token(cfg, dtype, context, max(2, tokens // 2), max(1, repeats // 2)) if hf else None
     res["hf_ms_per_token"] = hf_res["median"] * 1e3 if hf_res else None
     return res
 
 
-def print_table(runs: list[dict]) -> None:
+def print_table(runs: list[dict], ms_digits: int = 1, gb_digits: int = 1) -> None:
+    """The decode table (CPU and CUDA benchmarks; the GPU's milliseconds need more digits)."""
+    md, gd = ms_digits, gb_digits
     hdr = (f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'spark ms':>9s} {'speedup':>8s} {'ideal':>6s} {'meas/ideal':>10s} "
            f"{'FFN x':>6s} {'attn x':>6s} {'dense GB/s':>10s} {'spark GB/s':>10s} {'HF ms':>8s} {'neurons/tok':>11s} "
            f"{'keys/q':>7s} {'cap':>5s}")
     print(hdr)
     for r in runs:
         a = r["achieved"]
-        hf = f"{r['hf_ms_per_token']:8.1f}" if r["hf_ms_per_token"] else f"{'-':>8s}"
-        print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.1f} {r['spark_ms_per_token']:9.1f} "
+        hf = f"{r['hf_ms_per_token']:8.{md}f}" if r["hf_ms_per_token"] else f"{'-':>8s}"
+        print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.{md}f} {r['spark_ms_per_token']:9.{md}f} "
               f"{r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['measured_over_ideal']:10.2f} {r['ffn_speedup']:6.2f} "
-              f"{r['attention_speedup']:6.2f} {r['dense_gb_per_s']:10.1f} {r['spark_gb_per_s']:10.1f} {hf} "
+              f"{r['attention_speedup']:6.2f} {r['dense_gb_per_s']:10.{gd}f} {r['spark_gb_per_s']:10.{gd}f} {hf} "
               f"{a.get('ffn_neurons_per_layer', 0):11.0f} {a.get('keys_per_query', 0):7.1f} "
               f"{a.get('cap_fired_fraction', 0):5.2f}")
     for r in runs:
@@ -200,7 +221,7 @@ def print_table(runs: list[dict]) -> None:
     for r in runs:
         d, s = r["dense_components_ms"], r["spark_components_ms"]
         print(f"  {r['dtype']} ctx {r['context']}: " + ", ".join(
-            f"{k} {d.get(k, 0):.1f} | {s.get(k, 0):.1f}" for k in ("attn_proj", "attention", "ffn", "lm_head")))
+            f"{k} {d.get(k, 0):.{md}f} | {s.get(k, 0):.{md}f}" for k in ("attn_proj", "attention", "ffn", "lm_head")))
 
 
 def _bench_one_in_child(threads: int, *args) -> dict:

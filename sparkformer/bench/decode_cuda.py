@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import statistics
 import sys
 import time
 
 import torch
 
-from sparkformer.bench.common import env_info, summary, write_result
+from sparkformer.bench.common import env_info, finish, write_result
+from sparkformer.bench.decode import comparison, hf_ms_per_token
+from sparkformer.bench.decode import print_table as decode_table
 from sparkformer.config import ModelConfig, get_preset
-from sparkformer.flops import token_cost
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "float32": torch.float32}
@@ -100,52 +99,6 @@ def build_pair(cfg: ModelConfig, dtype: torch.dtype, max_len: int, device: str =
     return dense, spark
 
 
-def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: int, repeats: int) -> dict | None:
-    """Per-token decode of HF Gemma2ForCausalLM (eager, same dense shape and dtype) on CUDA, pre-filled cache."""
-    try:
-        import inspect
-
-        from transformers import DynamicCache, Gemma2Config, Gemma2ForCausalLM
-    except ImportError:
-        return None
-    d = cfg.replace(ffn="geglu", attention="dense")
-    hc = Gemma2Config(vocab_size=d.vocab_size, hidden_size=d.d_model, intermediate_size=d.ffn_dim,
-                      num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads, num_key_value_heads=d.n_kv_heads,
-                      head_dim=d.head_dim, max_position_embeddings=max(d.max_seq_len, context + tokens + 1),
-                      sliding_window=d.sliding_window, query_pre_attn_scalar=d.query_pre_attn_scalar or d.head_dim,
-                      attn_implementation="eager")
-    with torch.device("meta"):
-        model = Gemma2ForCausalLM(hc)
-    model = model.to_empty(device="cuda").to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.eval()
-    cache_kw = "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache"
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first round warms up
-            cache = DynamicCache(config=hc) if "config" in inspect.signature(DynamicCache).parameters else DynamicCache()
-            shape = (1, d.n_kv_heads, context, d.head_dim)
-            for i in range(d.n_layers):
-                cache.update(torch.randn(shape, dtype=dtype, device="cuda"),
-                             torch.randn(shape, dtype=dtype, device="cuda"), i)
-            tok = torch.ones(1, 1, dtype=torch.long, device="cuda")
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for j in range(tokens):
-                pos = torch.tensor([[context + j]], device="cuda")
-                out = model(input_ids=tok, position_ids=pos, use_cache=True, **{cache_kw: cache})
-                cache = getattr(out, cache_kw, None) or getattr(out, "past_key_values", cache)
-                tok = out.logits[:, -1:].argmax(-1)
-                int(tok)  # generate reads each token on the host
-            times.append((time.perf_counter() - t0) / tokens)
-    del model, cache
-    gc.collect()
-    torch.cuda.empty_cache()
-    return summary(times[1:])
-
-
 def ffn_full_shape_check(engine) -> dict:
     """The tuned Spark FFN kernels at full size vs the fp32 reference on the same device (layer 0, random x)."""
     from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference
@@ -190,42 +143,17 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
     del dense, spark
     gc.collect()
     torch.cuda.empty_cache()
-    b = 4 if dtype == torch.float32 else 2
-    dcost = token_cost(cfg.replace(ffn="geglu", attention="dense"), context, b)
-    scost = token_cost(cfg.replace(ffn="spark", attention="spark"), context, b,
-                       ffn_fraction=st.get("ffn_activity"), keys=round(st.get("keys_per_query", cfg.spark_attn_topk)))
-    dm, sm = statistics.median(d_t), statistics.median(s_t)
-    res = {
-        "device": torch.cuda.get_device_name(0), "dtype": dtype_name, "context": context, "layers": cfg.n_layers,
-        "tokens": tokens, "repeats": repeats,
-        "dense_ms_per_token": dm * 1e3, "spark_ms_per_token": sm * 1e3,
-        "dense_ms": {k: v * 1e3 for k, v in summary(d_t).items() if k != "n"},
-        "spark_ms": {k: v * 1e3 for k, v in summary(s_t).items() if k != "n"},
-        "speedup": dm / sm,
-        "ideal_speedup": dcost.bytes / scost.bytes,
-        "dense_bytes_per_token": dcost.bytes, "spark_bytes_per_token": scost.bytes,
-        "dense_gb_per_s": dcost.bytes / dm / 1e9, "spark_gb_per_s": scost.bytes / sm / 1e9,
-        "gpu_copy_gb_per_s": peak,
-        "ffn_speedup": d_comp["ffn"] / s_comp["ffn"],
-        "attention_speedup": d_comp["attention"] / s_comp["attention"],
-        "ideal_ffn_speedup": dcost.ffn_bytes / scost.ffn_bytes,
-        "ideal_attention_speedup": dcost.kv_bytes / scost.kv_bytes,
-        "dense_ffn_gb_per_s": dcost.ffn_bytes / d_comp["ffn"] / 1e9,
-        "spark_ffn_gb_per_s": scost.ffn_bytes / s_comp["ffn"] / 1e9,
-        "dense_attention_gb_per_s": dcost.kv_bytes / d_comp["attention"] / 1e9,
-        "spark_attention_gb_per_s": scost.kv_bytes / s_comp["attention"] / 1e9,
-        "dense_components_ms": {k: v * 1e3 for k, v in d_comp.items()},
-        "spark_components_ms": {k: v * 1e3 for k, v in s_comp.items()},
-        "achieved": st,
-        "spark_ffn_plan": ffn_pick,
-        "ffn_full_shape_check": ffn_check,
-        "setup_s": t_build,
-    }
-    res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
+    res = {"device": torch.cuda.get_device_name(0),
+           **comparison(cfg, dtype_name, context, tokens, repeats, d_t, s_t, d_comp, s_comp, st),
+           "gpu_copy_gb_per_s": peak}
+    for side, comp in (("dense", d_comp), ("spark", s_comp)):  # bytes each sparse component must read / its time
+        res[f"{side}_ffn_gb_per_s"] = res[f"{side}_ffn_bytes_per_token"] / comp["ffn"] / 1e9
+        res[f"{side}_attention_gb_per_s"] = res[f"{side}_kv_bytes_per_token"] / comp["attention"] / 1e9
+    res.update(spark_ffn_plan=ffn_pick, ffn_full_shape_check=ffn_check, setup_s=t_build)
     res["hf_ms_per_token"] = None
     if hf:
         try:
-            h = hf_ms_per_token(cfg, dtype, context, max(4, tokens // 4), 2)
+            h = hf_ms_per_token(cfg, dtype, context, max(4, tokens // 4), 2, device="cuda", warmup=1)
             res["hf_ms_per_token"] = h["median"] * 1e3 if h else None
         except Exception as e:  # HF is a reference point, not the measurement: keep the run
             res["hf_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -233,26 +161,12 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
 
 
 def print_table(runs: list[dict]) -> None:
-    hdr = (f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'spark ms':>9s} {'speedup':>8s} {'ideal':>6s} "
-           f"{'meas/ideal':>10s} {'FFN x':>6s} {'attn x':>6s} {'dense GB/s':>10s} {'spark GB/s':>10s} {'HF ms':>8s} "
-           f"{'neurons/tok':>11s} {'keys/q':>7s} {'cap':>5s}")
-    print(hdr)
+    decode_table(runs, ms_digits=3, gb_digits=0)
+    print("achieved GB/s (dense | spark; GPU copy = ceiling):")
     for r in runs:
-        a = r["achieved"]
-        hf = f"{r['hf_ms_per_token']:8.2f}" if r["hf_ms_per_token"] else f"{'-':>8s}"
-        print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.3f} {r['spark_ms_per_token']:9.3f} "
-              f"{r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['measured_over_ideal']:10.2f} {r['ffn_speedup']:6.2f} "
-              f"{r['attention_speedup']:6.2f} {r['dense_gb_per_s']:10.0f} {r['spark_gb_per_s']:10.0f} {hf} "
-              f"{a.get('ffn_neurons_per_layer', 0):11.0f} {a.get('keys_per_query', 0):7.1f} "
-              f"{a.get('cap_fired_fraction', 0):5.2f}")
-    print("components (ms/token, dense | spark) and achieved GB/s (dense | spark; GPU copy = ceiling):")
-    for r in runs:
-        d, s = r["dense_components_ms"], r["spark_components_ms"]
-        print(f"  {r['dtype']} ctx {r['context']}: " + ", ".join(
-            f"{k} {d.get(k, 0):.3f} | {s.get(k, 0):.3f}" for k in ("attn_proj", "attention", "ffn", "lm_head")))
-        print(f"    FFN {r['dense_ffn_gb_per_s']:.0f} | {r['spark_ffn_gb_per_s']:.0f} GB/s, attention "
-              f"{r['dense_attention_gb_per_s']:.0f} | {r['spark_attention_gb_per_s']:.0f} GB/s, "
-              f"copy {r['gpu_copy_gb_per_s']:.0f} GB/s")
+        print(f"  {r['dtype']} ctx {r['context']}: FFN {r['dense_ffn_gb_per_s']:.0f} | {r['spark_ffn_gb_per_s']:.0f}, "
+              f"attention {r['dense_attention_gb_per_s']:.0f} | {r['spark_attention_gb_per_s']:.0f}, "
+              f"copy {r['gpu_copy_gb_per_s']:.0f}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -287,11 +201,7 @@ def cli(args: argparse.Namespace) -> int:
         if not hasattr(args, k):
             setattr(args, k, v)
     res = run(args)
-    print_table(res["runs"])
-    if not args.no_save:
-        write_result(args.name or f"decode_cuda_{args.preset}", res, args.out)
-    print(json.dumps(res))
-    return 0
+    return finish(res, lambda: print_table(res["runs"]), args.name or f"decode_cuda_{args.preset}", args)
 
 
 def main(argv: list[str] | None = None) -> int:

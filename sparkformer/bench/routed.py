@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 
 import torch
 
-from sparkformer.bench.common import env_info, summary, write_result
+from sparkformer.bench.common import env_info, finish, summary
 from sparkformer.engine import DecodeEngine, resolve_dtype
 
 
@@ -152,11 +151,7 @@ def print_table(runs: list[dict]) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     res = run(args)
-    print_table(res["runs"])
-    if not args.no_save:
-        write_result(args.name, res, args.out)
-    print(json.dumps(res))
-    return 0
+    return finish(res, lambda: print_table(res["runs"]), args.name, args)
 
 
 def add_parser(sub) -> None:

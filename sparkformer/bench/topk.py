@@ -11,11 +11,10 @@ Prints a table and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from sparkformer.bench.common import env_info, summary, time_interleaved, write_result
+from sparkformer.bench.common import env_info, finish, summary, time_interleaved
 from sparkformer.ops import exact_topk, exact_topk_inf, stat_topk, stat_topk_inf
 
 
@@ -119,11 +118,7 @@ def print_table(res: dict) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     res = run(args)
-    print_table(res)
-    if not args.no_save:
-        write_result("topk", res, args.out)
-    print(json.dumps(res))
-    return 0
+    return finish(res, lambda: print_table(res), "topk", args)
 
 
 def add_parser(sub) -> None:

@@ -159,7 +159,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m sparkformer.bricks.cli analyze ...``) until the main CLI lists this module."""
+    """``sparkformer bricks ...`` as a function (``python -m sparkformer.bricks.cli <command> ...``): every bricks
+    command, bad input reported as one error line and exit status 2."""
     parser = argparse.ArgumentParser(prog="sparkformer")
     sub = parser.add_subparsers(dest="command")
     add_cli(sub)
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
-        print(f"sparkformer bricks: error: {e}", file=sys.stderr)
+        name = f"bricks {args.bricks_command}" if getattr(args, "bricks_command", None) else "bricks"
+        print(f"sparkformer {name}: error: {e}", file=sys.stderr)
         return 2
 
 

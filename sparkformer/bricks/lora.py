@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparkformer.bricks.analysis import batches as padded_batches
+from sparkformer.bricks.analysis import forward_logits
 from sparkformer.bricks.neurons import architecture
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -84,13 +86,6 @@ def token_windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> torch.T
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of an HF causal LM or our SparkLM (right padding needs no mask: attention is causal)."""
-    if type(model).__name__ == "SparkLM":
-        return model(ids).logits
-    return model(input_ids=ids, use_cache=False).logits
-
-
 def lm_loss(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross entropy over ``ids`` (B, T); ``valid`` (B, T) marks real tokens."""
     logits = forward_logits(model, ids)[:, :-1].float()
@@ -98,22 +93,6 @@ def lm_loss(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = No
     if valid is not None:
         tgt = tgt.masked_fill(~valid[:, 1:], -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
-
-
-def padded_batches(token_lists: Sequence[Sequence[int]], batch_size: int
-                   ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(indices, ids (B, T) right-padded with 0, valid (B, T)), grouped by length."""
-    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        T = max(len(token_lists[i]) for i in idx)
-        ids = torch.zeros(len(idx), T, dtype=torch.long)
-        valid = torch.zeros(len(idx), T, dtype=torch.bool)
-        for r, i in enumerate(idx):
-            n = len(token_lists[i])
-            ids[r, :n] = torch.tensor(token_lists[i], dtype=torch.long)
-            valid[r, :n] = True
-        yield idx, ids, valid
 
 
 @torch.no_grad()

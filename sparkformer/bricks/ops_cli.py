@@ -728,19 +728,10 @@ def _cmd_grow(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m sparkformer.bricks.ops_cli lora ...``) until the bricks CLI lists this module."""
-    parser = argparse.ArgumentParser(prog="sparkformer bricks")
-    sub = parser.add_subparsers(dest="bricks_command", metavar="<bricks command>")
-    add_bricks_commands(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sparkformer bricks {args.bricks_command}: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m sparkformer.bricks.ops_cli <command> ...``: the same as ``sparkformer bricks <command> ...``."""
+    from sparkformer.bricks.cli import main as bricks_main
+
+    return bricks_main(argv)
 
 
 if __name__ == "__main__":

@@ -697,19 +697,10 @@ def _cmd_sparkify(args, parser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m sparkformer.bricks.route_cli sparkify ...``) until the bricks CLI lists it."""
-    parser = argparse.ArgumentParser(prog="sparkformer bricks")
-    sub = parser.add_subparsers(dest="bricks_command", metavar="<command>")
-    add_route_commands(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sparkformer bricks {args.bricks_command}: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m sparkformer.bricks.route_cli <command> ...``: the same as ``sparkformer bricks <command> ...``."""
+    from sparkformer.bricks.cli import main as bricks_main
+
+    return bricks_main(argv)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
-from sparkformer.ops.spark_attn_decode import KP_BLOCK, feature_major, valid_range
+from sparkformer.ops.spark_attn_decode import KP_BLOCK, _round_to_block, feature_major, read_key_rows, valid_range, \
+    write_key_rows
 
 __all__ = [
     "DenseCache",
     "GegluWeights",
+    "dense_cache_keys",
     "dense_cache_write",
     "new_dense_cache",
     "dense_attn_decode",
@@ -125,9 +127,7 @@ def new_dense_cache(n_kv: int, max_len: int, head_dim: int, dv: int | None = Non
     (``block=None``: row-major), values row-major. ``max_len`` is rounded up to a multiple of ``block``."""
     dv = head_dim if dv is None else dv
     if block:
-        if block % 64:
-            raise ValueError(f"block must be a multiple of 64, got {block}")
-        max_len = -(-max_len // block) * block
+        max_len = _round_to_block(max_len, block)
         k = torch.zeros(n_kv, max_len // block, head_dim, block, dtype=dtype)
     else:
         k = torch.zeros(n_kv, max_len, head_dim, dtype=dtype)
@@ -135,13 +135,27 @@ def new_dense_cache(n_kv: int, max_len: int, head_dim: int, dv: int | None = Non
 
 
 def dense_cache_write(cache: DenseCache, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store key k (n_kv, head_dim) and value v (n_kv, dv) of position ``pos``."""
-    if cache.k.dim() == 4:
+    """Store key k (n_kv, head_dim) and value v (n_kv, dv) of position ``pos``, or k (n_kv, T, head_dim) and
+    v (n_kv, T, dv) of positions pos .. pos + T - 1 (prefill)."""
+    if k.dim() == 3:
+        T = k.shape[1]
+        if cache.k.dim() == 4:
+            write_key_rows(cache.k, pos, k)
+        else:
+            cache.k[:, pos: pos + T] = k
+        cache.v[:, pos: pos + T] = v
+        return
+    if cache.k.dim() == 4:  # the per-token path: one position, plain indexing
         block = cache.k.shape[3]
         cache.k[:, pos // block, :, pos % block] = k
     else:
         cache.k[:, pos] = k
     cache.v[:, pos] = v
+
+
+def dense_cache_keys(cache: DenseCache, hi: int) -> torch.Tensor:
+    """(n_kv, hi, head_dim): the keys of positions [0, hi) from either layout."""
+    return read_key_rows(cache.k, hi) if cache.k.dim() == 4 else cache.k[:, :hi]
 
 
 def _rows(k: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,9 @@ __all__ = [
     "SparkCache",
     "feature_major",
     "new_spark_cache",
+    "read_key_rows",
     "spark_cache_write",
+    "write_key_rows",
     "to_blocked",
     "spark_attn_decode",
     "spark_attn_decode_reference",
@@ -95,15 +97,19 @@ class SparkCache(NamedTuple):
     v: torch.Tensor
 
 
+def _round_to_block(max_len: int, block: int) -> int:
+    if block % 64:
+        raise ValueError(f"block must be a multiple of 64, got {block}")
+    return -(-max_len // block) * block
+
+
 def new_spark_cache(n_kv: int, max_len: int, head_dim: int, r: int, dv: int | None = None,
                     dtype: torch.dtype = torch.float32, block: int | None = KP_BLOCK) -> SparkCache:
     """Zeroed cache in the fastest decode layout: kp blocked (``block=None``: plain feature-major), kr and v
     views of one (n_kv, L, (head_dim - r) + dv) buffer. ``max_len`` is rounded up to a multiple of ``block``."""
     dv = head_dim if dv is None else dv
     if block:
-        if block % 64:
-            raise ValueError(f"block must be a multiple of 64, got {block}")
-        max_len = -(-max_len // block) * block
+        max_len = _round_to_block(max_len, block)
         kp = torch.zeros(n_kv, max_len // block, r, block, dtype=dtype)
     else:
         kp = torch.zeros(n_kv, r, max_len, dtype=dtype)
@@ -111,10 +117,34 @@ def new_spark_cache(n_kv: int, max_len: int, head_dim: int, r: int, dv: int | No
     return SparkCache(kp, krv[..., : head_dim - r], krv[..., head_dim - r :])
 
 
+def write_key_rows(keys: torch.Tensor, pos0: int, rows: torch.Tensor) -> None:
+    """Store rows (n_kv, T, width) at positions pos0.. of keys kept blocked (n_kv, L // B, width, B) or
+    feature-major (n_kv, width, L)."""
+    T = rows.shape[1]
+    if keys.dim() == 4:  # index (block, offset) per position
+        pos = torch.arange(pos0, pos0 + T)
+        B = keys.shape[3]
+        keys[:, pos // B, :, pos % B] = rows.transpose(0, 1)
+    else:
+        keys[:, :, pos0: pos0 + T] = rows.transpose(1, 2)
+
+
+def read_key_rows(keys: torch.Tensor, hi: int) -> torch.Tensor:
+    """(n_kv, hi, width): positions [0, hi) of keys kept blocked or feature-major (copies only the blocks needed)."""
+    return _kp_range(keys, 0, hi).transpose(1, 2)
+
+
 def spark_cache_write(cache: SparkCache, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store key k (n_kv, head_dim) and value v (n_kv, dv) of position ``pos``."""
+    """Store key k (n_kv, head_dim) and value v (n_kv, dv) of position ``pos``, or k (n_kv, T, head_dim) and
+    v (n_kv, T, dv) of positions pos .. pos + T - 1 (prefill)."""
     r = cache.kp.shape[-2]
-    if cache.kp.dim() == 4:
+    if k.dim() == 3:
+        T = k.shape[1]
+        write_key_rows(cache.kp, pos, k[..., :r])
+        cache.kr[:, pos: pos + T] = k[..., r:]
+        cache.v[:, pos: pos + T] = v
+        return
+    if cache.kp.dim() == 4:  # the per-token path: one position, plain indexing
         block = cache.kp.shape[3]
         cache.kp[:, pos // block, :, pos % block] = k[:, :r]
     else:

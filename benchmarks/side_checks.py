@@ -1,0 +1,114 @@
+"""Three small measurements quoted in docs/results.md and docs/quality-study.md, as one program.
+
+    python benchmarks/side_checks.py thp        # LM-head matvec GB/s with and without transparent huge pages
+    python benchmarks/side_checks.py csr        # 8%-dense FFN activations: CSR x dense vs dense GEMM (prefill)
+    python benchmarks/side_checks.py chunked    # small Spark/dense model forward+backward, chunked vs one-chunk attention
+
+Each prints a few lines and ends with one JSON line. 2 threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def thp_child() -> dict:
+    from sparkformer.ops.dense_decode import matvec
+
+    x = torch.randn(2304)
+    out = {}
+    for dt in (torch.bfloat16, torch.float32):
+        w = torch.empty(256000, 2304, dtype=dt).normal_()
+        matvec(w, x)
+        ts = []
+        for _ in range(10):
+            t = time.perf_counter()
+            matvec(w, x)
+            ts.append(time.perf_counter() - t)
+        m = statistics.median(ts)
+        out[str(dt).split(".")[1]] = {"ms": m * 1e3, "gb_per_s": w.numel() * w.element_size() / m / 1e9}
+        del w
+    return out
+
+
+def thp(rounds: int = 2) -> dict:
+    """Alternating child processes (the allocator reads THP_MEM_ALLOC_ENABLE before its first large allocation)."""
+    res = {"1": [], "0": []}
+    for _ in range(rounds):
+        for flag in ("1", "0"):
+            env = {**os.environ, "THP_MEM_ALLOC_ENABLE": flag}
+            r = subprocess.run([sys.executable, __file__, "_thp_child"], env=env, capture_output=True, text=True,
+                               check=True)
+            res[flag].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(f"THP_MEM_ALLOC_ENABLE={flag}: " + ", ".join(
+                f"{k} {v['gb_per_s']:.1f} GB/s" for k, v in res[flag][-1].items()), flush=True)
+    return res
+
+
+def csr() -> dict:
+    T, n, d = 2048, 13824, 2304
+    a = torch.randn(T, n)
+    a[torch.rand(T, n) > 0.08] = 0
+    v = torch.randn(n, d)
+    s = a.to_sparse_csr()
+    dense, sparse = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ v
+        dense.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        s @ v
+        sparse.append(time.perf_counter() - t)
+    out = {"dense_s": statistics.median(dense[1:]), "csr_s": statistics.median(sparse[1:])}
+    print(f"fp32 (2048 x 13824, 8% nonzero) @ (13824 x 2304): dense {out['dense_s']:.3f} s, CSR {out['csr_s']:.3f} s")
+    return out
+
+
+def chunked() -> dict:
+    import sparkformer.model as M
+    from sparkformer.config import get_preset
+
+    orig = M.chunked_attention
+    out = {}
+    try:
+        for kind in ("spark", "dense"):
+            torch.manual_seed(0)
+            cfg = get_preset("small", ffn="spark" if kind == "spark" else "geglu", attention=kind, max_seq_len=512)
+            m = M.SparkLM(cfg)
+            x = torch.randint(0, cfg.vocab_size, (8, 512))
+            y = torch.randint(0, cfg.vocab_size, (8, 512))
+            res: dict[int, list[float]] = {}
+            for rep in range(3):
+                for ch in (256, 10**9):  # chunks of 256 queries vs one chunk (the whole sequence)
+                    M.chunked_attention = functools.partial(orig, chunk=ch)
+                    t = time.perf_counter()
+                    m(x, targets=y).loss.backward()
+                    if rep:
+                        res.setdefault(ch, []).append(time.perf_counter() - t)
+            out[kind] = {"chunk_256_s": statistics.median(res[256]), "one_chunk_s": statistics.median(res[10**9])}
+            print(f"{kind}: forward+backward, batch 8 x 512: chunks of 256 {out[kind]['chunk_256_s']:.2f} s, "
+                  f"one chunk {out[kind]['one_chunk_s']:.2f} s", flush=True)
+    finally:
+        M.chunked_attention = orig
+    return out
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    if what == "_thp_child":
+        torch.set_num_threads(2)
+        print(json.dumps(thp_child()))
+        sys.exit(0)
+    torch.set_num_threads(2)
+    fns = {"thp": thp, "csr": csr, "chunked": chunked}
+    if what not in fns:
+        sys.exit(f"usage: python benchmarks/side_checks.py {{{'|'.join(fns)}}}")
+    print(json.dumps({"check": what, "threads": 2, "torch": torch.__version__, "result": fns[what]()}))
