@@ -205,13 +205,17 @@ def token_losses(model: torch.nn.Module, token_lists: Sequence[Sequence[int]], c
     n_batches = math.ceil(len(token_lists) / cfg.batch_size)
     with torch.inference_mode(), ctx:
         for idx, ids, valid in _progress(batches(token_lists, cfg.batch_size), n_batches, desc, progress):
-            logits = forward_logits(model, ids)[:, :-1].float()
-            tgt = ids[:, 1:].masked_fill(~valid[:, 1:], -100)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
-                                   ignore_index=-100).view(tgt.shape)
-            nll[idx] = loss.sum(1).double()
-            cnt[idx] = valid[:, 1:].sum(1).double()
+            nll[idx], cnt[idx] = batch_nll(model, ids, valid)
     return nll, cnt
+
+
+def batch_nll(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a right-padded batch: (sum of next-token NLL, number of predicted tokens), float64."""
+    logits = forward_logits(model, ids)[:, :-1].float()
+    tgt = ids[:, 1:].masked_fill(~valid[:, 1:], -100)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
+                           ignore_index=-100).view(tgt.shape)
+    return loss.sum(1).double(), valid[:, 1:].sum(1).double()
 
 
 class _null:

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparkformer.bricks.analysis import batches as padded_batches
-from sparkformer.bricks.analysis import forward_logits
+from sparkformer.bricks.analysis import batch_nll, forward_logits
 from sparkformer.bricks.neurons import architecture
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -105,12 +105,7 @@ def sequence_nll(model: nn.Module, token_lists: Sequence[Sequence[int]], batch_s
     for idx, ids, valid in padded_batches(token_lists, batch_size):
         if before_batch is not None:
             before_batch(idx)
-        logits = forward_logits(model, ids)[:, :-1].float()
-        tgt = ids[:, 1:].masked_fill(~valid[:, 1:], -100)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
-                               ignore_index=-100).view(tgt.shape)
-        nll[idx] = loss.sum(1).double()
-        cnt[idx] = valid[:, 1:].sum(1).double()
+        nll[idx], cnt[idx] = batch_nll(model, ids, valid)
     return nll, cnt
 
 
