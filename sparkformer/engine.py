@@ -33,11 +33,13 @@ import torch
 
 from sparkformer.config import ModelConfig
 from sparkformer.model import ACTIVATIONS, SparkLM, apply_rope, gelu_tanh, rope_tables, sample_next, softcap
-from sparkformer.ops.attn_prefill import prefill_attention
+from sparkformer.ops import _extension
+from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
 from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, dense_cache_keys, dense_cache_write, \
     geglu_decode, matvec, new_dense_cache, pack_geglu
 from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_attn_decode, spark_cache_write
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn, spark_ffn_decode
+from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill
 from sparkformer.ops.stat_topk import stat_threshold, stat_topk
 
 SUPPORTED_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -80,9 +82,13 @@ class DecodeStats:
     keys_kept: int = 0  # summed over heads, layers and tokens
     key_rows: int = 0
     cap_fired: int = 0
+    prefill_ffn_neurons: int = 0  # sparse Spark FFN prefill: summed over layers and prompt tokens
+    prefill_ffn_rows: int = 0  # (layer, prompt token) pairs behind prefill_ffn_neurons
 
     def summary(self, n_ffn: int | None = None) -> dict:
         out = {"tokens": self.tokens}
+        if self.prefill_ffn_rows:
+            out["prefill_ffn_neurons_per_layer"] = self.prefill_ffn_neurons / self.prefill_ffn_rows
         if self.ffn_layers:
             out["ffn_neurons_per_layer"] = self.ffn_neurons / self.ffn_layers
             if n_ffn:
@@ -312,9 +318,16 @@ class DecodeEngine:
         return logits
 
     # ---- prefill ------------------------------------------------------------------------------------------------
+    def _sparse_prefill(self) -> bool:
+        """Spark layers prefill in the sparse form (C++ ops) unless the pure-torch or reference path was asked for."""
+        return self.impl in ("auto", "ext") and _extension.available()
+
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
-        """Run the prompt in one batch (training form, dense compute), fill the cache; return last logits (fp32)."""
+        """Run the prompt in one batch, fill the cache; return the last logits (fp32). Dense layers run in the
+        training form (chunked attention, GEMMs). With the C++ extension, Spark layers run sparse with the same
+        per-token selections as decode: Spark FFN by ``spark_ffn_prefill`` (predictor GEMM, then only the selected
+        neurons), Spark attention as decode steps over the written cache; without it, in the training form."""
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         T = ids.numel()
         if T == 0:
@@ -325,6 +338,7 @@ class DecodeEngine:
         H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         dt = self.dtype
         act = self._act or gelu_tanh
+        sparse = self._sparse_prefill()
         x = self.embed[ids].float() * self._embed_scale  # (T, d), residual stream in fp32
         for st in self.layers:
             xn = self._rms(x, st.norms[0]).to(dt)
@@ -336,20 +350,31 @@ class DecodeEngine:
             q = self._rope_rows(q, pos0, split)
             k = self._rope_rows(k, pos0, split)
             c = st.cache
-            if st.attn_kind == "spark":
+            if st.attn_kind == "spark" and sparse:  # T decode steps of the C++ op over the written cache
                 spark_cache_write(c, pos0, k.to(dt), v.to(dt))
-                kk = torch.cat([read_key_rows(c.kp, pos0 + T), c.kr[:, : pos0 + T]], -1).float()
+                out, _, _ = spark_prefill_attention(q, c, pos0, topk=cfg.spark_attn_topk, scale=cfg.attn_scale,
+                                                    window=st.window, cap=cfg.attn_logit_softcap, impl="ext")
             else:
-                dense_cache_write(c, pos0, k.to(dt), v.to(dt))
-                kk = dense_cache_keys(c, pos0 + T).float()
-            vv = c.v[:, : pos0 + T].float()
-            out, _ = prefill_attention(q, kk, vv, pos0, kind=st.attn_kind, scale=cfg.attn_scale, window=st.window,
-                                       cap=cfg.attn_logit_softcap, rank=r, topk=cfg.spark_attn_topk)
+                if st.attn_kind == "spark":
+                    spark_cache_write(c, pos0, k.to(dt), v.to(dt))
+                    kk = torch.cat([read_key_rows(c.kp, pos0 + T), c.kr[:, : pos0 + T]], -1).float()
+                else:
+                    dense_cache_write(c, pos0, k.to(dt), v.to(dt))
+                    kk = dense_cache_keys(c, pos0 + T).float()
+                vv = c.v[:, : pos0 + T].float()
+                out, _ = prefill_attention(q, kk, vv, pos0, kind=st.attn_kind, scale=cfg.attn_scale,
+                                           window=st.window, cap=cfg.attn_logit_softcap, rank=r,
+                                           topk=cfg.spark_attn_topk)
             out = out.transpose(0, 1).reshape(T, H * hd)
             o = (out.to(dt) @ st.w_o.t()).float()
             x = x + (self._rms(o, st.norms[1]) if self._post else o)
             xn = self._rms(x, st.norms[2]).to(dt)
-            if st.ffn_kind == "spark":
+            if st.ffn_kind == "spark" and self._act is None and sparse:
+                # sparse form: the predictor GEMM, then only the selected neurons' K2/V rows (C++ op)
+                y, n_sel = spark_ffn_prefill(xn, *st.ffn, cfg.spark_ffn_fraction, impl="ext")
+                self.stats.prefill_ffn_neurons += int(n_sel.sum())
+                self.stats.prefill_ffn_rows += T
+            elif st.ffn_kind == "spark":
                 k1, k2, vw = st.ffn
                 a = act(stat_topk((xn[:, : k1.shape[1]] @ k1.t()).float(), cfg.spark_ffn_fraction))
                 y = ((a * (xn[:, k1.shape[1]:] @ k2.t()).float()).to(dt) @ vw).float()

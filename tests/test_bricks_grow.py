@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from sparkformer.bricks.grow import (GrowthConfig, UpcycledMoE, WidenedFFN, fold_width, grow_depth, grow_width,
-                                     run_growth, upcycle)
+from sparkformer.bricks.grow import (GrowthConfig, UpcycledMoE, WidenedFFN, bricks_detached, fold_width,
+                                     grow_depth, grow_width, grown_bricks, run_growth, upcycle)
 from sparkformer.bricks.lora import train_parameters
 from sparkformer.model import SparkLM
 from tiny_models import tiny_llama as shared_llama
@@ -124,6 +124,30 @@ def test_training_updates_only_the_new_bricks(grow):
     assert any(not torch.equal(a, b) for a, b in zip(g.params, [p.detach() for p in grow(copy.deepcopy(base)).params]))
 
 
+@pytest.mark.parametrize("make", MODELS)
+@pytest.mark.parametrize("kind", ["width", "depth", "upcycle"])
+def test_detached_bricks_give_the_base_exactly_after_training(make, kind):
+    grow = {"width": lambda m: grow_width(m, 8), "depth": lambda m: grow_depth(m, after=[0, 2]),
+            "upcycle": lambda m: upcycle(m, 3, 2, router_std=1.0)}[kind]
+    base, m, g = grown_copy(make, grow)
+    assert grown_bricks(m)[kind] > 0 and not any(grown_bricks(base).values())
+    with torch.no_grad():  # stand-in for training: every new parameter moves, old ones stay frozen
+        for p in g.params:
+            p.add_(torch.randn_like(p) * 0.3)
+    ids = torch.randint(0, 40, (2, 10))
+    ref = logits(base, ids)
+    assert not torch.equal(logits(m, ids), ref)
+    n_blocks = len(m.layers if isinstance(m, SparkLM) else m.model.layers)
+    with bricks_detached(m):
+        assert torch.equal(logits(m, ids), ref)
+    after = logits(m, ids)  # re-attached on exit
+    assert not torch.equal(after, ref)
+    assert len(m.layers if isinstance(m, SparkLM) else m.model.layers) == n_blocks
+    with pytest.raises(ValueError, match="no grown bricks"):
+        with bricks_detached(base):
+            pass
+
+
 def test_run_growth_reports_gain_and_retention():
     model = tiny_llama(layers=2)
 
@@ -150,6 +174,35 @@ def test_run_growth_reports_gain_and_retention():
     assert top["methods"]["width"]["info"]["layers"] == [1] and top["methods"]["upcycle"]["info"]["layers"] == [1]
     assert top["methods"]["depth"]["info"]["copied_blocks"] == [1]
     assert top["methods"]["lora"]["info"]["layers"] == (1,)
+
+
+def test_run_growth_routed_attaches_the_new_bricks_only_where_retrieval_says():
+    model = tiny_llama(layers=2)
+
+    class Tok:
+        def encode(self, t):
+            return [int(w) for w in t.split()]
+
+    rng = random.Random(1)
+    texts = {"new": [" ".join(str(rng.randrange(30, 40)) for _ in range(12)) for _ in range(14)],
+             "old": [" ".join(str(rng.randrange(0, 10)) for _ in range(12)) for _ in range(10)]}
+    held = {"new": texts["new"][10:], "old": texts["old"][6:]}
+    route = {"new": texts["new"][:10], "old": texts["old"][:6]}
+    cfg = GrowthConfig(width_neurons=8, depth_every=1, upcycle_every=1, steps=6, batch_size=2, seq_len=12,
+                       lora_rank=2)
+    res = run_growth(model, Tok(), "new", texts["new"][:10], held, cfg=cfg, route_texts=route)
+    rt = res["routing"]
+    assert 0.0 <= rt["accuracy"] <= 1.0 and set(rt["attached_fraction"]) == {"new", "old"}
+    for name, r in res["methods"].items():
+        rr = r["routed"]
+        assert rr["detached_equals_base"], name
+        if rt["attached_fraction"]["old"] == 0.0:  # old inputs never routed to the new bricks: nothing forgotten
+            assert rr["retention"]["old"] == 1.0, name
+        if rt["attached_fraction"]["new"] == 1.0:  # every new input routed: the always-on gain
+            assert rr["gain"] == pytest.approx(r["gain"]), name
+    assert res["methods"]["full"]["routed"]["extra_params_kept"] == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="must include the new capability"):
+        run_growth(model, Tok(), "new", texts["new"][:10], held, cfg=cfg, route_texts={"old": route["old"]})
 
 
 def test_bad_inputs_fail_clearly():

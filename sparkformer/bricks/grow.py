@@ -16,13 +16,20 @@ Training a new capability then updates only the new bricks (new neurons / new bl
 with the original weights frozen; :func:`run_growth` compares the new capability's gain and the old capabilities'
 retention with full fine-tuning (and a LoRA brick).
 
+Because the old weights stay frozen, the base is still inside the grown model: :func:`bricks_detached` runs it
+without its new bricks and gives the base's outputs exactly. That makes grown bricks *routable*: attach them only
+for inputs that retrieval assigns to the new capability (``run_growth(..., route_texts=...)``), which full
+fine-tuning cannot do without keeping a second full copy of the model.
+
 Supported: HF Llama-family decoders (``model.model.layers[i].mlp``, ``self_attn.o_proj``) and sparkformer SparkLM
 (``layers[i].ffn``, ``attn.o_proj``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -31,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.bricks.lora import (LoRAConfig, forward_logits, perplexity, token_windows, train_lora,
+from sparkformer.bricks.lora import (LoRAConfig, forward_logits, sequence_nll, token_windows, train_lora,
                                      train_parameters, encode_texts)
 from sparkformer.bricks.neurons import architecture, find_ffn_layers
 
@@ -95,6 +102,7 @@ class WidenedFFN(nn.Module):
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * init_std)
             self.new_down.weight.zero_()
         self.act = _activation(old)
+        self.enabled = True  # False: the grown brick is detached and this is exactly the old FFN
 
     @property
     def last_activity(self):  # SparkLM.sparsity_stats reads this
@@ -104,7 +112,10 @@ class WidenedFFN(nn.Module):
         return [self.new_gate.weight, self.new_up.weight, self.new_down.weight]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.old(x) + self.new_down(self.act(self.new_gate(x)) * self.new_up(x))
+        y = self.old(x)
+        if not self.enabled:
+            return y
+        return y + self.new_down(self.act(self.new_gate(x)) * self.new_up(x))
 
 
 def grow_width(model: nn.Module, n_new: int, layers: Sequence[int] | None = None, init_std: float | None = None,
@@ -165,6 +176,9 @@ def fold_width(model: nn.Module) -> nn.Module:
 
 
 # ---- depth (LLaMA-Pro) ----------------------------------------------------------------------------------------------
+GROWN_BLOCK = "_sparkformer_grown_block"  # marks an inserted block
+
+
 def _block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """(parent, attribute, ModuleList) of the decoder blocks."""
     if type(model).__name__ == "SparkLM":
@@ -213,6 +227,7 @@ def grow_depth(model: nn.Module, after: Sequence[int] | None = None, every: int 
         if i in after:
             nb = copy.deepcopy(b)
             _zero_outputs(nb)
+            setattr(nb, GROWN_BLOCK, True)  # bricks_detached() leaves these out
             positions.append(len(new_list))
             new_list.append(nb)
             params += list(nb.parameters())
@@ -277,6 +292,7 @@ class UpcycledMoE(nn.Module):
             self.router.weight.copy_(torch.randn(self.router.weight.shape, generator=generator) * router_std)
         self.top_k = top_k
         self.last_load: torch.Tensor | None = None  # fraction of tokens routed to each expert in the last forward
+        self.enabled = True  # False: only expert 0, the original FFN, runs
 
     @property
     def last_activity(self):
@@ -289,6 +305,8 @@ class UpcycledMoE(nn.Module):
         return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(val, dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.experts[0](x)
         g = self.gates(x)
         self.last_load = (g > 0).float().reshape(-1, g.shape[-1]).mean(0).detach()
         y0 = self.experts[0](x)
@@ -322,6 +340,42 @@ def upcycle(model: nn.Module, n_experts: int = 4, top_k: int = 2, layers: Sequen
 def router_load(model: nn.Module) -> list[list[float]]:
     """Per upcycled layer, the fraction of tokens sent to each expert in the last forward."""
     return [m.last_load.tolist() for m in model.modules() if isinstance(m, UpcycledMoE) and m.last_load is not None]
+
+
+# ---- detaching grown bricks ------------------------------------------------------------------------------------------
+def grown_bricks(model: nn.Module) -> dict[str, int]:
+    """How many grown bricks of each kind the model holds (widened FFNs, inserted blocks, upcycled FFNs)."""
+    mods = list(model.modules())
+    return {"width": sum(isinstance(m, WidenedFFN) for m in mods),
+            "depth": sum(bool(getattr(m, GROWN_BLOCK, False)) for m in mods),
+            "upcycle": sum(isinstance(m, UpcycledMoE) for m in mods)}
+
+
+@contextlib.contextmanager
+def bricks_detached(model: nn.Module):
+    """Run ``model`` without its grown bricks: widened FFNs skip their new neurons, upcycled FFNs run expert 0 only,
+    inserted blocks are left out of the block list. With the old weights frozen during training this is exactly the
+    base model (tested bitwise), so a grown brick can be attached per input instead of always."""
+    if not any(grown_bricks(model).values()):
+        raise ValueError("the model has no grown bricks to detach (grow_width / grow_depth / upcycle add them)")
+    toggled = [m for m in model.modules() if isinstance(m, (WidenedFFN, UpcycledMoE))]
+    for m in toggled:
+        m.enabled = False
+    parent = attr = blocks = None
+    try:
+        parent, attr, blocks = _block_list(model)
+    except ValueError:
+        pass
+    if blocks is not None and any(getattr(b, GROWN_BLOCK, False) for b in blocks):
+        # HF decoders loop over layers[:num_hidden_layers] (larger is fine); SparkLM loops over all of them
+        setattr(parent, attr, nn.ModuleList([b for b in blocks if not getattr(b, GROWN_BLOCK, False)]))
+    try:
+        yield model
+    finally:
+        for m in toggled:
+            m.enabled = True
+        if blocks is not None:
+            setattr(parent, attr, blocks)
 
 
 # ---- experiment: train only the new bricks on a new capability -------------------------------------------------------
@@ -377,35 +431,71 @@ def _same_logits(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> tuple[bool, f
 
 def run_growth(model: nn.Module, tokenizer: Any, new_capability: str, train_texts: Sequence[str],
                heldout: dict[str, list[str]], methods: Sequence[str] = GROWTH_METHODS,
-               cfg: GrowthConfig | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               cfg: GrowthConfig | None = None, log: Callable[[str], None] | None = None,
+               route_texts: dict[str, list[str]] | None = None, encoder: str = "hidden") -> dict[str, Any]:
     """For each method: copy the base, grow it, check the logits are unchanged, train only the new bricks on
     ``train_texts`` (the new capability), and measure perplexity on every held-out capability before and after.
 
     ``gain`` = perplexity of the new capability before / after (higher is better); ``retention`` of an old
-    capability = before / after (1.0 = nothing forgotten, < 1 = forgot)."""
+    capability = before / after (1.0 = nothing forgotten, < 1 = forgot).
+
+    With ``route_texts`` (capability -> texts that represent it, the new capability among them) each held-out text
+    is also scored *routed*: a :class:`~sparkformer.bricks.retrieval.BrickRetriever` over those texts (``encoder``:
+    the base model's hidden state or MiniLM) attaches the new bricks only to texts it assigns to the new
+    capability and runs the rest with them detached (:func:`bricks_detached`; LoRA unattached). Full fine-tuning
+    has no base left inside it, so its routed row uses a kept copy of the base: a second full model."""
     cfg = cfg or GrowthConfig()
     if new_capability not in heldout:
         raise ValueError(f"the new capability {new_capability!r} needs held-out texts too")
     unknown = [m for m in methods if m not in GROWTH_METHODS]
     if unknown:
         raise ValueError(f"unknown growth method {unknown}; available: {', '.join(GROWTH_METHODS)}")
+    if route_texts is not None and new_capability not in route_texts:
+        raise ValueError(f"route_texts must include the new capability {new_capability!r} (its training texts) "
+                         f"besides the old ones; got {sorted(route_texts)}")
     log = log or (lambda s: None)
     windows = token_windows(tokenizer, train_texts, cfg.seq_len)
     held_tokens = {c: encode_texts(tokenizer, t, cfg.seq_len) for c, t in heldout.items()}
     probe = torch.tensor([held_tokens[new_capability][0][: min(32, cfg.seq_len)]])
-    base_ppl = {c: perplexity(model, tl) for c, tl in held_tokens.items()}
+    base_nll = {c: sequence_nll(model, tl) for c, tl in held_tokens.items()}
+
+    def ppl(nll: torch.Tensor, cnt: torch.Tensor) -> float:
+        return math.exp(float(nll.sum() / cnt.sum().clamp_min(1)))
+
+    base_ppl = {c: ppl(*base_nll[c]) for c in held_tokens}
     log("base: " + " ".join(f"{c}={v:.2f}" for c, v in base_ppl.items()))
+    old = [c for c in heldout if c != new_capability]
+    routing: dict[str, Any] | None = None
+    to_new: dict[str, torch.Tensor] = {}
+    if route_texts is not None:
+        from sparkformer.bricks.retrieval import BrickRetriever, make_encoder
+
+        t0 = time.time()
+        retriever = BrickRetriever(make_encoder(encoder, model, tokenizer, cfg.seq_len))
+        for c, texts in route_texts.items():
+            retriever.add(c, texts)
+        for c, texts in heldout.items():
+            picks = retriever.retrieve(texts, top_k=1)
+            to_new[c] = torch.tensor([p[0][0] == new_capability for p in picks])
+        correct = [bool(v) == (c == new_capability) for c in heldout for v in to_new[c]]
+        routing = {"encoder": encoder, "index": {c: len(t) for c, t in route_texts.items()},
+                   "accuracy": sum(correct) / len(correct),
+                   "attached_fraction": {c: float(v.float().mean()) for c, v in to_new.items()},
+                   "seconds": time.time() - t0}
+        log(f"routing ({encoder}): new-vs-old accuracy {routing['accuracy']:.3f}; attached on "
+            + " ".join(f"{c}={v:.2f}" for c, v in routing["attached_fraction"].items()))
+
     results: dict[str, Any] = {}
     for method in methods:
         t0 = time.time()
         m = copy.deepcopy(model)
+        brick = None
         if method == "lora":
             n_layers = len(find_ffn_layers(m))
             lcfg = LoRAConfig(r=cfg.lora_rank, alpha=2.0 * cfg.lora_rank, targets=("all",),
                               layers=tuple(cfg.layers(n_layers)) if cfg.from_layer else None)
             brick, tl = train_lora(m, tokenizer, [], lcfg, cfg.steps, cfg.lrs["lora"], cfg.batch_size,
                                    cfg.seq_len, cfg.seed, name=new_capability, windows=windows)
-            brick.merge(m)
             growth = Growth("lora", list(brick.parameters()), {"r": lcfg.r, "targets": list(lcfg.names()),
                                                                "layers": lcfg.layers})
             exact, diff = True, 0.0  # a fresh LoRA brick (B = 0) is a no-op by construction
@@ -414,8 +504,10 @@ def run_growth(model: nn.Module, tokenizer: Any, new_capability: str, train_text
             exact, diff = _same_logits(model, m, probe)
             tl = train_parameters(m, growth.params, windows, cfg.steps, cfg.lrs[method], cfg.batch_size, cfg.seed,
                                   log=log, log_every=max(1, cfg.steps // 4))
-        after = {c: perplexity(m, tl_) for c, tl_ in held_tokens.items()}
-        old = [c for c in heldout if c != new_capability]
+        attached_ctx = brick.attached(m) if brick is not None else contextlib.nullcontext()
+        with attached_ctx:
+            att = {c: sequence_nll(m, tl_) for c, tl_ in held_tokens.items()}
+        after = {c: ppl(*att[c]) for c in held_tokens}
         res = {
             "trainable_params": growth.n_params,
             "lr": cfg.lrs.get(method),
@@ -429,13 +521,30 @@ def run_growth(model: nn.Module, tokenizer: Any, new_capability: str, train_text
             "train_loss_first": tl.losses[0],
             "train_loss_last": tl.losses[-1],
             "losses": tl.losses,
-            "seconds": time.time() - t0,
         }
         if method == "upcycle":
             res["router_load"] = router_load(m)
+        if routing is not None:
+            if method == "full":
+                det, kept, det_exact = base_nll, sum(p.numel() for p in model.parameters()), True
+                how = "a kept copy of the base model"
+            else:
+                with (bricks_detached(m) if brick is None else contextlib.nullcontext()):
+                    det = {c: sequence_nll(m, tl_) for c, tl_ in held_tokens.items()}
+                det_exact = all(torch.equal(det[c][0], base_nll[c][0]) for c in held_tokens)
+                kept, how = growth.n_params, "the grown model with its bricks detached"
+            routed = {c: ppl(torch.where(to_new[c], att[c][0], det[c][0]), att[c][1]) for c in held_tokens}
+            res["routed"] = {
+                "perplexity": routed, "gain": base_ppl[new_capability] / routed[new_capability],
+                "retention": {c: base_ppl[c] / routed[c] for c in old},
+                "mean_retention": sum(base_ppl[c] / routed[c] for c in old) / max(1, len(old)),
+                "detached_equals_base": det_exact, "unrouted_inputs_run_on": how, "extra_params_kept": kept}
+        res["seconds"] = time.time() - t0
         results[method] = res
-        log(f"{method}: exact={exact} gain x{res['gain']:.2f} mean retention {res['mean_retention']:.3f} "
-            f"({res['seconds']:.0f} s, {growth.n_params / 1e6:.2f} M trainable)")
+        log(f"{method}: exact={exact} gain x{res['gain']:.2f} mean retention {res['mean_retention']:.3f}"
+            + (f"; routed x{res['routed']['gain']:.2f} / {res['routed']['mean_retention']:.3f} (detached == base: "
+               f"{res['routed']['detached_equals_base']})" if routing is not None else "")
+            + f" ({res['seconds']:.0f} s, {growth.n_params / 1e6:.2f} M trainable)")
         del m
-    return {"new_capability": new_capability, "base_perplexity": base_ppl, "methods": results,
+    return {"new_capability": new_capability, "base_perplexity": base_ppl, "methods": results, "routing": routing,
             "config": dict(vars(cfg))}

@@ -500,9 +500,11 @@ def run_grow(model: str, out: str | Path, new_capability: str = "arithmetic",
              batch_size: int = 4, seq_len: int = 128, train_texts: int = 24, heldout_per_capability: int = 6,
              width_neurons: int = 256, depth_every: int = 6, upcycle_every: int = 6, upcycle_experts: int = 4,
              from_layer: int = 0, lrs: dict[str, float] | None = None, threads: int | None = None, seed: int = 0,
-             command: str = "") -> Path:
+             command: str = "", route_encoder: str | None = "minilm") -> Path:
     """Grow the base by each method, train only the new bricks on ``new_capability``, compare with full
-    fine-tuning (and a LoRA brick): the new capability's gain and the old capabilities' retention."""
+    fine-tuning (and a LoRA brick): the new capability's gain and the old capabilities' retention, always-on and
+    routed (the new bricks attached only to inputs retrieval assigns to the new capability, by ``route_encoder``
+    over every capability's training texts; None: always-on only)."""
     from sparkformer.bricks.grow import GrowthConfig, run_growth
 
     _setup(threads, seed)
@@ -514,16 +516,27 @@ def run_grow(model: str, out: str | Path, new_capability: str = "arithmetic",
                        seq_len=seq_len, seed=seed)
     if lrs:
         cfg.lrs.update(lrs)
-    res = run_growth(m, tok, new_capability, train[new_capability], held, methods, cfg, log=_log)
+    res = run_growth(m, tok, new_capability, train[new_capability], held, methods, cfg, log=_log,
+                     route_texts=train if route_encoder else None, encoder=route_encoder or "hidden")
     res["model"] = model
     old = caps[1:]
     rows = []
     for meth, r in res["methods"].items():
-        rows.append([meth, f"{r['trainable_params'] / 1e6:.2f}", "yes" if r["function_preserving"] else "NO",
-                     f"{r['lr']:g}", f"{res['base_perplexity'][new_capability]:.2f} -> "
-                          f"{r['perplexity_after'][new_capability]:.2f}", r["gain"]]
-                    + [r["retention"][c] for c in old] + [r["mean_retention"]])
-    table = md_table(["method", "trainable M", "exact before training", "lr", f"{new_capability} ppl",
+        rows.append([meth, "always on", f"{r['trainable_params'] / 1e6:.2f}",
+                     "yes" if r["function_preserving"] else "NO", f"{r['lr']:g}",
+                     f"{res['base_perplexity'][new_capability]:.2f} -> {r['perplexity_after'][new_capability]:.2f}",
+                     r["gain"]] + [r["retention"][c] for c in old] + [r["mean_retention"]])
+    for meth, r in res["methods"].items():
+        if "routed" not in r:
+            continue
+        rr = r["routed"]
+        label = "routed (base copy kept: +{:.1f} M)".format(rr["extra_params_kept"] / 1e6) if meth == "full" else \
+            "routed" + ("" if rr["detached_equals_base"] else " (DETACHED != BASE)")
+        rows.append([meth, label, f"{r['trainable_params'] / 1e6:.2f}", "yes" if r["function_preserving"] else "NO",
+                     f"{r['lr']:g}",
+                     f"{res['base_perplexity'][new_capability]:.2f} -> {rr['perplexity'][new_capability]:.2f}",
+                     rr["gain"]] + [rr["retention"][c] for c in old] + [rr["mean_retention"]])
+    table = md_table(["method", "bricks", "trainable M", "exact before training", "lr", f"{new_capability} ppl",
                       "gain (x)"] + [f"retention {c}" for c in old] + ["mean retention"], rows, fmt=".3f")
     notes = (f"New capability {new_capability!r}: {steps} steps x {batch_size} x {seq_len} tokens on its training "
              f"texts; held-out perplexity ({heldout_per_capability} texts per capability). gain = ppl before / "
@@ -531,13 +544,24 @@ def run_grow(model: str, out: str | Path, new_capability: str = "arithmetic",
              f"forgotten). Grown layers: {'all' if not from_layer else f'>= {from_layer}'}; width: "
              f"+{width_neurons} neurons per FFN; depth: LLaMA-Pro copy after every {depth_every}th block; upcycle: FFN "
              f"of every {upcycle_every}th layer -> {upcycle_experts} experts, top-2 router; full: every parameter; "
-             f"lora: r=8 on all projections of the same layers, merged after training. Per-method learning rates "
+             f"lora: r=8 on all projections of the same layers, attached after training. Per-method learning rates "
              f"in the table (AdamW, warmup + cosine).")
+    if res.get("routing"):
+        rt = res["routing"]
+        notes += (f" Routed rows: a retriever ({rt['encoder']} encoder, each capability indexed by its training "
+                  f"texts) attaches the new bricks only to held-out texts it assigns to {new_capability!r} "
+                  f"(new-vs-old accuracy {rt['accuracy']:.3f}; attached on "
+                  + ", ".join(f"{c} {v:.2f}" for c, v in rt["attached_fraction"].items())
+                  + "); the other texts run with the bricks detached, which equals the base exactly (checked per "
+                    "text). Full fine-tuning keeps no base inside it, so its routed row needs a second full copy.")
     plt = _plt()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for meth, r in res["methods"].items():
         ax[0].scatter(r["mean_retention"], r["gain"], s=60)
         ax[0].annotate(meth, (r["mean_retention"], r["gain"]))
+        if "routed" in r:
+            ax[0].scatter(r["routed"]["mean_retention"], r["routed"]["gain"], s=60, marker="^")
+            ax[0].annotate(meth + " routed", (r["routed"]["mean_retention"], r["routed"]["gain"]))
         ax[1].plot(r["losses"], label=meth)
     ax[0].set_xlabel("mean retention of old capabilities")
     ax[0].set_ylabel(f"gain on {new_capability} (x)")
@@ -550,7 +574,10 @@ def run_grow(model: str, out: str | Path, new_capability: str = "arithmetic",
     fig.savefig(out / "grow.png", dpi=110)
     plt.close(fig)
     headline = {"op": "grow", "model": model, **{f"{k}_gain": r["gain"] for k, r in res["methods"].items()},
-                **{f"{k}_retention": r["mean_retention"] for k, r in res["methods"].items()}}
+                **{f"{k}_retention": r["mean_retention"] for k, r in res["methods"].items()},
+                **{f"{k}_routed_gain": r["routed"]["gain"] for k, r in res["methods"].items() if "routed" in r},
+                **{f"{k}_routed_retention": r["routed"]["mean_retention"] for k, r in res["methods"].items()
+                   if "routed" in r}}
     return _finish(out, "grow", res, table, command or f"sparkformer bricks grow --model {model} --out {out}",
                    headline, notes)
 
@@ -654,6 +681,9 @@ def add_bricks_commands(sub) -> None:
     p.add_argument("--upcycle-experts", type=int, default=4)
     p.add_argument("--from-layer", type=int, default=0,
                    help="grow (and LoRA) only layers >= this, so training back-propagates through the top only")
+    p.add_argument("--route-encoder", default="minilm", choices=["hidden", "minilm", "none"],
+                   help="also score routed growth: attach the new bricks only to inputs this retriever assigns to the "
+                        "new capability (none: always-on only)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                    help="learning rate per method, e.g. --lr full=3e-5 (defaults: width 2e-3, depth 1e-3, upcycle "
                         "3e-4, full 1e-4, lora 2e-3)")
@@ -716,14 +746,15 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     defaults = {"new_capability": "arithmetic", "old_capabilities": "code,docstrings,reference,drama",
                 "methods": "width,depth,upcycle,full,lora", "steps": 20, "batch_size": 4, "seq_len": 128,
                 "train_texts": 24, "heldout_per_capability": 6, "width_neurons": 256, "depth_every": 6,
-                "upcycle_every": 6, "upcycle_experts": 4, "from_layer": 0, "threads": None, "seed": 0}
+                "upcycle_every": 6, "upcycle_experts": 4, "from_layer": 0, "route_encoder": "minilm",
+                "threads": None, "seed": 0}
     cmd = _command("grow", args, defaults, ["model"])
     for item in args.lr:
         cmd += " --lr " + shlex.quote(item)
     run_grow(args.model, args.out, args.new_capability, args.old_capabilities, _csv(args.methods), args.steps,
              args.batch_size, args.seq_len, args.train_texts, args.heldout_per_capability, args.width_neurons,
              args.depth_every, args.upcycle_every, args.upcycle_experts, args.from_layer, lrs, args.threads,
-             args.seed, cmd)
+             args.seed, cmd, None if args.route_encoder == "none" else args.route_encoder)
     return 0
 
 

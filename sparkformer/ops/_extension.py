@@ -129,6 +129,10 @@ def _register_fakes() -> None:
     def _(x, k1, k2, v, fraction, workspace=None):
         return x.new_empty(v.shape[1]), x.new_empty((), dtype=torch.long)
 
+    @torch.library.register_fake(lib + "spark_ffn_prefill")
+    def _(x2, p, k2, v, fraction, block=256):
+        return x2.new_empty(x2.shape[0], v.shape[1], dtype=torch.float32), x2.new_empty(x2.shape[0], dtype=torch.long)
+
     @torch.library.register_fake(lib + "spark_attn_decode")
     def _(q, kp, kr, v, length, k, scale, window=None, softcap=None, workspace=None):
         h = q.shape[0]

@@ -1,8 +1,14 @@
 """Prefill attention over one sequence's KV cache, as the decode engine needs it.
 
-``model.chunked_attention`` (the training form chunked over queries and grouped by KV head) for a single sequence
-(q (H, T, D), cache (KV, pos0 + T, D)), with the decode kernels' hard cap on Spark layers so prefill selects what
-decode would. Both dense and Spark prefill go through here, so the prefill comparison is like for like.
+``prefill_attention``: ``model.chunked_attention`` (the training form chunked over queries and grouped by KV head)
+for a single sequence (q (H, T, D), cache (KV, pos0 + T, D)), with the decode kernels' hard cap on Spark layers so
+prefill selects what decode would. Dense prefill uses it, and Spark prefill when the C++ extension is missing.
+
+``spark_prefill_attention``: Spark prefill as T decode steps over the already-written cache: the C++ decode op
+per query position. The training form computes both halves of every score and softmaxes whole rows before the cap
+throws most of them away; the decode op scores the predictor half, selects at most k keys, and touches the other
+half and V only for those, which makes it cheaper than dense prefill attention at T = 2048 (``benchmarks``: see
+docs/results.md). Same selection and result as the training form with the hard cap (tested).
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from sparkformer.model import chunked_attention
+from sparkformer.ops.spark_attn_decode import SparkCache, spark_attn_decode
 
-__all__ = ["prefill_attention"]
+__all__ = ["prefill_attention", "spark_prefill_attention"]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, *, kind: str, scale: float,
@@ -40,3 +47,23 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: i
     out, kept = chunked_attention(q[None], k[None], v[None], pos0, kind=kind, scale=scale, window=window, cap=cap,
                                   rank=rank, topk=topk, hard_cap=True, chunk=chunk)
     return out[0], None if kept is None else kept[0]
+
+
+def spark_prefill_attention(q: torch.Tensor, cache: SparkCache, pos0: int, *, topk: int, scale: float,
+                            window: int | None = None, cap: float | None = None, impl: str = "auto"
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spark attention of T new queries (H, T, D) whose keys and values are already in ``cache`` at positions
+    [pos0, pos0 + T): one decode-op call per position. Returns (out (H, T, dv) fp32, keys kept (H, T),
+    cap fired (H, T))."""
+    H, T, _ = q.shape
+    if pos0 + T > cache.v.shape[1]:
+        raise ValueError(f"positions up to {pos0 + T} exceed the cache size {cache.v.shape[1]}")
+    out = torch.empty(T, H, cache.v.shape[-1])
+    kept = torch.empty(T, H, dtype=torch.long)
+    capped = torch.empty(T, H, dtype=torch.bool)
+    qt = q.transpose(0, 1)
+    for t in range(T):
+        o, kept[t], capped[t] = spark_attn_decode(qt[t], cache.kp, cache.kr, cache.v, pos0 + t + 1, topk, scale,
+                                                  window, cap, impl=impl)
+        out[t] = o
+    return out.transpose(0, 1), kept.t(), capped.t()

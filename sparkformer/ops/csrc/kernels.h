@@ -34,6 +34,11 @@ struct Kernels {
                      int64_t n2, const float* x2, const void* v, int64_t ldv, int64_t nv, bool bf16,
                      float* acc);
 
+  // Spark FFN prefill, one neuron (its K2 row k2, V row v) and the tokens that selected it:
+  // y[tok[t]*ldy : +nv] += a[t] * dot(k2, x[tok[t]*ldx : +n2]) * v  for t < cnt.
+  void (*ffn_neuron)(const void* k2, int64_t n2, const void* v, int64_t nv, bool bf16, const int32_t* tok,
+                     const float* a, int64_t cnt, const float* x, int64_t ldx, float* y, int64_t ldy);
+
   // GeGLU neurons [j0, j1): h_j = gelu_tanh(dot(g_j, x)) * dot(u_j, x); acc[0:nd] += h_j * d_j.
   // g, u: rows of length n (=len(x)); d: rows of length nd (W_down transposed). hs: 2 * (j1 - j0)
   // floats of scratch.

@@ -351,6 +351,70 @@ static void ffn_gather(const int32_t* idx, const float* a, int64_t cnt, const vo
     ffn_gather_t(idx, a, cnt, static_cast<const float*>(k2), ld2, n2, x2, static_cast<const float*>(v), ldv, nv, acc);
 }
 
+// Spark FFN prefill, one neuron against G tokens: its K2 row against G inputs at once (each K2 load
+// feeds G FMAs), then its V row into G output rows (each V load feeds G read-modify-writes). The
+// neuron's two rows stay in L1 across its tokens; the token rows come from L2/L3.
+template <int G, class T>
+static inline void ffn_neuron_group(const T* k2, int64_t n2, const T* v, int64_t nv, const int32_t* tok,
+                                    const float* a, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const float* xs[G];
+  float* ys[G];
+  vf acc[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) {
+    xs[i] = x + int64_t(tok[i]) * ldx;
+    ys[i] = y + int64_t(tok[i]) * ldy;
+    acc[i] = vzero();
+  }
+  int64_t c = 0;
+  for (; c + VW <= n2; c += VW) {
+    const vf w = vld(k2 + c);
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) acc[i] = vfma(w, vld(xs[i] + c), acc[i]);
+  }
+  float h[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) h[i] = vsum(acc[i]);
+  for (; c < n2; ++c) {
+    const float w = ld1(k2 + c);
+    for (int i = 0; i < G; ++i) h[i] += w * xs[i][c];
+  }
+  vf hv[G];
+#pragma GCC unroll 8
+  for (int i = 0; i < G; ++i) {
+    h[i] *= a[i];
+    hv[i] = vset(h[i]);
+  }
+  c = 0;
+  for (; c + VW <= nv; c += VW) {
+    const vf w = vld(v + c);
+#pragma GCC unroll 8
+    for (int i = 0; i < G; ++i) vst(ys[i] + c, vfma(hv[i], w, vld(ys[i] + c)));
+  }
+  for (; c < nv; ++c) {
+    const float w = ld1(v + c);
+    for (int i = 0; i < G; ++i) ys[i][c] += h[i] * w;
+  }
+}
+
+template <class T>
+static void ffn_neuron_t(const T* k2, int64_t n2, const T* v, int64_t nv, const int32_t* tok, const float* a,
+                         int64_t cnt, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 8 <= cnt; t += 8) ffn_neuron_group<8>(k2, n2, v, nv, tok + t, a + t, x, ldx, y, ldy);
+  for (; t + 4 <= cnt; t += 4) ffn_neuron_group<4>(k2, n2, v, nv, tok + t, a + t, x, ldx, y, ldy);
+  for (; t < cnt; ++t) ffn_neuron_group<1>(k2, n2, v, nv, tok + t, a + t, x, ldx, y, ldy);
+}
+
+static void ffn_neuron(const void* k2, int64_t n2, const void* v, int64_t nv, bool bf16, const int32_t* tok,
+                       const float* a, int64_t cnt, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  if (bf16)
+    ffn_neuron_t(static_cast<const uint16_t*>(k2), n2, static_cast<const uint16_t*>(v), nv, tok, a, cnt, x, ldx, y,
+                 ldy);
+  else
+    ffn_neuron_t(static_cast<const float*>(k2), n2, static_cast<const float*>(v), nv, tok, a, cnt, x, ldx, y, ldy);
+}
+
 static void gelu_tanh(float* p, int64_t n);
 
 // GeGLU neurons [j0, j1) in two passes, both pure forward streams with nothing written to memory but
@@ -800,7 +864,7 @@ static int64_t compact_gt(const float* p, int64_t n, float theta, int32_t* idx) 
 }
 
 static const spk::Kernels table = {
-    SPK_NAME, matvec, ffn_gather, geglu_rows, scores_fm, scores_blk, scores_rm, values_rm, attn_gather,
+    SPK_NAME, matvec, ffn_gather, ffn_neuron, geglu_rows, scores_fm, scores_blk, scores_rm, values_rm, attn_gather,
     sum_sumsq, softcap, exp_sub, gelu_tanh, max_, compact_gt,
 };
 

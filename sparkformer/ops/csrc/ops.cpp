@@ -283,6 +283,86 @@ std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, c
   return {y.to(x.scalar_type()), at::scalar_tensor(cnt, at::kLong)};
 }
 
+// Spark FFN prefill: T tokens at once in the sparse form, not the dense training form. Per token the
+// same selection as decode (statistical threshold over its predictor scores p[t], gelu_tanh(p - theta)
+// on the survivors); then per block of `block` tokens the selection is transposed (counting sort by
+// neuron) and each selected neuron's K2 and V rows are applied to all the block's tokens that chose it,
+// so a row is read once per block rather than once per token, and unselected neurons cost nothing
+// (~8% of the dense FLOPs past the predictor). Blocks are independent (disjoint rows of y): threads take
+// whole blocks.
+std::tuple<Tensor, Tensor> spark_ffn_prefill(const Tensor& x2, const Tensor& p, const Tensor& k2, const Tensor& v,
+                                             double fraction, int64_t block) {
+  TORCH_CHECK(x2.dim() == 2 && p.dim() == 2 && k2.dim() == 2 && v.dim() == 2,
+              "spark_ffn_prefill: expected x2 (T, d - r), p (T, d_ff), k2 (d_ff, d - r), v (d_ff, d_out)");
+  const bool bf16 = weight_is_bf16(k2, "k2");
+  weight_is_bf16(v, "v");
+  same_dtype(k2, v, "k2 and v");
+  const int64_t T = x2.size(0), n2 = x2.size(1), d_ff = p.size(1), dv = v.size(1);
+  TORCH_CHECK(p.size(0) == T, "spark_ffn_prefill: x2 has ", T, " rows but p has ", p.size(0));
+  TORCH_CHECK(k2.size(0) == d_ff && v.size(0) == d_ff, "spark_ffn_prefill: k2 and v must have d_ff = ", d_ff,
+              " rows (the columns of p)");
+  TORCH_CHECK(k2.size(1) == n2, "spark_ffn_prefill: k2 has ", k2.size(1), " columns but x2 has ", n2);
+  TORCH_CHECK(d_ff < std::numeric_limits<int32_t>::max() && T < std::numeric_limits<int32_t>::max(),
+              "spark_ffn_prefill: too large");
+  TORCH_CHECK(fraction > 0.0 && fraction < 1.0, "spark_ffn_prefill: fraction must be in (0, 1), got ", fraction);
+  TORCH_CHECK(block >= 1, "spark_ffn_prefill: block must be >= 1, got ", block);
+  const Tensor xf = as_f32(x2).contiguous();
+  const Tensor pf = as_f32(p).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  const float* pp = pf.data_ptr<float>();
+  const char* k2p = static_cast<const char*>(k2.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t k2row = k2.stride(0) * k2.element_size(), vrow = v.stride(0) * v.element_size();
+  Tensor y = at::zeros({T, dv}, xf.options());
+  Tensor counts = at::empty({T}, at::kLong);
+  float* yp = y.data_ptr<float>();
+  int64_t* cp = counts.data_ptr<int64_t>();
+  const spk::Kernels* kern = K();
+  const int64_t nblk = (T + block - 1) / block;
+  at::parallel_for(0, nblk, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> idx(d_ff), off(d_ff + 1), pos(d_ff), ptok, pneu, tok;
+    std::vector<float> act(d_ff), pa, aval;
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t t0 = blk * block, t1 = std::min(T, t0 + block);
+      ptok.clear();
+      pneu.clear();
+      pa.clear();
+      std::fill(off.begin(), off.end(), 0);
+      for (int64_t t = t0; t < t1; ++t) {  // selection, as decode does it
+        const float* row = pp + t * d_ff;
+        const float theta = stat_threshold(row, d_ff, fraction);
+        const int64_t cnt = kern->compact_gt(row, d_ff, theta, idx.data());
+        for (int64_t i = 0; i < cnt; ++i) act[i] = row[idx[i]] - theta;
+        kern->gelu_tanh(act.data(), cnt);
+        cp[t] = cnt;
+        for (int64_t i = 0; i < cnt; ++i) {
+          ptok.push_back(int32_t(t - t0));
+          pneu.push_back(idx[i]);
+          pa.push_back(act[i]);
+          ++off[idx[i] + 1];
+        }
+      }
+      for (int64_t j = 0; j < d_ff; ++j) off[j + 1] += off[j];  // neuron-major order (counting sort)
+      const int64_t npairs = int64_t(ptok.size());
+      tok.resize(npairs);
+      aval.resize(npairs);
+      std::copy(off.begin(), off.end() - 1, pos.begin());
+      for (int64_t q = 0; q < npairs; ++q) {
+        const int32_t o = pos[pneu[q]]++;
+        tok[o] = ptok[q];
+        aval[o] = pa[q];
+      }
+      for (int64_t j = 0; j < d_ff; ++j) {
+        const int64_t c = off[j + 1] - off[j];
+        if (c == 0) continue;
+        kern->ffn_neuron(k2p + j * k2row, n2, vp + j * vrow, dv, bf16, tok.data() + off[j], aval.data() + off[j], c,
+                         xp + t0 * n2, n2, yp + t0 * dv, dv);
+      }
+    }
+  });
+  return {y, counts};
+}
+
 // Dense GeGLU for one token: y = W_down (gelu_tanh(W_gate x) * (W_up x)), with W_down given
 // transposed (w_down_t: (m, d_out), one row per neuron) so every weight read streams row by row.
 Tensor geglu_decode(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down_t,
@@ -580,6 +660,9 @@ TORCH_LIBRARY(sparkformer, m) {
   m.def(
       "spark_attn_decode(Tensor q, Tensor kp, Tensor kr, Tensor v, int length, int k, float scale,"
       " int? window=None, float? softcap=None, Tensor(a!)? workspace=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "spark_ffn_prefill(Tensor x2, Tensor p, Tensor k2, Tensor v, float fraction, int block=256)"
+      " -> (Tensor, Tensor)");
   m.def("geglu_decode(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor(a!)? workspace=None) -> Tensor");
   m.def(
       "dense_attn_decode(Tensor q, Tensor k, Tensor v, int length, float scale, int? window=None,"
@@ -591,6 +674,7 @@ TORCH_LIBRARY(sparkformer, m) {
 
 TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
   m.impl("spark_ffn_decode", &spark_ffn_decode);
+  m.impl("spark_ffn_prefill", &spark_ffn_prefill);
   m.impl("spark_attn_decode", &spark_attn_decode);
   m.impl("geglu_decode", &geglu_decode);
   m.impl("dense_attn_decode", &dense_attn_decode);
