@@ -1,8 +1,9 @@
-"""Three small measurements quoted in docs/results.md and docs/quality-study.md, as one program.
+"""Small measurements quoted in docs/results.md and docs/quality-study.md, as one program.
 
     python benchmarks/side_checks.py thp        # LM-head matvec GB/s with and without transparent huge pages
     python benchmarks/side_checks.py csr        # 8%-dense FFN activations: CSR x dense vs dense GEMM (prefill)
     python benchmarks/side_checks.py chunked    # small Spark/dense model forward+backward, chunked vs one-chunk attention
+    python benchmarks/side_checks.py prefill    # one gemma2-2b layer's prefill (T = 2048) split into its parts
 
 Each prints a few lines and ends with one JSON line. 2 threads.
 """
@@ -101,6 +102,55 @@ def chunked() -> dict:
     return out
 
 
+def prefill(T: int = 2048) -> dict:
+    """Per part of one gemma2-2b layer's prefill, dense vs Spark, medians of 3 interleaved rounds."""
+    import torch.nn.functional as F
+
+    from sparkformer.bench.decode import build_pair
+    from sparkformer.config import get_preset
+    from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
+    from sparkformer.ops.spark_attn_decode import spark_cache_write
+    from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill
+
+    cfg = get_preset("gemma2-2b", n_layers=1)
+    H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        dense, spark = build_pair(cfg, dt, T + 8, "auto")
+        g = torch.Generator().manual_seed(0)
+        xn = torch.randn(T, cfg.d_model, generator=g).to(dt)
+        q = torch.randn(H, T, hd, generator=g)
+        k, v = torch.randn(KV, T, hd, generator=g), torch.randn(KV, T, hd, generator=g)
+        st = spark.layers[0]
+        spark_cache_write(st.cache, 0, k.to(dt), v.to(dt))
+        wg, wu, wd = dense.layers[0].ffn
+        k1, k2, vw = st.ffn
+        kw = dict(scale=cfg.attn_scale, window=st.window, cap=cfg.attn_logit_softcap)
+        parts = {
+            "dense_ffn": lambda: (F.gelu((xn @ wg.t()).float(), approximate="tanh") * (xn @ wu.t()).float()).to(dt)
+            @ wd,
+            "spark_ffn": lambda: spark_ffn_prefill(xn, k1, k2, vw, cfg.spark_ffn_fraction),
+            "spark_ffn_predictor_gemm": lambda: xn[:, : k1.shape[1]] @ k1.t(),
+            "dense_attention": lambda: prefill_attention(q, k, v, 0, kind="dense", **kw),
+            "spark_attention_decode_steps": lambda: spark_prefill_attention(q, st.cache, 0,
+                                                                            topk=cfg.spark_attn_topk, **kw),
+            "spark_attention_training_form": lambda: prefill_attention(q, k, v, 0, kind="spark", rank=r,
+                                                                       topk=cfg.spark_attn_topk, **kw),
+        }
+        times: dict[str, list[float]] = {p: [] for p in parts}
+        for rep in range(4):
+            for p, f in parts.items():
+                t = time.perf_counter()
+                f()
+                if rep:
+                    times[p].append(time.perf_counter() - t)
+        out[name] = {p: statistics.median(ts) * 1e3 for p, ts in times.items()}
+        print(f"{name}, one layer, T = {T} (ms): " + ", ".join(f"{p} {v:.0f}" for p, v in out[name].items()),
+              flush=True)
+        del dense, spark
+    return out
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "_thp_child":
@@ -108,7 +158,7 @@ if __name__ == "__main__":
         print(json.dumps(thp_child()))
         sys.exit(0)
     torch.set_num_threads(2)
-    fns = {"thp": thp, "csr": csr, "chunked": chunked}
+    fns = {"thp": thp, "csr": csr, "chunked": chunked, "prefill": prefill}
     if what not in fns:
         sys.exit(f"usage: python benchmarks/side_checks.py {{{'|'.join(fns)}}}")
     print(json.dumps({"check": what, "threads": 2, "torch": torch.__version__, "result": fns[what]()}))
