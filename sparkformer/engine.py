@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from sparkformer.config import ModelConfig
 from sparkformer.model import ACTIVATIONS, SparkLM, apply_rope, gelu_tanh, rope_tables, sample_next, softcap
@@ -119,6 +120,9 @@ class DecodeEngine:
         for dim in {hd, cfg.spark_attn_rank, hd - cfg.spark_attn_rank}:
             cos, sin = rope_tables(dim, 0, max_len, cfg.rope_theta)
             self._rope[dim] = (cos.contiguous(), sin.contiguous())
+        # decode RoPE in three ops on q and k together: x * cos + x[perm] * sin_signed, with the rotate-half
+        # permutation and its signs folded into full-width tables (Spark layers: one rotary space per half)
+        self._rope_step = {split: self._rope_step_tables(split) for split in (None, cfg.spark_attn_rank)}
         self._embed_scale = torch.tensor(math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0, dtype=self.dtype).float()
         self._post = cfg.post_norms
 
@@ -230,21 +234,32 @@ class DecodeEngine:
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps) * w
+        # w is (1 + weight) for Gemma-style norms, precomputed; one fused op instead of five
+        return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
 
     def _tick(self, name: str, t0: float) -> float:
         t1 = time.perf_counter()
         self.timers[name] = self.timers.get(name, 0.0) + t1 - t0
         return t1
 
-    def _rope_at(self, x: torch.Tensor, pos: int, dim_split: int | None) -> torch.Tensor:
-        """RoPE of x (..., hd) at one position; Spark layers rotate each half in its own space."""
-        if dim_split is None:
-            cos, sin = self._rope[x.shape[-1]]
-            return apply_rope(x, cos[pos], sin[pos])
-        a, b = x[..., :dim_split], x[..., dim_split:]
-        (ca, sa), (cb, sb) = self._rope[a.shape[-1]], self._rope[b.shape[-1]]
-        return torch.cat([apply_rope(a, ca[pos], sa[pos]), apply_rope(b, cb[pos], sb[pos])], -1)
+    def _rope_step_tables(self, split: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hd = self.cfg.head_dim
+        parts = [(0, hd)] if split is None else [(0, split), (split, hd)]
+        cos, sin, perm = [], [], []
+        for a, b in parts:
+            c, s_ = self._rope[b - a]
+            half = (b - a) // 2
+            sign = torch.cat([-torch.ones(half), torch.ones(half)])
+            cos.append(c)
+            sin.append(s_ * sign)
+            perm.append(torch.cat([torch.arange(a + half, b), torch.arange(a, a + half)]))
+        return torch.cat(cos, -1).contiguous(), torch.cat(sin, -1).contiguous(), torch.cat(perm)
+
+    def _rope_qk(self, qk: torch.Tensor, pos: int, split: int | None) -> torch.Tensor:
+        """RoPE of the stacked q and k heads (H + KV, hd) at one position: ``model.apply_rope`` on the whole head
+        (dense) or on each half in its own rotary space (Spark), as the training form does."""
+        cos, sin, perm = self._rope_step[split]
+        return qk * cos[pos] + qk.index_select(-1, perm) * sin[pos]
 
     # ---- decode ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -262,12 +277,11 @@ class DecodeEngine:
         for st in self.layers:
             xn = self._rms(h, st.norms[0])
             qkv = matvec(st.w_qkv, xn, impl=impl)
-            q = qkv[: H * hd].view(H, hd)
-            k = qkv[H * hd: (H + KV) * hd].view(KV, hd)
+            qk = self._rope_qk(qkv[: (H + KV) * hd].view(H + KV, hd), pos, r if st.attn_kind == "spark" else None)
+            q, k = qk[:H], qk[H:]
             v = qkv[(H + KV) * hd:].view(KV, hd)
             c = st.cache
             if st.attn_kind == "spark":
-                q, k = self._rope_at(q, pos, r), self._rope_at(k, pos, r)
                 spark_cache_write(c, pos, k, v)
                 if prof:
                     t = self._tick("attn_proj", t)
@@ -277,7 +291,6 @@ class DecodeEngine:
                 self.stats.key_rows += H
                 self.stats.cap_fired += int(capped.sum())
             else:
-                q, k = self._rope_at(q, pos, None), self._rope_at(k, pos, None)
                 dense_cache_write(c, pos, k, v)
                 if prof:
                     t = self._tick("attn_proj", t)

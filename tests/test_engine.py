@@ -154,3 +154,21 @@ def test_engine_rejects_bad_routers():
         DecodeEngine.from_model(m, routers=[None])
     with pytest.raises(ValueError, match="neurons"):
         DecodeEngine.from_model(m, routers=[r, None, None])
+
+
+@pytest.mark.parametrize("kind", ["dense", "spark"])
+def test_decode_rope_equals_training_rope(kind):
+    from sparkformer.model import apply_rope, rope_tables
+
+    cfg = cfg_for(kind)
+    e = DecodeEngine.from_model(SparkLM(cfg).eval())
+    hd, r = cfg.head_dim, cfg.spark_attn_rank
+    x = torch.randn(cfg.n_heads + cfg.n_kv_heads, hd)
+    for pos in (0, 7, 33):
+        got = e._rope_qk(x, pos, r if kind == "spark" else None)
+        parts = [(0, hd)] if kind == "dense" else [(0, r), (r, hd)]
+        want = []
+        for a, b in parts:
+            cos, sin = rope_tables(b - a, pos, 1, cfg.rope_theta)
+            want.append(apply_rope(x[:, a:b], cos[0], sin[0]))
+        torch.testing.assert_close(got, torch.cat(want, -1), rtol=1e-6, atol=1e-6)
