@@ -241,9 +241,12 @@ def test_grow_command(tmp_path, monkeypatch):
     assert ops_cli.main(["grow", "--model", "tiny", "--new-capability", "new", "--old-capabilities", "old",
                          "--steps", "2", "--batch-size", "2", "--seq-len", "12", "--width-neurons", "4",
                          "--depth-every", "1", "--upcycle-every", "1", "--lr", "full=1e-4",
-                         "--out", str(tmp_path / "g")]) == 0
+                         "--route-encoder", "hidden", "--out", str(tmp_path / "g")]) == 0
     res = json.loads((tmp_path / "g" / "results.json").read_text())
     assert all(r["function_preserving"] for r in res["methods"].values())
+    assert res["routing"]["encoder"] == "hidden" and all(r["routed"]["detached_equals_base"]
+                                                         for r in res["methods"].values())
+    assert "| width | routed |" in (tmp_path / "g" / "report.md").read_text()
     assert res["methods"]["full"]["lr"] == 1e-4 and "--lr full=1e-4" in res["command"]
     assert (tmp_path / "g" / "grow.png").is_file()
 
