@@ -31,6 +31,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODELS = [tiny_llama, tiny_spark, lambda: tiny_spark("spark")]
 
 
+class Tok:
+    """Whitespace-separated integers are the token ids."""
+
+    def encode(self, t):
+        return [int(w) for w in t.split()]
+
+
 def logits(model, ids):
     with torch.no_grad():
         out = model(ids) if isinstance(model, SparkLM) else model(input_ids=ids, use_cache=False)
@@ -151,10 +158,6 @@ def test_detached_bricks_give_the_base_exactly_after_training(make, kind):
 def test_run_growth_reports_gain_and_retention():
     model = tiny_llama(layers=2)
 
-    class Tok:
-        def encode(self, t):
-            return [int(w) for w in t.split()]
-
     rng = random.Random(0)
     texts = {"new": [" ".join(str(rng.randrange(30, 40)) for _ in range(12)) for _ in range(12)],
              "old": [" ".join(str(rng.randrange(0, 10)) for _ in range(12)) for _ in range(4)]}
@@ -178,10 +181,6 @@ def test_run_growth_reports_gain_and_retention():
 
 def test_run_growth_routed_attaches_the_new_bricks_only_where_retrieval_says():
     model = tiny_llama(layers=2)
-
-    class Tok:
-        def encode(self, t):
-            return [int(w) for w in t.split()]
 
     rng = random.Random(1)
     texts = {"new": [" ".join(str(rng.randrange(30, 40)) for _ in range(12)) for _ in range(14)],
@@ -228,10 +227,6 @@ def test_grow_command(tmp_path, monkeypatch):
     from sparkformer.bricks import ops_cli
 
     model = tiny_llama(layers=2)
-
-    class Tok:
-        def encode(self, t):
-            return [int(w) for w in t.split()]
 
     rng = random.Random(0)
     mk = lambda lo, n: [" ".join(str(rng.randrange(lo, lo + 10)) for _ in range(12)) for _ in range(n)]  # noqa: E731
