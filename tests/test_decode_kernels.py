@@ -610,3 +610,19 @@ def test_cache_row_writes_equal_per_position_writes(block):
     spark = new_spark_cache(kv, 80, hd, r, block=block)
     spark_cache_write(spark, pos0, k, v)
     assert torch.equal(read_key_rows(spark.kp, pos0 + T)[:, pos0:], k[..., :r])
+
+
+@pytest.mark.parametrize("interleave", ["run", "token"])
+def test_decode_bench_one_tiny(interleave):
+    """The decode benchmark's measurement on a tiny preset: both interleavings give ratios and paired ratios."""
+    from sparkformer.bench.decode import bench_one
+    from sparkformer.config import get_preset
+
+    cfg = get_preset("tiny", n_layers=2)
+    r = bench_one(cfg, "fp32", 64, 4, 3, "auto", hf=False, interleave=interleave)
+    assert r["interleave"] == interleave and r["dense_ms_per_token"] > 0 and r["spark_ms_per_token"] > 0
+    assert r["paired_speedup"] > 0 and r["ideal_speedup"] > 1
+    lo, hi = r["paired_speedup_iqr"]
+    assert lo <= r["paired_speedup"] <= hi
+    assert set(r["spark_components_ms"]) >= {"attn_proj", "attention", "ffn", "lm_head"}
+    assert r["achieved"]["tokens"] == 4 * 3

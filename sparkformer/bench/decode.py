@@ -58,6 +58,29 @@ def timed_run(engine: DecodeEngine, context: int, tokens: int, times: list, comp
     engine.timers = None
 
 
+def lockstep_run(dense: DecodeEngine, spark: DecodeEngine, context: int, tokens: int, d_t: list, s_t: list,
+                 d_c: list, s_c: list, pairs: list) -> None:
+    """One timed run in which the two engines alternate token by token (which one goes first alternates too), so
+    both see the same state of the host's memory bandwidth; appends per-run means like ``timed_run`` and every
+    token's dense/Spark time ratio to ``pairs``."""
+    times: dict[int, list[float]] = {id(dense): [], id(spark): []}
+    toks = {id(dense): 1, id(spark): 1}
+    for e in (dense, spark):
+        e.pos, e.timers = context, {}
+    for i in range(tokens):
+        for e in ((dense, spark) if i % 2 == 0 else (spark, dense)):
+            t0 = time.perf_counter()
+            logits = e.step(toks[id(e)])
+            times[id(e)].append(time.perf_counter() - t0)
+            toks[id(e)] = int(logits.argmax())
+    td, ts = times[id(dense)], times[id(spark)]
+    pairs.extend(a / b for a, b in zip(td, ts))
+    for e, t, lst, comps in ((dense, td, d_t, d_c), (spark, ts, s_t, s_c)):
+        lst.append(sum(t) / tokens)
+        comps.append({k: v / tokens for k, v in e.timers.items()})
+        e.timers = None
+
+
 def median_components(runs: list[dict]) -> dict:
     """Per-component seconds per token: the median over timed runs."""
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -139,9 +162,12 @@ def time_prefill(dense: DecodeEngine, spark: DecodeEngine, n: int, repeats: int)
 
 
 def comparison(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, d_t: list[float],
-               s_t: list[float], d_comp: dict, s_comp: dict, achieved: dict) -> dict:
+               s_t: list[float], d_comp: dict, s_comp: dict, achieved: dict,
+               pairs: list[float] | None = None, interleave: str = "run") -> dict:
     """The dense-vs-Spark result of one (dtype, context) from seconds per token (per timed run) and per-component
-    seconds per token: ms, measured and byte-ideal ratios, bytes and achieved GB/s (CPU and CUDA benchmarks alike)."""
+    seconds per token: ms, measured and byte-ideal ratios, bytes and achieved GB/s (CPU and CUDA benchmarks alike).
+    ``pairs``: dense/Spark time ratios of paired measurements (per run, or per token in lockstep runs); their median
+    is ``paired_speedup``, which a drifting host disturbs less than the ratio of the two medians."""
     b = 4 if dtype_name in ("fp32", "float32") else 2
     dcost = token_cost(cfg.replace(ffn="geglu", attention="dense"), context, b)
     scost = token_cost(cfg.replace(ffn="spark", attention="spark"), context, b,
@@ -168,11 +194,16 @@ def comparison(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, rep
         "achieved": achieved,
     }
     res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
+    pairs = pairs if pairs is not None else [a / b for a, b in zip(d_t, s_t)]
+    res["interleave"] = interleave
+    res["paired_speedup"] = statistics.median(pairs)
+    res["paired_speedup_iqr"] = [float(q) for q in statistics.quantiles(pairs, n=4)[::2]] if len(pairs) > 1 else None
+    res["paired_over_ideal"] = res["paired_speedup"] / res["ideal_speedup"]
     return res
 
 
 def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, impl: str,
-              hf: bool, prefill: int = 0, prefill_repeats: int = 2) -> dict:
+              hf: bool, prefill: int = 0, prefill_repeats: int = 2, interleave: str = "run") -> dict:
     dtype = resolve_dtype(dtype_name)
     max_len = max(context + tokens + 1, prefill)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
@@ -183,15 +214,19 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
     time_tokens(dense, context, 2)  # warm-up (first-touch pages, thread pools)
     time_tokens(spark, context, 2)
     spark.stats = type(spark.stats)()
-    d_t, s_t, d_c, s_c = [], [], [], []
+    d_t, s_t, d_c, s_c, pairs = [], [], [], [], []
     for _ in range(repeats):  # interleaved; per-component times come from the same timed runs
-        timed_run(dense, context, tokens, d_t, d_c)
-        timed_run(spark, context, tokens, s_t, s_c)
+        if interleave == "token":
+            lockstep_run(dense, spark, context, tokens, d_t, s_t, d_c, s_c, pairs)
+        else:
+            timed_run(dense, context, tokens, d_t, d_c)
+            timed_run(spark, context, tokens, s_t, s_c)
     st = spark.stats.summary(cfg.spark_ffn_dim)
     d_comp, s_comp = median_components(d_c), median_components(s_c)
     del dense, spark
     gc.collect()
-    res = {**comparison(cfg, dtype_name, context, tokens, repeats, d_t, s_t, d_comp, s_comp, st), "prefill": pre}
+    res = {**comparison(cfg, dtype_name, context, tokens, repeats, d_t, s_t, d_comp, s_comp, st,
+                        pairs if interleave == "token" else None, interleave), "prefill": pre}
     hf_res = hf_ms_per_token(cfg, dtype, context, max(2, tokens // 2), max(1, repeats // 2)) if hf else None
     res["hf_ms_per_token"] = hf_res["median"] * 1e3 if hf_res else None
     return res
@@ -200,7 +235,8 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
 def print_table(runs: list[dict], ms_digits: int = 1, gb_digits: int = 1) -> None:
     """The decode table (CPU and CUDA benchmarks; the GPU's milliseconds need more digits)."""
     md, gd = ms_digits, gb_digits
-    hdr = (f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'spark ms':>9s} {'speedup':>8s} {'ideal':>6s} {'meas/ideal':>10s} "
+    hdr = (f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'spark ms':>9s} {'speedup':>8s} {'paired':>7s} {'ideal':>6s} "
+           f"{'meas/ideal':>10s} "
            f"{'FFN x':>6s} {'attn x':>6s} {'dense GB/s':>10s} {'spark GB/s':>10s} {'HF ms':>8s} {'neurons/tok':>11s} "
            f"{'keys/q':>7s} {'cap':>5s}")
     print(hdr)
@@ -208,7 +244,8 @@ def print_table(runs: list[dict], ms_digits: int = 1, gb_digits: int = 1) -> Non
         a = r["achieved"]
         hf = f"{r['hf_ms_per_token']:8.{md}f}" if r["hf_ms_per_token"] else f"{'-':>8s}"
         print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.{md}f} {r['spark_ms_per_token']:9.{md}f} "
-              f"{r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['measured_over_ideal']:10.2f} {r['ffn_speedup']:6.2f} "
+              f"{r['speedup']:8.2f} {r.get('paired_speedup', float('nan')):7.2f} {r['ideal_speedup']:6.2f} "
+              f"{r['measured_over_ideal']:10.2f} {r['ffn_speedup']:6.2f} "
               f"{r['attention_speedup']:6.2f} {r['dense_gb_per_s']:10.{gd}f} {r['spark_gb_per_s']:10.{gd}f} {hf} "
               f"{a.get('ffn_neurons_per_layer', 0):11.0f} {a.get('keys_per_query', 0):7.1f} "
               f"{a.get('cap_fired_fraction', 0):5.2f}")
@@ -259,7 +296,8 @@ def run(args: argparse.Namespace, on_result=None) -> dict:
         for ctx in [int(c) for c in args.context.split(",")]:
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx_mp) as pool:
                 r = pool.submit(_bench_one_in_child, torch.get_num_threads(), cfg, dtype, ctx, args.tokens,
-                                args.repeats, args.impl, not args.no_hf, args.prefill, args.prefill_repeats).result()
+                                args.repeats, args.impl, not args.no_hf, args.prefill, args.prefill_repeats,
+                                args.interleave).result()
             runs.append(r)
             print(f"done {dtype} ctx {ctx}: {r['dense_ms_per_token']:.1f} -> {r['spark_ms_per_token']:.1f} ms/token",
                   flush=True)
@@ -304,6 +342,9 @@ def add_parser(sub) -> None:
                    help="cuda: Triton kernels + CUDA graphs (sparkformer.bench.decode_cuda)")
     p.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (0: off)")
     p.add_argument("--prefill-repeats", type=int, default=2)
+    p.add_argument("--interleave", default="run", choices=["run", "token"],
+                   help="run: alternate whole timed runs of --tokens steps; token: the two engines alternate every "
+                        "token (both see the same memory-bandwidth state; paired_speedup = median per-token ratio)")
     p.add_argument("--name", default=None, help="result file name (default decode_<preset>)")
     p.add_argument("--out", default=None)
     p.add_argument("--no-save", action="store_true")
