@@ -5,7 +5,11 @@
 Weights are random and full size (speed does not depend on training: the statistical threshold enforces the
 sparsity) and cold (a 2B model is far larger than the last-level cache). The KV cache is filled with random keys and
 values up to the context (the content does not change the cost; the selection counts are measured and reported).
-Dense and Spark engines are built side by side and timed interleaved (A B A B), medians with min-max. The two
+Dense and Spark engines are built side by side and timed interleaved: by default in whole runs of --tokens steps
+(A B A B: each engine decodes consecutively, as in use), or token by token (``--interleave token``: A B B A ...,
+so both see the same state of the host's memory bandwidth, which drifts 30-40% over minutes on shared machines,
+at the price of each step following the other engine's); medians with min-max, and ``paired_speedup``, the
+median of the paired ratios (per run or per token). The two
 models share the LM head / embedding and the attention projection weights, which are identical in shape and role
 in both (it lets two fp32 2B-shape models fit in 24 GB); every token still reads them, so nothing is cached across
 the two. HF ``Gemma2ForCausalLM`` (eager attention, same dense shape, same dtype and threads) is timed on the same
