@@ -4,6 +4,7 @@
     python benchmarks/side_checks.py csr        # 8%-dense FFN activations: CSR x dense vs dense GEMM (prefill)
     python benchmarks/side_checks.py chunked    # small Spark/dense model forward+backward, chunked vs one-chunk attention
     python benchmarks/side_checks.py prefill    # one gemma2-2b layer's prefill (T = 2048) split into its parts
+    python benchmarks/side_checks.py attn       # Spark attention decode op at 4096: predictor pass vs the gathers
 
 Each prints a few lines and ends with one JSON line. 2 threads.
 """
@@ -151,6 +152,55 @@ def prefill(T: int = 2048) -> dict:
     return out
 
 
+def attn(L: int = 4096, layers: int = 26) -> dict:
+    """The Spark attention decode op at context L on the gemma2-2b attention shape, one cache per layer (cold, as in
+    decode), with k = 256 (the real setting) and k = 16 (the same predictor pass and selection, ~no gathers): the
+    difference is the cost of reading the kept keys' other half and values. Dense decode attention beside it."""
+    from sparkformer.ops.dense_decode import dense_attn_decode
+    from sparkformer.ops.spark_attn_decode import new_spark_cache, spark_attn_decode, spark_cache_write
+
+    KV, H, hd, r = 4, 8, 256, 128
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        g = torch.Generator().manual_seed(0)
+        caches, dense = [], []
+        for _ in range(layers):
+            c = new_spark_cache(KV, L + 64, hd, r, dtype=dt)
+            spark_cache_write(c, 0, torch.randn(KV, L, hd, generator=g).to(dt), torch.randn(KV, L, hd, generator=g).to(dt))
+            caches.append(c)
+            dense.append((torch.randn(KV, L, hd, generator=g).to(dt), torch.randn(KV, L, hd, generator=g).to(dt)))
+        q = torch.randn(H, hd, generator=g)
+
+        def spark(k):
+            for c in caches:
+                spark_attn_decode(q, c.kp, c.kr, c.v, L, k, 0.0625, None, 50.0)
+
+        def dense_all():
+            for kk, vv in dense:
+                dense_attn_decode(q, kk, vv, L, 0.0625, None, 50.0)
+
+        parts = {"spark_k256": lambda: spark(256), "spark_k16": lambda: spark(16), "dense": dense_all}
+        times: dict[str, list[float]] = {p: [] for p in parts}
+        for rep in range(16):
+            for p, f in parts.items():
+                t = time.perf_counter()
+                f()
+                if rep:
+                    times[p].append((time.perf_counter() - t) / layers)
+        res = {p: statistics.median(ts) * 1e6 for p, ts in times.items()}
+        kp_bytes = KV * L * r * (2 if dt == torch.bfloat16 else 4)
+        gather_bytes = H * 256 * (hd - r + hd) * (2 if dt == torch.bfloat16 else 4)
+        res["predictor_pass_gb_per_s"] = kp_bytes / (res["spark_k16"] * 1e-6) / 1e9
+        res["gather_us"] = res["spark_k256"] - res["spark_k16"]
+        res["gather_gb_per_s"] = gather_bytes / (res["gather_us"] * 1e-6) / 1e9 if res["gather_us"] > 0 else None
+        out[name] = res
+        print(f"{name}, per layer at {L}: spark k=256 {res['spark_k256']:.0f} us, k=16 {res['spark_k16']:.0f} us "
+              f"(predictor pass + selection, {res['predictor_pass_gb_per_s']:.1f} GB/s), gathers {res['gather_us']:.0f}"
+              f" us, dense {res['dense']:.0f} us", flush=True)
+        del caches, dense
+    return out
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "_thp_child":
@@ -158,7 +208,7 @@ if __name__ == "__main__":
         print(json.dumps(thp_child()))
         sys.exit(0)
     torch.set_num_threads(2)
-    fns = {"thp": thp, "csr": csr, "chunked": chunked, "prefill": prefill}
+    fns = {"thp": thp, "csr": csr, "chunked": chunked, "prefill": prefill, "attn": attn}
     if what not in fns:
         sys.exit(f"usage: python benchmarks/side_checks.py {{{'|'.join(fns)}}}")
     print(json.dumps({"check": what, "threads": 2, "torch": torch.__version__, "result": fns[what]()}))
