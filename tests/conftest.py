@@ -21,3 +21,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _extension_isas() -> list[str]:
+    """The kernel instruction sets this CPU can run (empty without the C++ extension)."""
+    from sparkformer.ops import _extension
+
+    if not _extension.available():
+        return []
+    have = []
+    for name in ("avx512", "avx2", "scalar"):
+        try:
+            _extension.set_isa(name)
+            have.append(name)
+        except RuntimeError:
+            pass
+    _extension.set_isa("auto")
+    return have
+
+
+@pytest.fixture(params=_extension_isas() or ["none"])
+def isa(request):
+    """Run a test once per kernel ISA the CPU has (AVX-512, AVX2, scalar), then restore the automatic choice."""
+    from sparkformer.ops import _extension
+
+    if request.param == "none":
+        pytest.skip("C++ extension unavailable")
+    _extension.set_isa(request.param)
+    yield request.param
+    _extension.set_isa("auto")

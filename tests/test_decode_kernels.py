@@ -54,31 +54,7 @@ HAVE_EXT = _extension.available()
 needs_ext = pytest.mark.skipif(not HAVE_EXT, reason=f"C++ extension unavailable: {_extension.error()}")
 
 
-def _isas() -> list[str]:
-    if not HAVE_EXT:
-        return []
-    have = []
-    for name in ("avx512", "avx2", "scalar"):
-        try:
-            _extension.set_isa(name)
-            have.append(name)
-        except RuntimeError:
-            pass
-    _extension.set_isa("auto")
-    return have
-
-
-ISAS = _isas()
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(params=ISAS or ["none"])
-def isa(request):
-    if request.param == "none":
-        pytest.skip("C++ extension unavailable")
-    _extension.set_isa(request.param)
-    yield request.param
-    _extension.set_isa("auto")
 
 
 def assert_close_scaled(actual, expected, rtol, what=""):

@@ -22,7 +22,7 @@ def ffn_weights(d_ff, r, d, dtype, seed=0):
 
 
 @pytest.mark.parametrize("T,block", [(1, 256), (37, 8), (64, 64), (100, 256), (33, 1)])
-def test_spark_ffn_prefill_matches_reference_fp32(T, block):
+def test_spark_ffn_prefill_matches_reference_fp32(isa, T, block):
     d_ff, r, d = 200, 24, 40
     k1, k2, v = ffn_weights(d_ff, r, d, torch.float32)
     x = torch.randn(T, d, generator=torch.Generator().manual_seed(1))
@@ -33,7 +33,7 @@ def test_spark_ffn_prefill_matches_reference_fp32(T, block):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_spark_ffn_prefill_bf16_weights():
+def test_spark_ffn_prefill_bf16_weights(isa):
     d_ff, r, d, T = 300, 32, 64, 50
     k1, k2, v = ffn_weights(d_ff, r, d, torch.bfloat16)
     x = torch.randn(T, d, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
