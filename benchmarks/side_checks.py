@@ -103,6 +103,18 @@ def chunked() -> dict:
     return out
 
 
+def interleaved_medians(parts: dict, rounds: int) -> dict[str, float]:
+    """Seconds per call of each part: one warm-up round, then ``rounds`` rounds calling every part in turn."""
+    times: dict[str, list[float]] = {p: [] for p in parts}
+    for rep in range(rounds + 1):
+        for p, f in parts.items():
+            t = time.perf_counter()
+            f()
+            if rep:
+                times[p].append(time.perf_counter() - t)
+    return {p: statistics.median(ts) for p, ts in times.items()}
+
+
 def prefill(T: int = 2048) -> dict:
     """Per part of one gemma2-2b layer's prefill, dense vs Spark, medians of 3 interleaved rounds."""
     import torch.nn.functional as F
@@ -138,14 +150,7 @@ def prefill(T: int = 2048) -> dict:
             "spark_attention_training_form": lambda: prefill_attention(q, k, v, 0, kind="spark", rank=r,
                                                                        topk=cfg.spark_attn_topk, **kw),
         }
-        times: dict[str, list[float]] = {p: [] for p in parts}
-        for rep in range(4):
-            for p, f in parts.items():
-                t = time.perf_counter()
-                f()
-                if rep:
-                    times[p].append(time.perf_counter() - t)
-        out[name] = {p: statistics.median(ts) * 1e3 for p, ts in times.items()}
+        out[name] = {p: t * 1e3 for p, t in interleaved_medians(parts, 3).items()}
         print(f"{name}, one layer, T = {T} (ms): " + ", ".join(f"{p} {v:.0f}" for p, v in out[name].items()),
               flush=True)
         del dense, spark
@@ -180,14 +185,7 @@ def attn(L: int = 4096, layers: int = 26) -> dict:
                 dense_attn_decode(q, kk, vv, L, 0.0625, None, 50.0)
 
         parts = {"spark_k256": lambda: spark(256), "spark_k16": lambda: spark(16), "dense": dense_all}
-        times: dict[str, list[float]] = {p: [] for p in parts}
-        for rep in range(16):
-            for p, f in parts.items():
-                t = time.perf_counter()
-                f()
-                if rep:
-                    times[p].append((time.perf_counter() - t) / layers)
-        res = {p: statistics.median(ts) * 1e6 for p, ts in times.items()}
+        res = {p: t / layers * 1e6 for p, t in interleaved_medians(parts, 15).items()}
         kp_bytes = KV * L * r * (2 if dt == torch.bfloat16 else 4)
         gather_bytes = H * 256 * (hd - r + hd) * (2 if dt == torch.bfloat16 else 4)
         res["predictor_pass_gb_per_s"] = kp_bytes / (res["spark_k16"] * 1e-6) / 1e9
