@@ -169,11 +169,14 @@ def attn(L: int = 4096, layers: int = 26) -> dict:
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         g = torch.Generator().manual_seed(0)
         caches, dense = [], []
+        def rows():
+            return torch.randn(KV, L, hd, generator=g).to(dt)
+
         for _ in range(layers):
             c = new_spark_cache(KV, L + 64, hd, r, dtype=dt)
-            spark_cache_write(c, 0, torch.randn(KV, L, hd, generator=g).to(dt), torch.randn(KV, L, hd, generator=g).to(dt))
+            spark_cache_write(c, 0, rows(), rows())
             caches.append(c)
-            dense.append((torch.randn(KV, L, hd, generator=g).to(dt), torch.randn(KV, L, hd, generator=g).to(dt)))
+            dense.append((rows(), rows()))
         q = torch.randn(H, hd, generator=g)
 
         def spark(k):

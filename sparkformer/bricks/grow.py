@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -38,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.bricks.lora import (LoRAConfig, forward_logits, sequence_nll, token_windows, train_lora,
-                                     train_parameters, encode_texts)
+from sparkformer.bricks.lora import (LoRAConfig, forward_logits, perplexity_from, sequence_nll, token_windows,
+                                     train_lora, train_parameters, encode_texts)
 from sparkformer.bricks.neurons import architecture, find_ffn_layers
 
 GROWTH_METHODS = ("width", "depth", "upcycle", "full", "lora")
@@ -459,10 +458,7 @@ def run_growth(model: nn.Module, tokenizer: Any, new_capability: str, train_text
     probe = torch.tensor([held_tokens[new_capability][0][: min(32, cfg.seq_len)]])
     base_nll = {c: sequence_nll(model, tl) for c, tl in held_tokens.items()}
 
-    def ppl(nll: torch.Tensor, cnt: torch.Tensor) -> float:
-        return math.exp(float(nll.sum() / cnt.sum().clamp_min(1)))
-
-    base_ppl = {c: ppl(*base_nll[c]) for c in held_tokens}
+    base_ppl = {c: perplexity_from(*base_nll[c]) for c in held_tokens}
     log("base: " + " ".join(f"{c}={v:.2f}" for c, v in base_ppl.items()))
     old = [c for c in heldout if c != new_capability]
     routing: dict[str, Any] | None = None
@@ -507,7 +503,7 @@ def run_growth(model: nn.Module, tokenizer: Any, new_capability: str, train_text
         attached_ctx = brick.attached(m) if brick is not None else contextlib.nullcontext()
         with attached_ctx:
             att = {c: sequence_nll(m, tl_) for c, tl_ in held_tokens.items()}
-        after = {c: ppl(*att[c]) for c in held_tokens}
+        after = {c: perplexity_from(*att[c]) for c in held_tokens}
         res = {
             "trainable_params": growth.n_params,
             "lr": cfg.lrs.get(method),
@@ -533,7 +529,7 @@ def run_growth(model: nn.Module, tokenizer: Any, new_capability: str, train_text
                     det = {c: sequence_nll(m, tl_) for c, tl_ in held_tokens.items()}
                 det_exact = all(torch.equal(det[c][0], base_nll[c][0]) for c in held_tokens)
                 kept, how = growth.n_params, "the grown model with its bricks detached"
-            routed = {c: ppl(torch.where(to_new[c], att[c][0], det[c][0]), att[c][1]) for c in held_tokens}
+            routed = {c: perplexity_from(torch.where(to_new[c], att[c][0], det[c][0]), att[c][1]) for c in held_tokens}
             res["routed"] = {
                 "perplexity": routed, "gain": base_ppl[new_capability] / routed[new_capability],
                 "retention": {c: base_ppl[c] / routed[c] for c in old},

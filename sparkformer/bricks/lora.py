@@ -111,7 +111,11 @@ def sequence_nll(model: nn.Module, token_lists: Sequence[Sequence[int]], batch_s
 
 def perplexity(model: nn.Module, token_lists: Sequence[Sequence[int]], batch_size: int = 8) -> float:
     """Token-weighted perplexity of the sequences."""
-    nll, cnt = sequence_nll(model, token_lists, batch_size)
+    return perplexity_from(*sequence_nll(model, token_lists, batch_size))
+
+
+def perplexity_from(nll: torch.Tensor, cnt: torch.Tensor) -> float:
+    """Token-weighted perplexity from per-sequence NLL sums and token counts (``sequence_nll``'s output)."""
     return math.exp(float(nll.sum() / cnt.sum().clamp_min(1)))
 
 

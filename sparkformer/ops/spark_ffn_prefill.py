@@ -19,15 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
+from sparkformer.ops.stat_topk import stat_threshold
 
 __all__ = ["spark_ffn_prefill", "spark_ffn_prefill_reference"]
-
-
-def row_thresholds(s: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per row of s (T, d_ff): mean + std * ndtri(1 - fraction), population std, fp32 (as decode's threshold)."""
-    z = torch.special.ndtri(torch.tensor(1.0 - fraction, dtype=torch.float64)).item()
-    s = s.float()
-    return s.mean(-1, keepdim=True) + s.std(-1, correction=0, keepdim=True) * z
 
 
 def spark_ffn_prefill_reference(x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor,
@@ -36,7 +30,7 @@ def spark_ffn_prefill_reference(x: torch.Tensor, k1: torch.Tensor, k2: torch.Ten
     r = k1.shape[1]
     xf = x.float()
     s = xf[:, :r] @ k1.float().t()
-    theta = row_thresholds(s, fraction)
+    theta = stat_threshold(s, float(fraction))  # per row, fp32, as decode's threshold
     a = F.gelu(torch.relu(s - theta), approximate="tanh")
     y = (a * (xf[:, r:] @ k2.float().t())) @ v.float()
     return y, (s > theta).sum(-1)
