@@ -47,7 +47,9 @@ from sparkformer.bench.common import env_info, summary, time_interleaved, write_
 from sparkformer.config import PRESETS
 from sparkformer.data import BatchSampler, TokenData, default_data_dir, eval_windows, prepare
 from sparkformer.model import SparkLM, attention_mask, spark_attention
-from sparkformer.train import TrainConfig, latest_checkpoint, load_checkpoint, resolve_model_config, train
+from sparkformer.checkpoint import latest_checkpoint, load_checkpoint
+from sparkformer.train import train
+from sparkformer.train_config import TrainConfig, resolve_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,9 @@ def run_demo(steps: int = 150, out_dir: str = "runs/demo", preset: str = "tiny-s
     from sparkformer.data import BatchSampler, TokenData, prepare
     from sparkformer.flops import compare
     from sparkformer.generate import generate_text
-    from sparkformer.train import TrainConfig, load_checkpoint, train
+    from sparkformer.checkpoint import load_checkpoint
+    from sparkformer.train import train
+    from sparkformer.train_config import TrainConfig
 
     t0 = time.perf_counter()
     data_dir = prepare()

@@ -71,7 +71,7 @@ def evaluate(checkpoint: str | Path, data_dir: str | Path | None = None, split: 
              seq_len: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
              device: str = "auto", bf16: bool = False, progress: bool = False) -> dict:
     """Perplexity per domain of a checkpoint (or run folder); ``data_dir`` defaults to the one it trained on."""
-    from sparkformer.train import load_checkpoint
+    from sparkformer.checkpoint import load_checkpoint
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     model, info = load_checkpoint(checkpoint, dev)
@@ -93,7 +93,7 @@ def hf_model_and_tokenizer(checkpoint: str | Path):
     from transformers import PreTrainedTokenizerFast
 
     from sparkformer.hf import to_hf
-    from sparkformer.train import load_checkpoint, resolve_checkpoint
+    from sparkformer.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     model, _ = load_checkpoint(path)

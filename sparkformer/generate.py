@@ -22,7 +22,7 @@ def generate_text(checkpoint: str, prompt: str, max_new_tokens: int = 100, tempe
                   impl: str = "auto", stream=None, device: str = "cpu") -> dict:
     """Generate from a checkpoint folder (model.safetensors + config.json + tokenizer.json). Python API of the CLI."""
     from sparkformer.tokenizer import load_tokenizer
-    from sparkformer.train import load_checkpoint, resolve_checkpoint
+    from sparkformer.checkpoint import load_checkpoint, resolve_checkpoint
 
     model, info = load_checkpoint(checkpoint)
     tok = load_tokenizer(resolve_checkpoint(checkpoint) / "tokenizer.json")

@@ -195,7 +195,7 @@ def _find_tokenizer(folder: Path) -> Any:
 def load_sparkformer_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Our SparkLM from a training checkpoint folder or run folder (its latest checkpoint), with the checkpoint's
     ``tokenizer.json`` (``None`` when absent)."""
-    from sparkformer.train import load_checkpoint, resolve_checkpoint
+    from sparkformer.checkpoint import load_checkpoint, resolve_checkpoint
 
     folder = resolve_checkpoint(path)
     model, _info = load_checkpoint(folder)

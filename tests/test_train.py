@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from sparkformer import corpora
 from sparkformer.data import prepare
 from sparkformer.evaluate import evaluate
-from sparkformer.train import (TrainConfig, TrainingDiverged, latest_checkpoint, load_checkpoint, load_train_config,
-                               lr_at, resolve_model_config, train)
+from sparkformer.checkpoint import latest_checkpoint, load_checkpoint
+from sparkformer.train import train
+from sparkformer.train_config import TrainConfig, TrainingDiverged, load_train_config, lr_at, resolve_model_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import make_corpus  # noqa: E402
