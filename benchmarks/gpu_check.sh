@@ -20,7 +20,7 @@ stage "environment"
 } 2>&1 | tee "$OUT/env.txt"
 
 stage "benchmark: gemma2-2b decode, bf16, context 512,4096"
-timeout 200 $PY -m sparkformer.bench.decode_cuda --preset gemma2-2b --context 512,4096 --dtype bf16 \
+timeout 200 $PY -m sparkformer.cli bench decode --device cuda --preset gemma2-2b --context 512,4096 --dtype bf16 \
   --tokens 32 --repeats 5 --out "$OUT" --name decode_cuda_h200 2>&1 | tee "$OUT/bench.txt"
 echo "bench exit ${PIPESTATUS[0]}"
 

@@ -6,11 +6,15 @@
     python benchmarks/side_checks.py prefill    # one gemma2-2b layer's prefill (T = 2048) split into its parts
     python benchmarks/side_checks.py attn       # Spark attention decode op at 4096: predictor pass vs the gathers
 
-Each prints a few lines and ends with one JSON line. 2 threads.
+Each prints a few lines, a table of its figures and one JSON line, and writes ``side_checks_<name>.json`` (the
+figures plus hardware, threads, dtype, versions and the load average before and after) to ``runs/bench/`` or
+``--out DIR``; the figures quoted in the docs were published with ``--out benchmarks/results``. 2 threads.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import functools
 import json
 import os
@@ -116,44 +120,49 @@ def interleaved_medians(parts: dict, rounds: int) -> dict[str, float]:
 
 
 def prefill(T: int = 2048) -> dict:
-    """Per part of one gemma2-2b layer's prefill, dense vs Spark, medians of 3 interleaved rounds."""
+    """Per part of one gemma2-2b layer's prefill, dense vs Spark, medians of 3 interleaved rounds. Random weights in
+    the decode engines' layouts and scale (``init_std``), built here so the check depends only on the ops."""
     import torch.nn.functional as F
 
-    from sparkformer.bench.decode import build_pair
     from sparkformer.config import get_preset
     from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
-    from sparkformer.ops.spark_attn_decode import spark_cache_write
+    from sparkformer.ops.spark_attn_decode import new_spark_cache, spark_cache_write
     from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill
 
     cfg = get_preset("gemma2-2b", n_layers=1)
     H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+    d, n, rf = cfg.d_model, cfg.spark_ffn_dim, cfg.spark_ffn_rank
     out = {}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        dense, spark = build_pair(cfg, dt, T + 8, "auto")
         g = torch.Generator().manual_seed(0)
-        xn = torch.randn(T, cfg.d_model, generator=g).to(dt)
+
+        def rnd(*shape):
+            return torch.empty(*shape, dtype=dt).normal_(0.0, cfg.init_std, generator=g)
+
+        wg, wu, wd = rnd(3, cfg.ffn_dim, d)  # the dense engine's packed GeGLU layout
+        k1, packed = rnd(n, rf), rnd(n, 2 * d - rf)  # the Spark engine's: K1 (n, r), then K2 | V rows side by side
+        k2, vw = packed[:, : d - rf], packed[:, d - rf:]
+        xn = torch.randn(T, d, generator=g).to(dt)
         q = torch.randn(H, T, hd, generator=g)
         k, v = torch.randn(KV, T, hd, generator=g), torch.randn(KV, T, hd, generator=g)
-        st = spark.layers[0]
-        spark_cache_write(st.cache, 0, k.to(dt), v.to(dt))
-        wg, wu, wd = dense.layers[0].ffn
-        k1, k2, vw = st.ffn
-        kw = dict(scale=cfg.attn_scale, window=st.window, cap=cfg.attn_logit_softcap)
+        cache = new_spark_cache(KV, T + 8, hd, r, dtype=dt)
+        spark_cache_write(cache, 0, k.to(dt), v.to(dt))
+        kw = dict(scale=cfg.attn_scale, window=cfg.window(0), cap=cfg.attn_logit_softcap)
         parts = {
             "dense_ffn": lambda: (F.gelu((xn @ wg.t()).float(), approximate="tanh") * (xn @ wu.t()).float()).to(dt)
             @ wd,
             "spark_ffn": lambda: spark_ffn_prefill(xn, k1, k2, vw, cfg.spark_ffn_fraction),
             "spark_ffn_predictor_gemm": lambda: xn[:, : k1.shape[1]] @ k1.t(),
             "dense_attention": lambda: prefill_attention(q, k, v, 0, kind="dense", **kw),
-            "spark_attention_decode_steps": lambda: spark_prefill_attention(q, st.cache, 0,
-                                                                            topk=cfg.spark_attn_topk, **kw),
+            "spark_attention_decode_steps": lambda: spark_prefill_attention(q, cache, 0, topk=cfg.spark_attn_topk,
+                                                                            **kw),
             "spark_attention_training_form": lambda: prefill_attention(q, k, v, 0, kind="spark", rank=r,
                                                                        topk=cfg.spark_attn_topk, **kw),
         }
         out[name] = {p: t * 1e3 for p, t in interleaved_medians(parts, 3).items()}
         print(f"{name}, one layer, T = {T} (ms): " + ", ".join(f"{p} {v:.0f}" for p, v in out[name].items()),
               flush=True)
-        del dense, spark
+        del wg, wu, wd, k1, k2, vw, packed, cache
     return out
 
 
@@ -202,14 +211,71 @@ def attn(L: int = 4096, layers: int = 26) -> dict:
     return out
 
 
+CHECKS = {"thp": thp, "csr": csr, "chunked": chunked, "prefill": prefill, "attn": attn}
+DTYPES = {"thp": "bf16,fp32", "csr": "fp32", "chunked": "fp32", "prefill": "bf16,fp32", "attn": "bf16,fp32"}
+
+
+def _rows(d: dict | list, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        if isinstance(v, (dict, list)):
+            rows += _rows(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def print_table(result: dict) -> None:
+    print("| figure | value |\n|---|---:|")
+    for k, v in _rows(result):
+        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+
+
+def git_state() -> dict:
+    """The commit measured and the files that differed from it (a shared working tree can be mid-change)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", root, *a], capture_output=True, text=True, check=True).stdout
+
+    try:
+        changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        return {"head": git("rev-parse", "HEAD").strip(),
+                "changed_files": [f for f in changed if f.startswith(("sparkformer/", "benchmarks/side_checks"))]}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sparkformer.bench.common import OUT_HELP, env_info, load_average, write_result
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("check", choices=sorted(CHECKS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help=OUT_HELP)
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ["SIDE_CHECKS_THREADS"] = str(args.threads)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = load_average()
+    t0 = time.perf_counter()
+    result = CHECKS[args.check]()
+    res = {"benchmark": "side_checks", "check": args.check,
+           "command": "python benchmarks/side_checks.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "started_utc": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),
+           "load_average_before": load_before, "load_average_after": load_average(),
+           "env": env_info(DTYPES[args.check]), "git": git_state(), "result": result}
+    print_table(result)
+    if not args.no_save:
+        print(f"wrote {write_result(f'side_checks_{args.check}', res, args.out)}")
+    print(json.dumps(res))
+    return 0
+
+
 if __name__ == "__main__":
-    what = sys.argv[1] if len(sys.argv) > 1 else ""
-    if what == "_thp_child":
-        torch.set_num_threads(2)
+    if sys.argv[1:2] == ["_thp_child"]:
+        torch.set_num_threads(int(os.environ.get("SIDE_CHECKS_THREADS", "2")))
         print(json.dumps(thp_child()))
         sys.exit(0)
-    torch.set_num_threads(2)
-    fns = {"thp": thp, "csr": csr, "chunked": chunked, "prefill": prefill, "attn": attn}
-    if what not in fns:
-        sys.exit(f"usage: python benchmarks/side_checks.py {{{'|'.join(fns)}}}")
-    print(json.dumps({"check": what, "threads": 2, "torch": torch.__version__, "result": fns[what]()}))
+    sys.exit(main())

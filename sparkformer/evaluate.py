@@ -1,7 +1,13 @@
-"""Perplexity per domain of a checkpoint on the val split of its token files.
+"""Perplexity per domain of any model on the val split of token files.
 
-    sparkformer eval --checkpoint runs/tiny-spark             # a run folder (its latest checkpoint) or a checkpoint
-    sparkformer eval --checkpoint ... --data DIR --max-tokens 200000 --seq-len 256
+    sparkformer eval --model runs/tiny-spark                  # a run folder (its latest checkpoint) or a checkpoint
+    sparkformer eval --model runs/tiny-spark --data DIR --max-tokens 200000 --seq-len 256
+    sparkformer eval --model smollm2-135m --routers runs/routing/sparkify-r128 --max-tokens 50000
+
+``--model`` is anything ``sparkformer.loading.load_model`` takes. A checkpoint is evaluated on the data it trained on
+(or ``--data``); any other model on the default corpora prepared with its own tokenizer (cached), or ``--data``
+prepared with it. Routers (``--routers`` or a sparsified folder) run in the training form (``bricks.routing.route``),
+which the decode engines equal.
 
 Every val token stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (the tail shorter than a window
 is left out); perplexity is ``exp(total next-token NLL / number of predicted tokens)`` per domain, and over all
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.data import TokenData, eval_windows
+from sparkformer.loading import add_model_arguments
 
 
 @torch.no_grad()
@@ -67,23 +74,50 @@ def perplexity(model: torch.nn.Module, data: TokenData, split: str = "val", seq_
     return out
 
 
-def evaluate(checkpoint: str | Path, data_dir: str | Path | None = None, split: str = "val",
+def evaluate(model: str | Path, data_dir: str | Path | None = None, split: str = "val",
              seq_len: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
-             device: str = "auto", bf16: bool = False, progress: bool = False) -> dict:
-    """Perplexity per domain of a checkpoint (or run folder); ``data_dir`` defaults to the one it trained on."""
-    from sparkformer.checkpoint import load_checkpoint
+             device: str = "auto", bf16: bool = False, progress: bool = False, routers: str | Path | None = None) -> dict:
+    """Perplexity per domain of ``model`` (see ``sparkformer.loading.load_model``); ``data_dir`` defaults to the
+    data a checkpoint trained on, or for other models to the default corpora tokenized with the model's tokenizer."""
+    from sparkformer.loading import describe, load_model
 
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"seq_len={seq_len}: must be >= 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    model, info = load_checkpoint(checkpoint, dev)
-    data = TokenData(data_dir or info["data_dir"])
-    if data.manifest["tokenizer_sha256"] != info.get("tokenizer_sha256"):
+    loaded = load_model(model, routers=routers)
+    info = loaded.info
+    if data_dir is None and loaded.kind.startswith("checkpoint"):
+        data_dir = info["data_dir"]
+    elif data_dir is None:
+        if loaded.tokenizer_file is None:
+            raise ValueError(f"{model}: no tokenizer.json beside the model to tokenize the evaluation text; give --data "
+                             "with a folder prepared with this model's tokenizer (sparkformer data prepare --tokenizer)")
+        import hashlib
+
+        from sparkformer.data import prepare
+        from sparkformer.paths import cache_dir
+
+        sha = hashlib.sha256(Path(loaded.tokenizer_file).read_bytes()).hexdigest()[:12]
+        data_dir = prepare(out=cache_dir("data", f"eval-{sha}"), tokenizer=loaded.tokenizer_file, quiet=not progress)
+    data = TokenData(data_dir)
+    if "tokenizer_sha256" in info and data.manifest["tokenizer_sha256"] != info.get("tokenizer_sha256"):
         raise ValueError(f"{data.dir} was tokenized with another tokenizer than the checkpoint's; give --data with "
                          f"the folder it trained on ({info.get('data_dir')})")
-    seq_len = seq_len or info["train"].get("seq_len") or model.config.max_seq_len
+    seq_len = seq_len or info.get("train", {}).get("seq_len") or min(512, loaded.model.config.max_seq_len)
     t = time.time()
-    res = perplexity(model, data, split, seq_len, batch_size, max_tokens, dev, bf16, progress)
-    res.update({"checkpoint": info["path"], "data_dir": str(data.dir), "split": split, "seq_len": seq_len,
+    if loaded.routers is not None:
+        from sparkformer.bricks.routing import route
+
+        with route(loaded.model, loaded.routers):
+            res = perplexity(loaded.model, data, split, seq_len, batch_size, max_tokens, dev, bf16, progress)
+    else:
+        res = perplexity(loaded.model, data, split, seq_len, batch_size, max_tokens, dev, bf16, progress)
+    res.update({"model": describe(loaded), "data_dir": str(data.dir), "split": split, "seq_len": seq_len,
                 "seconds": time.time() - t})
+    if "path" in info:
+        res["checkpoint"] = info["path"]
     return res
 
 
@@ -107,8 +141,8 @@ def hf_model_and_tokenizer(checkpoint: str | Path):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    res = evaluate(args.checkpoint, args.data, args.split, args.seq_len, args.batch_size, args.max_tokens,
-                   args.device, args.bf16, progress=True)
+    res = evaluate(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_tokens,
+                   args.device, args.bf16 or args.dtype == "bf16", progress=True, routers=args.routers)
     print(f"{'domain':<14} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for d, r in res["domains"].items():
         print(f"{d:<14} {r['tokens']:>10,} {r['loss']:>8.4f} {r['ppl']:>10.3f}")
@@ -118,14 +152,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="perplexity per domain of a checkpoint on the val split",
+    p = subparsers.add_parser("eval", help="perplexity per domain of a model on the val split",
                               description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (latest checkpoint)")
+    add_model_arguments(p, device="auto")
     p.add_argument("--data", default=None, help="prepared data folder (default: the one the checkpoint trained on)")
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="at most this many tokens per domain")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (the same as --dtype bf16)")
     p.set_defaults(func=_cmd_eval)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparkformer.config import ModelConfig
-from sparkformer.engine import DecodeEngine, stop_on_strings
+from sparkformer.decode import make_engine, make_random_engine, stop_on_strings
 from sparkformer.model import SparkLM
 
 
@@ -33,7 +33,7 @@ def test_engine_logits_match_reference_fp32(kind, impl):
     m = SparkLM(cfg_for(kind)).eval()
     x = torch.randint(0, 97, (1, 70))
     ref = m(x).logits[0]
-    e = DecodeEngine.from_model(m, impl=impl)
+    e = make_engine(m, impl=impl)
     got = [e.prefill(x[0, :30])] + [e.step(int(t)) for t in x[0, 30:69]]
     torch.testing.assert_close(torch.stack(got), ref[29:69], rtol=1e-4, atol=1e-4)
     if kind == "spark":
@@ -47,7 +47,7 @@ def test_engine_bf16_close_to_reference(kind):
     m = SparkLM(cfg_for(kind)).eval()
     x = torch.randint(0, 97, (1, 40))
     ref = m(x).logits[0, 19:39]
-    e = DecodeEngine.from_model(m, dtype="bf16")
+    e = make_engine(m, dtype="bf16")
     got = torch.stack([e.prefill(x[0, :20])] + [e.step(int(t)) for t in x[0, 20:39]])
     # bf16 weights and cache (fp32 accumulation): agreement of the distributions, stated tolerance 0.1 in logits
     assert (got - ref).abs().max() < 0.1
@@ -59,14 +59,14 @@ def test_greedy_generation_identical_64_steps(kind):
     m = SparkLM(cfg_for(kind, max_seq_len=128)).eval()
     prompt = torch.randint(0, 97, (1, 8))
     ref = m.generate(prompt, 64)[0, 8:].tolist()
-    e = DecodeEngine.from_model(m)
+    e = make_engine(m)
     assert list(e.generate(prompt[0], 64)) == ref
 
 
 def test_key_cap_never_exceeded():
     torch.manual_seed(0)
     cfg = cfg_for("spark", sliding_window=None, max_seq_len=300)
-    e = DecodeEngine.random(cfg)
+    e = make_random_engine(cfg)
     e.prefill(torch.randint(0, 97, (10,)))
     for t in range(200):
         e.step(t % 97)
@@ -75,25 +75,25 @@ def test_key_cap_never_exceeded():
 
 def test_clear_errors():
     m = SparkLM(cfg_for("spark", max_seq_len=32)).eval()
-    e = DecodeEngine.from_model(m)
-    with pytest.raises(ValueError, match="exceeds the cache"):
+    e = make_engine(m)
+    with pytest.raises(ValueError, match="exceed the cache"):
         e.prefill(torch.zeros(40, dtype=torch.long))
     e.prefill(torch.zeros(31, dtype=torch.long))
     e.step(1)
     with pytest.raises(ValueError, match="context full"):
         e.step(1)
     with pytest.raises(ValueError, match="unsupported engine dtype"):
-        DecodeEngine.from_model(m, dtype="fp16")
+        make_engine(m, dtype="fp16")
     with pytest.raises(TypeError, match="SparkLM"):
-        DecodeEngine.from_model(torch.nn.Linear(2, 2))
+        make_engine(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="max_seq_len"):
-        DecodeEngine.from_model(m, max_len=64)
+        make_engine(m, max_len=64)
 
 
 def test_stop_strings_and_eos():
     torch.manual_seed(0)
     m = SparkLM(cfg_for("dense")).eval()
-    e = DecodeEngine.from_model(m)
+    e = make_engine(m)
     toks = list(e.generate([1, 2, 3], 20))
     e.reset()
     first = toks[0]
@@ -110,7 +110,7 @@ def test_engine_llama_style_spark_model():
     m = SparkLM(cfg).eval()
     x = torch.randint(0, 97, (1, 40))
     ref = m(x).logits[0, 19:39]
-    e = DecodeEngine.from_model(m)
+    e = make_engine(m)
     got = torch.stack([e.prefill(x[0, :20])] + [e.step(int(t)) for t in x[0, 20:39]])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -133,14 +133,14 @@ def test_engine_routed_ffn_matches_routed_model():
     x = torch.randint(0, 97, (1, 40))
     with route(m, routers) as stats:
         ref = m(x).logits[0, 19:39]
-    e = DecodeEngine.from_model(m, routers=routers)
+    e = make_engine(m, routers=routers)
     got = torch.stack([e.prefill(x[0, :20])] + [e.step(int(t)) for t in x[0, 20:39]])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    activity = e.stats.summary(n)["ffn_activity"]
+    activity = e.stats.summary()["ffn_activity"]
     assert 0.15 < activity < 0.45, activity  # the routers really drop neurons (~30% kept)
     assert stats.kept[0] < stats.total[0]
     # and routing changes the output: the dense engine differs
-    dense = DecodeEngine.from_model(m)
+    dense = make_engine(m)
     assert not torch.allclose(dense.prefill(x[0, :20]), got[0], atol=1e-3)
 
 
@@ -151,9 +151,9 @@ def test_engine_rejects_bad_routers():
     m = SparkLM(cfg).eval()
     r = LowRankPredictor(torch.randn(2 * 10, 4), A=torch.randn(4, cfg.d_model), output="gate_up")
     with pytest.raises(ValueError, match="one per layer"):
-        DecodeEngine.from_model(m, routers=[None])
+        make_engine(m, routers=[None])
     with pytest.raises(ValueError, match="neurons"):
-        DecodeEngine.from_model(m, routers=[r, None, None])
+        make_engine(m, routers=[r, None, None])
 
 
 @pytest.mark.parametrize("kind", ["dense", "spark"])
@@ -161,7 +161,7 @@ def test_decode_rope_equals_training_rope(kind):
     from sparkformer.model import apply_rope, rope_tables
 
     cfg = cfg_for(kind)
-    e = DecodeEngine.from_model(SparkLM(cfg).eval())
+    e = make_engine(SparkLM(cfg).eval())
     hd, r = cfg.head_dim, cfg.spark_attn_rank
     x = torch.randn(cfg.n_heads + cfg.n_kv_heads, hd)
     for pos in (0, 7, 33):

@@ -75,7 +75,7 @@ def test_config_validation_through_hf():
 def test_llama_family_matches_hf(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparkformer.engine import DecodeEngine
+    from sparkformer.decode import make_engine
     from sparkformer.hf import from_hf
 
     torch.manual_seed(0)
@@ -90,6 +90,6 @@ def test_llama_family_matches_hf(tied):
     ours = from_hf(hf)
     x = torch.randint(0, 101, (2, 20))
     torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
-    e = DecodeEngine.from_model(ours)  # the engine runs Llama-style models too (SiLU, no post-norms)
+    e = make_engine(ours)  # the engine runs Llama-style models too (SiLU, no post-norms)
     got = torch.stack([e.prefill(x[0, :10])] + [e.step(int(t)) for t in x[0, 10:19]])
     torch.testing.assert_close(got, hf(x[:1]).logits[0, 9:19], rtol=1e-4, atol=1e-4)

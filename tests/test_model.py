@@ -170,6 +170,6 @@ def test_topk_ablation_ffn():
     assert sum(p.numel() for p in m.layers[0].ffn.parameters()) == parameter_count_ffn(cfg)
     m(torch.randint(0, 97, (2, 30)))
     assert all(abs(a - 0.25) < 0.06 for a in m.sparsity_stats()["ffn_activity"])
-    from sparkformer.engine import DecodeEngine
+    from sparkformer.decode import make_engine
     with pytest.raises(ValueError, match="ffn kinds"):
-        DecodeEngine.from_model(m)
+        make_engine(m)

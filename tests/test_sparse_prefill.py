@@ -4,7 +4,7 @@ form with the hard cap, and the engine's sparse prefill equals its training-form
 import pytest
 import torch
 
-from sparkformer.engine import DecodeEngine
+from sparkformer.decode import make_engine
 from sparkformer.model import SparkLM, attention_mask, spark_attention
 from sparkformer.ops import _extension
 from sparkformer.ops.attn_prefill import spark_prefill_attention
@@ -83,8 +83,8 @@ def test_engine_sparse_prefill_equals_training_form_prefill(dtype):
     torch.manual_seed(0)
     m = SparkLM(tiny_spark("spark", layers=2).config.replace(attention="spark", max_seq_len=128)).eval()
     ids = torch.randint(0, m.config.vocab_size, (48,))
-    sparse = DecodeEngine.from_model(m, dtype=dtype, impl="auto")
-    dense_form = DecodeEngine.from_model(m, dtype=dtype, impl="torch")
+    sparse = make_engine(m, dtype=dtype, impl="auto")
+    dense_form = make_engine(m, dtype=dtype, impl="torch")
     a, b = sparse.prefill(ids), dense_form.prefill(ids)
     tol = 1e-4 if dtype == "fp32" else 0.1
     assert float((a - b).abs().max()) < tol

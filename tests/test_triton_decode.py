@@ -220,8 +220,8 @@ def _tiny_cfg(**kw):
 @pytest.mark.parametrize("kinds", [("geglu", "dense"), ("spark", "spark")])
 def test_cuda_engine_matches_cpu_engine(kinds):
     """Same logits as the CPU DecodeEngine through prefill and greedy decode (fp32, so the two agree closely)."""
-    from sparkformer.cuda_engine import CudaDecodeEngine
-    from sparkformer.engine import DecodeEngine
+    from sparkformer.decode import make_engine, model_layout
+    from sparkformer.decode.cuda import CudaEngine
     from sparkformer.model import SparkLM
 
     torch.manual_seed(0)
@@ -231,8 +231,8 @@ def test_cuda_engine_matches_cpu_engine(kinds):
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.normal_(0, 0.1)
-    ref = DecodeEngine.from_model(model, torch.float32, max_len=64)
-    eng = CudaDecodeEngine.from_model(model, torch.float32, max_len=64, device=DEV)
+    ref = make_engine(model, torch.float32, max_len=64)
+    eng = CudaEngine(model_layout(model, torch.float32), max_len=64, device=DEV)
     prompt = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3]  # longer than the window and than k
     l_ref, l_eng = ref.prefill(prompt), eng.prefill(prompt)
     assert rel(l_eng, l_ref) < 1e-4
@@ -241,17 +241,18 @@ def test_cuda_engine_matches_cpu_engine(kinds):
         l_ref, l_eng = ref.step(tok), eng.step(tok)
         assert rel(l_eng, l_ref) < 1e-4
         tok = int(l_ref.argmax())
-    s = eng.stats_summary()
+    s = eng.stats.summary()
     assert s["tokens"] == len(prompt) + 4
     if kinds[0] == "spark":
         assert 0 < s["ffn_activity"] < 0.5 and 0 < s["keys_per_query"] <= cfg.spark_attn_topk
 
 
 def test_cuda_engine_generate_and_positions():
-    from sparkformer.cuda_engine import CudaDecodeEngine
+    from sparkformer.decode import random_layout
+    from sparkformer.decode.cuda import CudaEngine
 
     cfg = _tiny_cfg(ffn="spark", attention="spark")
-    eng = CudaDecodeEngine.random(cfg, torch.float32, max_len=64, device=DEV, seed=1)
+    eng = CudaEngine(random_layout(cfg, torch.float32, seed=1, device=DEV), max_len=64, device=DEV)
     a = list(eng.generate([1, 2, 3], 5))
     assert eng.pos == 3 + 4 and int(eng.pos_t) == eng.pos
     eng.reset()
@@ -267,12 +268,12 @@ def test_cuda_engine_generate_and_positions():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_matches_eager():
-    from sparkformer.cuda_engine import CudaDecodeEngine
+    from sparkformer.decode import make_random_engine
 
     cfg = _tiny_cfg(ffn="spark", attention="spark", d_model=256, ffn_dim=512, spark_ffn_rank=128, head_dim=64,
                     spark_attn_topk=16, sliding_window=32)
-    eager = CudaDecodeEngine.random(cfg, torch.bfloat16, max_len=128, seed=3, graph=False)
-    graph = CudaDecodeEngine.random(cfg, torch.bfloat16, max_len=128, seed=3, graph=True)
+    eager = make_random_engine(cfg, torch.bfloat16, max_len=128, device="cuda", seed=3, graph=False)
+    graph = make_random_engine(cfg, torch.bfloat16, max_len=128, device="cuda", seed=3, graph=True)
     prompt = list(range(1, 41))
     le, lg = eager.prefill(prompt), graph.prefill(prompt)
     assert rel(lg, le) < 2e-2

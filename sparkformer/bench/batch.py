@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from sparkformer.bench.common import env_info, finish, summary
+from sparkformer.bench.common import OUT_HELP, env_info, finish, summary
 from sparkformer.config import get_preset
 from sparkformer.engine import resolve_dtype
 from sparkformer.model import gelu_tanh
@@ -128,7 +128,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--name", default=None, help="result file name (default batch_ffn_<preset>)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=_cli)
 

@@ -23,8 +23,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# Where a bare run writes: a scratch folder under the current directory, so that running a benchmark never
+# overwrites the committed, quoted results with another machine's figures. Publish with ``--out benchmarks/results``.
+DEFAULT_OUT = Path("runs") / "bench"
+PUBLISHED_OUT = Path("benchmarks") / "results"
+OUT_HELP = f"result folder (default {DEFAULT_OUT}/; pass --out {PUBLISHED_OUT} to publish)"
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: whether the machine was shared while a result was measured."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def env_info(dtype: str | None = None) -> dict:
-    """What a result depends on: hardware, threads, versions (recorded with every result file)."""
+    """What a result depends on: hardware, threads, versions, load (recorded with every result file)."""
     info = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -33,6 +48,7 @@ def env_info(dtype: str | None = None) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average": load_average(),
     }
     if dtype:
         info["dtype"] = dtype
@@ -64,8 +80,9 @@ def summary(ts: list[float]) -> dict:
 
 
 def write_result(name: str, payload: dict, out_dir: str | Path | None = None) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (or under ``out_dir``) atomically."""
-    out = Path(out_dir) if out_dir else Path.cwd() / "benchmarks" / "results"
+    """Write ``<out_dir>/<name>.json`` atomically; ``out_dir`` defaults to ``runs/bench`` under the current directory
+    (never the committed ``benchmarks/results``: publishing is an explicit ``--out benchmarks/results``)."""
+    out = Path(out_dir) if out_dir else Path.cwd() / DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -78,6 +95,6 @@ def finish(res: dict, print_table: Callable[[], None], name: str, args) -> int:
     """The end of every benchmark command: the table, the result file (unless ``--no-save``), one JSON line."""
     print_table()
     if not args.no_save:
-        write_result(name, res, args.out)
+        print(f"wrote {write_result(name, res, args.out)}")
     print(json.dumps(res))
     return 0

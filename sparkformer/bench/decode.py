@@ -1,6 +1,14 @@
-"""Benchmark: batch-1 decode, Spark vs dense on the same engine, plus HF transformers on the dense shape.
+"""Benchmark: batch-1 decode, Spark vs dense on the same engine, plus HF transformers on the dense shape; one driver
+over ``sparkformer.decode.make_random_engine`` / ``make_engine`` for every device.
 
     sparkformer bench decode --preset gemma2-2b --context 512,2048,4096 --dtype bf16,fp32 [--layers N] [--tokens N]
+    sparkformer bench decode --device cuda --preset gemma2-2b --context 512,4096 --dtype bf16
+    sparkformer bench decode --model smollm2-135m --routers runs/routing/sparkify-r128 --context 512
+
+With ``--model`` the named model runs (``sparkformer.loading``): with routers, routed vs the same model dense; without,
+the model alone (its ms/token and achieved sparsity). On CUDA every step is a CUDA-graph replay feeding its argmax to
+the next; components are timed as their own graphs (``CudaEngine.component_times``), and the run records the GPU's
+copy bandwidth, the tuned Spark FFN launch shape and a full-size check of it.
 
 Weights are random and full size (speed does not depend on training: the statistical threshold enforces the
 sparsity) and cold (a 2B model is far larger than the last-level cache). The KV cache is filled with random keys and
@@ -28,41 +36,35 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from sparkformer.bench.common import env_info, summary, write_result
+from sparkformer.bench.common import OUT_HELP, env_info, summary, write_result
 from sparkformer.config import ModelConfig, get_preset
-from sparkformer.engine import DecodeEngine, resolve_dtype
+from sparkformer.decode import Engine, make_random_engine, resolve_dtype
 from sparkformer.flops import token_cost
 
-
-def fill_cache_random(engine: DecodeEngine, context: int, seed: int = 0) -> None:
-    """Random K/V at positions [0, context) and move the engine there (cost equals a real cache of that length)."""
-    g = torch.Generator().manual_seed(seed)
-    for st in engine.layers:
-        for t in st.cache:
-            t.normal_(0.0, 1.0, generator=g)
-    engine.pos = context
+DEVICE_DEFAULTS = {"cpu": {"context": "512,2048,4096", "dtype": "bf16,fp32", "tokens": 8},
+                   "cuda": {"context": "512,4096", "dtype": "bf16", "tokens": 32}}
 
 
-def time_tokens(engine: DecodeEngine, context: int, tokens: int) -> float:
-    """Seconds per token over ``tokens`` decode steps starting at ``context``."""
-    engine.pos = context
-    tok = 1
+def time_tokens(engine: Engine, context: int, tokens: int) -> float:
+    """Seconds per token over ``tokens`` greedy decode steps starting at ``context``."""
+    engine.set_position(context)
+    engine.synchronize()
     t0 = time.perf_counter()
-    for _ in range(tokens):
-        logits = engine.step(tok)
-        tok = int(logits.argmax())
+    engine.decode_greedy(tokens)
+    engine.synchronize()
     return (time.perf_counter() - t0) / tokens
 
 
-def timed_run(engine: DecodeEngine, context: int, tokens: int, times: list, comps: list) -> None:
-    """One timed run of ``tokens`` steps; appends seconds/token and per-component seconds/token."""
-    engine.timers = {}
+def timed_run(engine: Engine, context: int, tokens: int, times: list, comps: list) -> None:
+    """One timed run of ``tokens`` steps; appends seconds/token and per-component seconds/token (engines that time
+    components inside a step; the others leave ``timers`` empty and are timed by ``component_times`` instead)."""
+    engine.timers = {} if engine.device_type == "cpu" else None
     times.append(time_tokens(engine, context, tokens))
-    comps.append({k: v / tokens for k, v in engine.timers.items()})
+    comps.append({k: v / tokens for k, v in (engine.timers or {}).items()})
     engine.timers = None
 
 
-def lockstep_run(dense: DecodeEngine, spark: DecodeEngine, context: int, tokens: int, d_t: list, s_t: list,
+def lockstep_run(dense: Engine, spark: Engine, context: int, tokens: int, d_t: list, s_t: list,
                  d_c: list, s_c: list, pairs: list) -> None:
     """One timed run in which the two engines alternate token by token (which one goes first alternates too), so
     both see the same state of the host's memory bandwidth; appends per-run means like ``timed_run`` and every
@@ -70,7 +72,8 @@ def lockstep_run(dense: DecodeEngine, spark: DecodeEngine, context: int, tokens:
     times: dict[int, list[float]] = {id(dense): [], id(spark): []}
     toks = {id(dense): 1, id(spark): 1}
     for e in (dense, spark):
-        e.pos, e.timers = context, {}
+        e.set_position(context)
+        e.timers = {}
     for i in range(tokens):
         for e in ((dense, spark) if i % 2 == 0 else (spark, dense)):
             t0 = time.perf_counter()
@@ -87,13 +90,16 @@ def lockstep_run(dense: DecodeEngine, spark: DecodeEngine, context: int, tokens:
 
 def median_components(runs: list[dict]) -> dict:
     """Per-component seconds per token: the median over timed runs."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} if runs and runs[0] else {}
 
 
-def build_pair(cfg: ModelConfig, dtype: torch.dtype, max_len: int, impl: str) -> tuple[DecodeEngine, DecodeEngine]:
-    dense = DecodeEngine.random(cfg.replace(ffn="geglu", attention="dense"), dtype, max_len, impl, seed=1)
-    spark = DecodeEngine.random(cfg.replace(ffn="spark", attention="spark", spark_attn_hard_cap=True), dtype,
-                                max_len, impl, seed=2, share=dense)
+def build_pair(cfg: ModelConfig, dtype: torch.dtype, max_len: int, impl: str | None = None,
+               device: str = "cpu") -> tuple[Engine, Engine]:
+    """Dense and Spark engines of the same shape over random weights, sharing embedding and attention projections."""
+    kw = {"impl": impl} if device == "cpu" else {"track_stats": False}
+    dense = make_random_engine(cfg.replace(ffn="geglu", attention="dense"), dtype, max_len, device, seed=1, **kw)
+    spark = make_random_engine(cfg.replace(ffn="spark", attention="spark", spark_attn_hard_cap=True), dtype,
+                               max_len, device, seed=2, share=dense, **kw)
     return dense, spark
 
 
@@ -149,15 +155,17 @@ def hf_ms_per_token(cfg: ModelConfig, dtype: torch.dtype, context: int, tokens: 
     return summary(times[warmup:])
 
 
-def time_prefill(dense: DecodeEngine, spark: DecodeEngine, n: int, repeats: int) -> dict:
+def time_prefill(dense: Engine, spark: Engine, n: int, repeats: int) -> dict:
     """Prefill of n random tokens from an empty cache, dense and Spark interleaved (after one warm-up each)."""
     ids = torch.randint(0, dense.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
     t = {"dense": [], "spark": []}
     for rep in range(repeats + 1):
         for name, e in (("dense", dense), ("spark", spark)):
             e.reset()
+            e.synchronize()
             t0 = time.perf_counter()
             e.prefill(ids)
+            e.synchronize()
             if rep:
                 t[name].append(time.perf_counter() - t0)
     dm, sm = statistics.median(t["dense"]), statistics.median(t["spark"])
@@ -206,33 +214,59 @@ def comparison(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, rep
     return res
 
 
-def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, impl: str,
-              hf: bool, prefill: int = 0, prefill_repeats: int = 2, interleave: str = "run") -> dict:
+def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repeats: int, impl: str | None,
+              hf: bool, prefill: int = 0, prefill_repeats: int = 2, interleave: str = "run", device: str = "cpu",
+              peak: float | None = None) -> dict:
+    """One (dtype, context) of the Spark vs dense comparison on ``device``."""
     dtype = resolve_dtype(dtype_name)
-    max_len = max(context + tokens + 1, prefill)
+    max_len = max(context + 2 * tokens + 16, prefill)  # timed runs restart at context; CUDA components run `tokens`
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
-    dense, spark = build_pair(cfg, dtype, max_len, impl)
+    dense, spark = build_pair(cfg, dtype, max_len, impl, device)
     pre = time_prefill(dense, spark, prefill, prefill_repeats) if prefill else None
-    fill_cache_random(dense, context)
-    fill_cache_random(spark, context)
-    time_tokens(dense, context, 2)  # warm-up (first-touch pages, thread pools)
+    for e in (dense, spark):
+        e.fill_cache_random(context)
+    t_build = time.perf_counter()
+    time_tokens(dense, context, 2)  # warm-up (first-touch pages, thread pools; CUDA: graph capture, FFN tuning)
     time_tokens(spark, context, 2)
-    spark.stats = type(spark.stats)()
+    t_build = time.perf_counter() - t_build
     d_t, s_t, d_c, s_c, pairs = [], [], [], [], []
-    for _ in range(repeats):  # interleaved; per-component times come from the same timed runs
+    if device == "cpu":  # CPU: the sparsity of the timed steps themselves; CUDA: measured on separate steps below
+        spark.reset()
+    for _ in range(repeats):  # interleaved; CPU per-component times come from the same timed runs
         if interleave == "token":
             lockstep_run(dense, spark, context, tokens, d_t, s_t, d_c, s_c, pairs)
         else:
             timed_run(dense, context, tokens, d_t, d_c)
             timed_run(spark, context, tokens, s_t, s_c)
-    st = spark.stats.summary(cfg.spark_ffn_dim)
+    if device != "cpu":
+        spark.track_stats = True
+        spark.reset()
+        spark.set_position(context)
+        spark.decode_greedy(tokens)
+    st = spark.stats.summary()
     d_comp, s_comp = median_components(d_c), median_components(s_c)
+    if not d_comp:  # engines that time components as their own graphs
+        d_comp, s_comp = dense.component_times(context, tokens), spark.component_times(context, tokens)
+    extras = spark.bench_extras()
     del dense, spark
     gc.collect()
     res = {**comparison(cfg, dtype_name, context, tokens, repeats, d_t, s_t, d_comp, s_comp, st,
                         pairs if interleave == "token" else None, interleave), "prefill": pre}
-    hf_res = hf_ms_per_token(cfg, dtype, context, max(2, tokens // 2), max(1, repeats // 2)) if hf else None
-    res["hf_ms_per_token"] = hf_res["median"] * 1e3 if hf_res else None
+    if device != "cpu":
+        torch.cuda.empty_cache()
+        res = {"device": torch.cuda.get_device_name(0), **res, "gpu_copy_gb_per_s": peak, **extras,
+               "setup_s": t_build}
+        for side, comp in (("dense", d_comp), ("spark", s_comp)):  # bytes each sparse component must read / time
+            res[f"{side}_ffn_gb_per_s"] = res[f"{side}_ffn_bytes_per_token"] / comp["ffn"] / 1e9
+            res[f"{side}_attention_gb_per_s"] = res[f"{side}_kv_bytes_per_token"] / comp["attention"] / 1e9
+    res["hf_ms_per_token"] = None
+    if hf:
+        try:  # HF is a reference point, not the measurement: keep the run if it fails
+            h = (hf_ms_per_token(cfg, dtype, context, max(2, tokens // 2), max(1, repeats // 2)) if device == "cpu"
+                 else hf_ms_per_token(cfg, dtype, context, max(4, tokens // 4), 2, device=device, warmup=1))
+            res["hf_ms_per_token"] = h["median"] * 1e3 if h else None
+        except Exception as e:  # noqa: BLE001
+            res["hf_error"] = f"{type(e).__name__}: {e}"[:300]
     return res
 
 
@@ -285,46 +319,95 @@ def _return_freed_memory(threshold: int = 4 << 20) -> None:
         pass
 
 
+def print_gpu_table(runs: list[dict]) -> None:
+    print("achieved GB/s (dense | spark; GPU copy = ceiling):")
+    for r in runs:
+        print(f"  {r['dtype']} ctx {r['context']}: FFN {r['dense_ffn_gb_per_s']:.0f} | {r['spark_ffn_gb_per_s']:.0f}, "
+              f"attention {r['dense_attention_gb_per_s']:.0f} | {r['spark_attention_gb_per_s']:.0f}, "
+              f"copy {r['gpu_copy_gb_per_s']:.0f}")
+
+
+def _device_env(args: argparse.Namespace) -> dict:
+    env = env_info(args.dtype)
+    if args.device != "cpu":
+        import triton
+
+        env.update(triton=triton.__version__, cuda_runtime=torch.version.cuda)
+    return env
+
+
 def run(args: argparse.Namespace, on_result=None) -> dict:
+    """The Spark vs dense table over (dtype, context): on CPU each configuration in a fresh process, on CUDA in
+    this one (after measuring the GPU's copy bandwidth)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}
     if args.layers:
         overrides["n_layers"] = args.layers
     cfg = get_preset(args.preset, **overrides)
+    cuda = args.device != "cpu"
+    peak = None
+    if cuda:
+        from sparkformer.decode.cuda import copy_bandwidth
+
+        peak = copy_bandwidth()
+        print(f"{torch.cuda.get_device_name(0)}: device-to-device copy {peak:.0f} GB/s (read + write)", flush=True)
     runs = []
-    # each (dtype, context) in a fresh process: full-size models are most of the RAM, and memory the allocator keeps
-    # after one configuration's models are freed must not push the next one out of memory (or into other pages)
+    # CPU: each (dtype, context) in a fresh process: full-size models are most of the RAM, and memory the allocator
+    # keeps after one configuration's models are freed must not push the next one out of memory (or into other pages)
     ctx_mp = multiprocessing.get_context("spawn")
     for dtype in args.dtype.split(","):
-        for ctx in [int(c) for c in args.context.split(",")]:
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx_mp) as pool:
-                r = pool.submit(_bench_one_in_child, torch.get_num_threads(), cfg, dtype, ctx, args.tokens,
-                                args.repeats, args.impl, not args.no_hf, args.prefill, args.prefill_repeats,
-                                args.interleave).result()
+        for ctx in [int(c) for c in str(args.context).split(",")]:
+            job = (cfg, dtype, ctx, args.tokens, args.repeats, args.impl, not args.no_hf, args.prefill,
+                   args.prefill_repeats, args.interleave, args.device, peak)
+            if cuda:
+                r = bench_one(*job)
+            else:
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx_mp) as pool:
+                    r = pool.submit(_bench_one_in_child, torch.get_num_threads(), *job).result()
             runs.append(r)
-            print(f"done {dtype} ctx {ctx}: {r['dense_ms_per_token']:.1f} -> {r['spark_ms_per_token']:.1f} ms/token",
-                  flush=True)
+            print(f"done {dtype} ctx {ctx}: {r['dense_ms_per_token']:.3f} -> {r['spark_ms_per_token']:.3f} ms/token "
+                  f"({r['speedup']:.2f}x; FFN {r['ffn_speedup']:.2f}x)", flush=True)
             if on_result is not None:  # save what is done so far: a crash later loses only the rest
                 on_result(runs)
     from sparkformer.ops import _extension
 
-    return {"benchmark": "decode", "preset": args.preset, "layers": cfg.n_layers, "impl": args.impl,
-            "extension": _extension.available(), "env": env_info(args.dtype), "runs": runs}
+    res = {"benchmark": "decode", "device": args.device, "preset": args.preset, "layers": cfg.n_layers,
+           "impl": args.impl, "env": _device_env(args), "runs": runs}
+    if cuda:
+        res["engine"] = "CudaEngine (Triton + cuBLAS, CUDA graph per token)"
+    else:
+        res["extension"] = _extension.available()
+    return res
 
 
 def _cli(args: argparse.Namespace) -> int:
-    if args.device == "cuda":  # Triton kernels + CUDA graphs; imported lazily so CPU runs never import triton
-        from sparkformer.bench.decode_cuda import cli as cuda_cli
+    kind = "cpu" if args.device == "cpu" else "cuda"
+    for k, v in DEVICE_DEFAULTS[kind].items():  # device defaults for what was not given
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.model is not None:  # a real model: routed vs dense, or the model alone (sparkformer.bench.routed)
+        from sparkformer.bench.common import finish
+        from sparkformer.bench.routed import print_table as model_table, run as run_model
 
-        return cuda_cli(args)
-    name = args.name or f"decode_{args.preset}"
+        args.context = int(str(args.context).split(",")[0])
+        res = run_model(args)
+        return finish(res, lambda: model_table(res["runs"]), args.name or "decode_model", args)
+    if kind == "cuda" and args.impl is not None:
+        raise ValueError("--impl chooses CPU kernels; the CUDA engine has one implementation (drop --impl)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bench decode --device cuda needs a CUDA GPU, and none is visible")
+    if kind == "cpu":
+        args.impl = args.impl or "auto"
+    name = args.name or f"decode{'_cuda' if kind == 'cuda' else ''}_{args.preset}"
 
     def save_partial(runs: list[dict]) -> None:
         write_result(name, {"benchmark": "decode", "preset": args.preset, "complete": False, "runs": runs}, args.out)
 
     res = run(args, None if args.no_save else save_partial)
-    print_table(res["runs"])
+    print_table(res["runs"], *((3, 0) if kind == "cuda" else (1, 1)))
+    if kind == "cuda":
+        print_gpu_table(res["runs"])
     if not args.no_save:
         write_result(name, {**res, "complete": True}, args.out)
     print(json.dumps(res))
@@ -333,23 +416,26 @@ def _cli(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("decode", help="batch-1 decode: Spark vs dense engine, and HF transformers")
-    p.add_argument("--preset", default="gemma2-2b")
-    p.add_argument("--context", default="512,2048,4096")
-    p.add_argument("--dtype", default="bf16,fp32")
+    p.add_argument("--preset", default="gemma2-2b", help="the shape of the random-weight Spark/dense pair")
+    p.add_argument("--model", default=None,
+                   help="time a real model instead (built-in name, HF folder, .gguf, checkpoint, sparsified folder)")
+    p.add_argument("--routers", default=None, help="with --model: router file or sparsified folder (routed vs dense)")
+    p.add_argument("--context", default=None, help="comma list (default cpu 512,2048,4096; cuda 512,4096; --model: "
+                                                    "the first value, default 512)")
+    p.add_argument("--dtype", default=None, help="comma list of fp32, bf16 (default cpu bf16,fp32; cuda bf16)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers of the same shape (quick runs)")
-    p.add_argument("--tokens", type=int, default=8, help="decode steps per timed run")
+    p.add_argument("--tokens", type=int, default=None, help="decode steps per timed run (default cpu 8, cuda 32)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--impl", default="auto", choices=["auto", "ext", "torch"])
+    p.add_argument("--impl", default=None, choices=["auto", "ext", "torch"], help="CPU kernels (default auto)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: Triton kernels + CUDA graphs (sparkformer.bench.decode_cuda)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: Triton kernels + CUDA graphs")
     p.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (0: off)")
     p.add_argument("--prefill-repeats", type=int, default=2)
     p.add_argument("--interleave", default="run", choices=["run", "token"],
                    help="run: alternate whole timed runs of --tokens steps; token: the two engines alternate every "
                         "token (both see the same memory-bandwidth state; paired_speedup = median per-token ratio)")
-    p.add_argument("--name", default=None, help="result file name (default decode_<preset>)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--name", default=None, help="result file name (default decode_<preset>, decode_cuda_<preset>)")
+    p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=_cli)

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from sparkformer.bench.common import env_info, write_result
+from sparkformer.bench.common import OUT_HELP, env_info, write_result
 
 from sparkformer.ops import _extension
 from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, geglu_decode, pack_geglu
@@ -351,7 +351,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thp", action="store_true",
                    help="allocate with transparent huge pages (restarts python with THP_MEM_ALLOC_ENABLE=1, which "
                         "torch reads once at start-up); default: torch's default allocation")
-    p.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
+    p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--no-save", action="store_true")
 
 

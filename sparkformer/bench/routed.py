@@ -2,7 +2,7 @@
 
     sparkformer bench routed --model smollm2-135m --routers runs/routing/sparkify-r128/predictor.safetensors
 
-Both run on our ``DecodeEngine`` (same threads, dtype, attention and LM head); only the FFN differs: the routed
+Both run on our ``Engine`` (same threads, dtype, attention and LM head); only the FFN differs: the routed
 engine asks each layer's router (``sparkformer bricks sparkify``) which neurons to run and gathers just their rows.
 HF transformers runs the same dense model as the users' default. The prompt is real text (Shakespeare, the packaged
 corpus), so the routers see real activations and the achieved fraction is the real one. The byte-ideal speed-up counts
@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from sparkformer.bench.common import env_info, finish, summary
-from sparkformer.engine import DecodeEngine, resolve_dtype
+from sparkformer.bench.common import OUT_HELP, env_info, finish, summary
+from sparkformer.decode import Engine, make_engine, resolve_dtype
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -34,7 +34,7 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     raise ValueError(f"the corpus gave only {len(ids)} tokens, need {n}")
 
 
-def bytes_per_token(engine: DecodeEngine, context: int, ffn_fraction: float | None) -> int:
+def bytes_per_token(engine: Engine, context: int, ffn_fraction: float | None) -> int:
     """Bytes read per decode token: LM head, attention weights, the FFN rows run (all, or the achieved fraction plus
     the router), and the KV cache of ``context`` positions."""
     cfg = engine.cfg
@@ -45,17 +45,20 @@ def bytes_per_token(engine: DecodeEngine, context: int, ffn_fraction: float | No
         total += (st.w_qkv.numel() + st.w_o.numel()) * el + kv
         ffn = sum(t.numel() for t in st.ffn) * el
         if st.ffn_kind == "routed":
-            total += round(ffn * ffn_fraction) + sum(p.numel() * p.element_size() for p in st.router.parameters())
+            total += round(ffn * ffn_fraction) + sum(p.numel() * p.element_size()
+                                                     for p in st.routed.router.parameters())
         else:
             total += ffn
     return total
 
 
-def time_decode(engine: DecodeEngine, context: int, toks: list[int]) -> float:
-    engine.pos = context
+def time_decode(engine: Engine, context: int, toks: list[int]) -> float:
+    engine.set_position(context)
+    engine.synchronize()
     t0 = time.perf_counter()
     for t in toks:
         engine.step(t)
+    engine.synchronize()
     return (time.perf_counter() - t0) / len(toks)
 
 
@@ -78,68 +81,89 @@ def hf_ms_per_token(hf_model, ids: list[int], context: int, toks: list[int], rep
     return summary(times)
 
 
-def bench_dtype(name: str, routers_path: str, dtype_name: str, context: int, tokens: int, repeats: int,
-                hf: bool) -> dict:
-    from sparkformer.bricks.routing import load_routers
-    from sparkformer.hf import from_hf
-    from sparkformer.pretrained import load_causal_lm
-
+def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int, hf: bool,
+                device: str = "cpu") -> dict:
+    """A loaded model (``sparkformer.loading.load_model``) on real text: with routers, routed vs the same model dense
+    (interleaved); without, the model alone."""
     dtype = resolve_dtype(dtype_name)
-    hf_model, tok = load_causal_lm(name, dtype=torch.float32)
-    model = from_hf(hf_model)
-    routers, meta = load_routers(routers_path)
-    ids = prompt_ids(tok, context + tokens)
+    model, routers = loaded.model, loaded.routers
+    if loaded.tokenizer is None:
+        raise ValueError(f"{loaded.source}: no tokenizer beside the model; the benchmark feeds real text")
+    ids = prompt_ids(loaded.tokenizer, context + tokens)
     max_len = context + tokens + 1
-    dense = DecodeEngine.from_model(model, dtype, max_len)
-    routed = DecodeEngine.from_model(model, dtype, max_len, routers=routers)
-    dense.prefill(ids[:context])
-    routed.prefill(ids[:context])
+    engines = {"dense": make_engine(model, dtype, max_len, device)}
+    if routers is not None:
+        engines["routed"] = make_engine(model, dtype, max_len, device, routers)
+    for e in engines.values():
+        e.prefill(ids[:context])
     feed = ids[context: context + tokens]
+    times: dict[str, list[float]] = {k: [] for k in engines}
     with torch.no_grad():
-        for e in (dense, routed):  # warm-up
+        for e in engines.values():  # warm-up, then statistics of the timed steps only
             time_decode(e, context, feed[:2])
-        routed.stats = type(routed.stats)()
-        d_t, r_t = [], []
+            e.reset()
         for _ in range(repeats):  # interleaved
-            d_t.append(time_decode(dense, context, feed))
-            r_t.append(time_decode(routed, context, feed))
-        # agreement of the two engines' next-token choice on the fed text (how far routing moves the model)
-        dense.pos = routed.pos = context
-        agree = sum(int(dense.step(t).argmax() == routed.step(t).argmax()) for t in feed) / len(feed)
-    fraction = routed.stats.summary(model.config.ffn_dim)["ffn_activity"]
-    dm, rm = statistics.median(d_t), statistics.median(r_t)
-    db, rb = bytes_per_token(dense, context, None), bytes_per_token(routed, context, fraction)
-    res = {
-        "dtype": dtype_name, "context": context, "tokens": tokens, "repeats": repeats,
-        "dense_ms_per_token": dm * 1e3, "routed_ms_per_token": rm * 1e3,
-        "dense_ms": {k: v * 1e3 for k, v in summary(d_t).items() if k != "n"},
-        "routed_ms": {k: v * 1e3 for k, v in summary(r_t).items() if k != "n"},
-        "speedup": dm / rm, "ideal_speedup": db / rb, "dense_bytes_per_token": db, "routed_bytes_per_token": rb,
-        "dense_gb_per_s": db / dm / 1e9, "routed_gb_per_s": rb / rm / 1e9,
-        "ffn_activity": fraction, "target_fraction": meta.get("select", {}).get("target_fraction"),
-        "greedy_agreement": agree,
-    }
-    res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
-    del dense, routed, model
+            for k, e in engines.items():
+                times[k].append(time_decode(e, context, feed))
+        stats = {k: e.stats.summary() for k, e in engines.items()}
+        agree = None
+        if routers is not None:  # agreement of the two engines' next-token choice on the fed text
+            dense, routed = engines["dense"], engines["routed"]
+            dense.set_position(context)
+            routed.set_position(context)
+            agree = sum(int(dense.step(t).argmax() == routed.step(t).argmax()) for t in feed) / len(feed)
+    dm = statistics.median(times["dense"])
+    db = bytes_per_token(engines["dense"], context, None)
+    res = {"dtype": dtype_name, "context": context, "tokens": tokens, "repeats": repeats, "device": device,
+           "dense_ms_per_token": dm * 1e3, "dense_ms": {k: v * 1e3 for k, v in summary(times["dense"]).items()
+                                                        if k != "n"},
+           "dense_bytes_per_token": db, "dense_gb_per_s": db / dm / 1e9, "dense_sparsity": stats["dense"]}
+    if routers is not None:
+        fraction = stats["routed"]["ffn_activity"]
+        rm = statistics.median(times["routed"])
+        rb = bytes_per_token(engines["routed"], context, fraction)
+        res.update({
+            "routed_ms_per_token": rm * 1e3,
+            "routed_ms": {k: v * 1e3 for k, v in summary(times["routed"]).items() if k != "n"},
+            "speedup": dm / rm, "ideal_speedup": db / rb, "routed_bytes_per_token": rb,
+            "routed_gb_per_s": rb / rm / 1e9, "ffn_activity": fraction,
+            "target_fraction": loaded.info.get("routers", {}).get("select", {}).get("target_fraction"),
+            "greedy_agreement": agree})
+        res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
+    del engines
     gc.collect()
-    if hf:
-        hf_model = hf_model.to(dtype)
+    res["hf_ms_per_token"] = None
+    if hf and device == "cpu":
+        from sparkformer.pretrained import load_causal_lm
+
+        hf_model, _ = load_causal_lm(loaded.info.get("routers", {}).get("model") or loaded.source, dtype=dtype)
         res["hf_ms_per_token"] = hf_ms_per_token(hf_model, ids, context, feed, max(1, repeats // 2))["median"] * 1e3
-    else:
-        res["hf_ms_per_token"] = None
     return res
 
 
 def run(args: argparse.Namespace) -> dict:
+    """``bench routed`` and ``bench decode --model``: real-model decode rows, one per dtype."""
+    from sparkformer.loading import describe, load_model
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = [bench_dtype(args.model, args.routers, dt, args.context, args.tokens, args.repeats, not args.no_hf)
+    loaded = load_model(args.model, routers=args.routers)
+    device = getattr(args, "device", "cpu")
+    runs = [bench_dtype(loaded, dt, args.context, args.tokens, args.repeats, not args.no_hf, device)
             for dt in args.dtype.split(",")]
-    return {"benchmark": "routed-decode", "model": args.model, "routers": args.routers, "env": env_info(args.dtype),
-            "runs": runs}
+    return {"benchmark": "routed-decode" if loaded.routers is not None else "model-decode", "model": args.model,
+            "routers": args.routers, "loaded": describe(loaded), "env": env_info(args.dtype), "runs": runs}
 
 
 def print_table(runs: list[dict]) -> None:
+    if "routed_ms_per_token" not in runs[0]:
+        print(f"{'dtype':5s} {'ctx':>5s} {'ms/token':>9s} {'GB/s':>6s} {'HF ms':>7s} {'FFN active':>10s}")
+        for r in runs:
+            hf = f"{r['hf_ms_per_token']:7.1f}" if r["hf_ms_per_token"] else f"{'-':>7s}"
+            act = r["dense_sparsity"].get("ffn_activity")
+            print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.2f} {r['dense_gb_per_s']:6.1f} {hf} "
+                  + (f"{act:10.3f}" if act is not None else f"{'-':>10s}"))
+        return
     print(f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'routed ms':>9s} {'speedup':>8s} {'ideal':>6s} "
           f"{'meas/ideal':>10s} {'HF ms':>7s} {'FFN active':>10s} {'greedy agree':>12s}")
     for r in runs:
@@ -158,7 +182,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("routed", help="batch-1 decode: sparkified (routed FFN) vs dense pretrained model, and HF")
     p.add_argument("--model", default="smollm2-135m", help="built-in name or model folder (gated FFN)")
     p.add_argument("--routers", required=True,
-                   help="predictor.safetensors written by `sparkformer bricks sparkify` for this model")
+                   help="predictor.safetensors written by `sparkformer bricks sparkify` for this model (or its folder)")
     p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed decode")
     p.add_argument("--dtype", default="bf16,fp32")
     p.add_argument("--tokens", type=int, default=32, help="decode steps per timed run")
@@ -166,6 +190,6 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     p.add_argument("--name", default="routed_decode", help="result file name")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=_cli)

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from sparkformer.bench.common import env_info, finish, summary, time_interleaved
+from sparkformer.bench.common import OUT_HELP, env_info, finish, summary, time_interleaved
 from sparkformer.ops import exact_topk, exact_topk_inf, stat_topk, stat_topk_inf
 
 
@@ -134,6 +134,6 @@ def add_parser(sub) -> None:
     p.add_argument("--train-seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
+    p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=_cli)

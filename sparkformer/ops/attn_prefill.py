@@ -1,6 +1,6 @@
 """Prefill attention over one sequence's KV cache, as the decode engine needs it.
 
-``prefill_attention``: ``model.chunked_attention`` (the training form chunked over queries and grouped by KV head)
+``prefill_attention``: ``attention.chunked_attention`` (the training form chunked over queries and grouped by KV head)
 for a single sequence (q (H, T, D), cache (KV, pos0 + T, D)), with the decode kernels' hard cap on Spark layers so
 prefill selects what decode would. Dense prefill uses it, and Spark prefill when the C++ extension is missing.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sparkformer.model import chunked_attention
+from sparkformer.ops.attention import chunked_attention
 from sparkformer.ops.spark_attn_decode import SparkCache, spark_attn_decode
 
 __all__ = ["prefill_attention", "spark_prefill_attention"]

@@ -22,7 +22,8 @@ selection is per query head). Valid keys are positions [lo, length), lo = max(0,
 
     p_j   = scale * q[:r] . kp[:, j]                   (then cap * tanh(p_j / cap) if softcap)
     keep  = all n keys                                 if n <= k
-          = {j : p_j > mean(p) + std(p) * ndtri(1 - k/n)}   otherwise (population std over valid keys)
+          = {j : p_j > mean(p) + std(p) * ndtri(1 - k/n)}   otherwise: stat_topk.stat_threshold(p, k) over
+                                                             the valid keys (population std)
             - hard cap: if more than k survive, keep the k largest p_j (ties -> the more recent key)
               and report `capped` for that head;
             - if none survives (only for degenerate scores, e.g. all equal), keep the k largest instead
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
+from sparkformer.ops.stat_topk import stat_threshold
 
 __all__ = [
     "KP_BLOCK",
@@ -159,10 +161,6 @@ def valid_range(length: int, window: int | None) -> tuple[int, int]:
     return lo, length - lo
 
 
-def _ndtri(p: float) -> float:
-    return torch.special.ndtri(torch.tensor(p, dtype=torch.float64)).item()
-
-
 def _top(p: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
     """The k best of candidate positions `cand` by (p desc, position desc), in position order."""
     cand = cand.flip(0)  # later positions first, so the stable sort breaks ties towards them
@@ -201,7 +199,7 @@ def spark_attn_decode_reference(
         if n <= k:
             keep = torch.arange(n)
         else:
-            theta = p.mean() + p.std(correction=0) * _ndtri(1.0 - k / n)
+            theta = stat_threshold(p, k)
             keep = torch.nonzero(p > theta).squeeze(1)
             if keep.numel() == 0:
                 keep = _top(p, torch.arange(n), k)
@@ -245,7 +243,7 @@ def spark_attn_decode_torch(
     if n <= k:
         vals, idx = p, torch.arange(n).expand(n_heads, n)
     else:
-        theta = p.mean(1, keepdim=True) + p.std(1, correction=0, keepdim=True) * _ndtri(1.0 - k / n)
+        theta = stat_threshold(p, k)  # (n_heads, 1)
         passed = p > theta
         count = passed.sum(1)
         capped = count > k

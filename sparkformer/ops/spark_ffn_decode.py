@@ -4,7 +4,7 @@ Math (shared spec, section 2), for x of length d split at r, weights K1 (d_ff, r
 V (d_ff, d_out):
 
     s     = K1 x[:r]                                   # predictor, reads all of K1
-    theta = mean(s) + std(s) * ndtri(1 - f)            # statistical top-k, population std, fp32
+    theta = mean(s) + std(s) * ndtri(1 - f)            # sparkformer.ops.stat_topk.stat_threshold
     a     = gelu_tanh(relu(s - theta))                 # nonzero only on S = {i : s_i > theta}
     h_i   = a_i * (K2[i] . x[r:])        for i in S    # reads |S| rows of K2
     y     = sum_{i in S} h_i V[i]                      # reads |S| rows of V
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
+from sparkformer.ops.stat_topk import stat_threshold
 
 __all__ = [
     "SparkFFNWeights",
@@ -39,22 +40,7 @@ __all__ = [
     "spark_ffn_decode_reference",
     "spark_ffn_decode_torch",
     "spark_ffn_workspace",
-    "stat_threshold",
 ]
-
-
-def stat_threshold(s: torch.Tensor, fraction: float) -> torch.Tensor:
-    """theta = mean(s) + std(s) * ndtri(1 - fraction) over a 1-D score vector, in fp32, population std.
-
-    fraction >= 1 keeps everything (-inf), fraction <= 0 nothing (+inf); a constant s gives theta = mean.
-    """
-    s = s.float()
-    if fraction >= 1.0:
-        return s.new_tensor(float("-inf"))
-    if fraction <= 0.0:
-        return s.new_tensor(float("inf"))
-    z = torch.special.ndtri(torch.tensor(1.0 - fraction, dtype=torch.float64)).item()
-    return s.mean() + s.std(correction=0) * z
 
 
 def spark_ffn_decode_reference(
@@ -146,9 +132,7 @@ def spark_ffn_decode_batch(
     r = k1.shape[1]
     xw = x.to(k1.dtype)
     s = (xw[:, :r] @ k1.t()).float()  # (B, d_ff): all of K1, once for the batch
-    z = torch.special.ndtri(torch.tensor(1.0 - fraction, dtype=torch.float64)).item()
-    var, mean = torch.var_mean(s, dim=1, correction=0, keepdim=True)
-    theta = mean + var.sqrt() * z
+    theta = stat_threshold(s, fraction)  # (B, 1)
     selected = s > theta
     union = selected.any(0).nonzero().squeeze(1)
     a = F.gelu(torch.relu(s.index_select(1, union) - theta), approximate="tanh")  # 0 where a row did not select

@@ -8,7 +8,7 @@ CUDA graph serves every position):
             kv group from one read of the feature-major predictor tile; stores p and per-block (count, mean, M2,
             max) partials. Blocks outside [lo, length) do nothing.
 2. select   grid (heads, key chunks): every program combines the partials into theta = mean + std * ndtri(1 - k/n)
-            (ndtri from a host-made fp32 table indexed by n, so it equals the reference's value exactly), keeps
+            (z from ``stat_topk.stat_z_table``, indexed by n, so it equals the reference's z exactly), keeps
             its chunk's keys with p > theta, appends them to the head's candidate list (atomic counter) and adds
             their exp(p - max) to the head's softmax denominator.
 3. output   grid (heads, splits): finishes the selection -- when more than k keys survived, the hard cap keeps the
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sparkformer.ops.stat_topk import stat_z_table
 from sparkformer.ops.triton_common import HAS_TRITON, next_pow2, softplus_f32, tanh_f32, tl, triton
 
-__all__ = ["SparkAttnPlan", "ndtri_table", "spark_attn_decode_triton", "triton_spark_attn_decode"]
+__all__ = ["SparkAttnPlan", "spark_attn_decode_triton", "triton_spark_attn_decode"]
 
 _I64_MIN = tl.constexpr(-(2**63)) if HAS_TRITON else -(2**63)  # jit code reads only constexpr globals
 
@@ -140,6 +141,18 @@ if HAS_TRITON:
         return (o.to(tl.int64) << 32) | pos.to(tl.int64)
 
     @triton.jit
+    def _source_keys(degen, ii, im, lo, p_row, cand_row, candp_row):
+        """(position, score) of source entries ii (valid where im): the head's candidate list, or for a degenerate
+        head all valid keys. Masks mix a vector with the scalar ``degen`` through tl.where: Triton's interpreter
+        (3.9) types ``vector & scalar`` as int32, which tl.load refuses as a mask."""
+        from_list = tl.where(degen, False, im)
+        from_all = tl.where(degen, im, False)
+        pos = tl.where(degen, lo + ii, tl.load(cand_row + ii, mask=from_list, other=0))
+        pv = tl.where(degen, tl.load(p_row + lo + ii, mask=from_all, other=0.0),
+                      tl.load(candp_row + ii, mask=from_list, other=0.0))
+        return pos, pv
+
+    @triton.jit
     def _attn_output_kernel(q_ptr, stride_qh, kr_ptr, kr_skv, kr_sl, v_ptr, v_skv, v_sl, len_ptr, p_ptr, stride_ph,
                             cand_ptr, candp_ptr, stride_ch, cnt_ptr, zsum_ptr, m_ptr, out_ptr, stride_oh,
                             kept_ptr, capped_ptr, R, DR, DV, K, WINDOW, scale,
@@ -163,9 +176,8 @@ if HAS_TRITON:
             for i0 in range(0, nsrc, KP2):
                 ii = i0 + tl.arange(0, KP2)
                 im = ii < nsrc
-                pos = tl.where(degen, lo + ii, tl.load(cand_ptr + h * stride_ch + ii, mask=im & ~degen, other=0))
-                pv = tl.where(degen, tl.load(p_ptr + h * stride_ph + lo + ii, mask=im & degen, other=0.0),
-                              tl.load(candp_ptr + h * stride_ch + ii, mask=im & ~degen, other=0.0))
+                pos, pv = _source_keys(degen, ii, im, lo, p_ptr + h * stride_ph, cand_ptr + h * stride_ch,
+                                       candp_ptr + h * stride_ch)
                 key = tl.where(im, _order_key(pv, pos), _I64_MIN)
                 run = tl.topk(tl.reshape(tl.join(run, key), [2 * KP2]), KP2)
             cutoff = tl.sum(tl.where(tl.arange(0, KP2) == K - 1, run, 0), axis=0)
@@ -173,9 +185,8 @@ if HAS_TRITON:
             for i0 in range(0, nsrc, KP2):
                 ii = i0 + tl.arange(0, KP2)
                 im = ii < nsrc
-                pos = tl.where(degen, lo + ii, tl.load(cand_ptr + h * stride_ch + ii, mask=im & ~degen, other=0))
-                pv = tl.where(degen, tl.load(p_ptr + h * stride_ph + lo + ii, mask=im & degen, other=0.0),
-                              tl.load(candp_ptr + h * stride_ch + ii, mask=im & ~degen, other=0.0))
+                pos, pv = _source_keys(degen, ii, im, lo, p_ptr + h * stride_ph, cand_ptr + h * stride_ch,
+                                       candp_ptr + h * stride_ch)
                 keep = im & (_order_key(pv, pos) >= cutoff)
                 zacc += tl.where(keep, tl.exp(pv - m), 0.0)
             zsum = tl.sum(zacc, axis=0)
@@ -193,9 +204,8 @@ if HAS_TRITON:
         for i0 in range(split * BLOCK_J, nsrc, n_splits * BLOCK_J):
             ii = i0 + tl.arange(0, BLOCK_J)
             im = ii < nsrc
-            pos = tl.where(degen, lo + ii, tl.load(cand_ptr + h * stride_ch + ii, mask=im & ~degen, other=0))
-            pv = tl.where(degen, tl.load(p_ptr + h * stride_ph + lo + ii, mask=im & degen, other=0.0),
-                          tl.load(candp_ptr + h * stride_ch + ii, mask=im & ~degen, other=0.0))
+            pos, pv = _source_keys(degen, ii, im, lo, p_ptr + h * stride_ph, cand_ptr + h * stride_ch,
+                                   candp_ptr + h * stride_ch)
             keep = im & (_order_key(pv, pos) >= cutoff)
             kr = tl.load(kr_ptr + g * kr_skv + pos[:, None] * kr_sl + dr[None, :], mask=keep[:, None] & drm[None, :],
                          other=0.0).to(tl.float32)
@@ -204,15 +214,8 @@ if HAS_TRITON:
             vv = tl.load(v_ptr + g * v_skv + pos[:, None] * v_sl + dv[None, :], mask=keep[:, None] & dvm[None, :],
                          other=0.0).to(tl.float32)
             acc += w[:, None] * vv
-        tl.atomic_add(out_ptr + h * stride_oh + dv, tl.sum(acc, axis=0), mask=dvm & (n > 0), sem="relaxed")
-
-
-def ndtri_table(k: int, max_len: int, device=None) -> torch.Tensor:
-    """fp32 z[n] = ndtri(1 - k / n) for n in [0, max_len] (0 where n <= k), computed in float64 like the reference."""
-    n = torch.arange(max_len + 1, dtype=torch.float64)
-    z = torch.special.ndtri((1.0 - k / n.clamp_min(1)).clamp_min(0.0))
-    z = torch.where(n > k, z, torch.zeros_like(z))
-    return z.to(torch.float32).to(device)
+        tl.atomic_add(out_ptr + h * stride_oh + dv, tl.sum(acc, axis=0), mask=tl.where(n > 0, dvm, False),
+                      sem="relaxed")
 
 
 @dataclass
@@ -254,7 +257,7 @@ class SparkAttnPlan:
         self.out = torch.zeros(H, self.dv, **f32)
         self.kept = torch.zeros(H, dtype=torch.int64, device=dev)
         self.capped = torch.zeros(H, dtype=torch.int8, device=dev)
-        self.ztab = ndtri_table(self.k, self.max_len, dev)
+        self.ztab = stat_z_table(self.k, self.max_len, dev)
 
     def run(self, q: torch.Tensor, kp: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
             scale: float, window: int | None = None, softcap: float | None = None,

@@ -4,6 +4,7 @@ Same math as the reference (``sparkformer.ops.spark_ffn_decode``), fp32 accumula
 
     s     = K1 x[:r]                                   kernel 1: GEMV over all of K1, plus per-block
     theta = mean(s) + std(s) * ndtri(1 - f)                      (mean, M2) partials for the statistics
+                                                                 (stat_topk.stat_threshold; z = stat_z(f))
     S     = {i : s_i > theta}                          kernel 2: every program combines the partials into theta,
     h_i   = gelu_tanh(s_i - theta) * (K2[i] . x[r:])             compacts its chunk's selected neurons in
                                                                  registers, reserves slots in one global list
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparkformer.ops.stat_topk import stat_z
 from sparkformer.ops.triton_common import ACT_IDS, HAS_TRITON, act_f32, next_pow2, tl, triton
 
 __all__ = ["SparkFFNPlan", "spark_ffn_decode_triton", "triton_spark_ffn_decode"]
@@ -154,10 +156,6 @@ if HAS_TRITON:
         tl.atomic_add(y_ptr + cols, tl.sum(acc, axis=0), mask=cm, sem="relaxed")
 
 
-def _ndtri(p: float) -> float:
-    return torch.special.ndtri(torch.tensor(p, dtype=torch.float64)).item()
-
-
 @dataclass
 class SparkFFNPlan:
     """Launch shapes and scratch buffers for one (d_ff, r, d - r, d_out) Spark FFN shape on one device.
@@ -189,7 +187,7 @@ class SparkFFNPlan:
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
         dev = torch.device(self.device)
         self.device = dev
-        self.z = float(_ndtri(1.0 - self.fraction))
+        self.z = stat_z(self.fraction)  # the kernel rounds it to fp32, as stat_threshold does
         self.n_parts = triton.cdiv(self.n, self.block_n)
         self.block_p = min(1024, next_pow2(self.n_parts))
         self.block_y = max(16, next_pow2(triton.cdiv(self.d_out, self.n_parts)))

@@ -1,16 +1,18 @@
 """The CUDA decode engine: batch-1 decode with the Triton kernels, one CUDA graph per token.
 
-    engine = CudaDecodeEngine.from_model(model, dtype=torch.bfloat16)      # or .random(cfg, ...) for speed
+    engine = make_engine(model, dtype="bf16", device="cuda")     # or make_random_engine(cfg, ..., device="cuda")
     for tok in engine.generate(prompt_ids, max_new_tokens=64): ...
 
-Same API as the CPU ``DecodeEngine`` (``prefill``, ``step``, ``generate``, ``reset``, ``stats``), same math:
+The engine protocol of ``sparkformer.decode.protocol`` over the same decode layout as the CPU engine, same math:
 - every per-token launch reads the token, the position and the context length from device tensors, and all
-  buffers are allocated up front, so the whole step (embedding -> 26 layers -> LM head -> greedy argmax -> pos += 1)
+  buffers are allocated up front, so the whole step (embedding -> layers -> LM head -> greedy argmax -> pos += 1)
   is captured once in a CUDA graph and replayed at every position. The host syncs only to read a sampled token.
 - dense layers: cuBLAS GEMVs (``torch.mv``: fused q/k/v, o, [gate; up], down), Triton flash-decoding with the
   Gemma-2 soft-cap (``DenseAttnPlan``), fused glue kernels; Spark layers: the same GEMVs and glue, Spark attention
   (``SparkAttnPlan``) and the Spark FFN (``SparkFFNPlan``, whose launch shape is picked by timing on the device).
   Both kinds run under the same graph treatment, so the dense model is an honest competitor.
+- routed FFN layers (``routers=``) run in torch ops with data-dependent sizes, so an engine that has them runs
+  eagerly (no graph): correct, not yet fast.
 - ``prefill`` feeds the prompt through the decode step one token at a time (exact, not fast).
 
 Off CUDA (Triton interpreter, ``graph=False``) the same code runs eagerly on CPU tensors: that is how the tests
@@ -19,55 +21,78 @@ check it against the CPU engine without a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from sparkformer.config import ModelConfig
-from sparkformer.model import SparkLM, rope_tables
+from sparkformer.decode.layout import DecodeLayer, ModelLayout
+from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
+from sparkformer.decode.routed import routed_ffn_decode
+from sparkformer.model import ACTIVATIONS, rope_tables
+from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference
 from sparkformer.ops.triton_decode import DenseAttnPlan, embed_norm, geglu_act, residual_norm, rope_cache
 from sparkformer.ops.triton_spark_attn import SparkAttnPlan
 from sparkformer.ops.triton_spark_ffn import SparkFFNPlan
 
-__all__ = ["CudaDecodeEngine", "CudaLayer"]
+__all__ = ["CudaEngine", "copy_bandwidth"]
 
 KP_BLOCK = 64  # keys per tile of the blocked predictor-half cache (same as the CPU layout)
+ACTIVATIONS_SUPPORTED = ("gelu_tanh", "silu")
 
 
-@dataclass
-class CudaLayer:
-    attn_kind: str
-    ffn_kind: str
-    window: int | None
-    w_qkv: torch.Tensor  # (H*hd + 2*KV*hd, d)
-    w_o: torch.Tensor  # (d, H*hd)
-    norms: torch.Tensor  # (4, d) fp32: input, post-attn, pre-ffn, post-ffn multipliers
-    ffn: tuple  # spark: (k1 (n, r), k2 (n, d-r), v (n, d)); geglu: (w_gu (2m, d), w_down (d, m))
-    cache: tuple = ()  # ("spark", kp, kr, v) | ("dense", k, v)
+def _device_layers(layout: ModelLayout, dev: torch.device) -> list[DecodeLayer]:
+    """The decode layout as these kernels read it, on ``dev``: Spark K2 and V as two contiguous matrices, GeGLU as
+    [gate; up] (2m, d) and W_down (d, m)."""
+    put = lambda t: t.detach().to(dev).contiguous()  # noqa: E731
+    out = []
+    for st in layout.layers:
+        if st.ffn_kind == "spark":
+            ffn = tuple(put(t) for t in st.ffn)
+        elif st.ffn_kind == "geglu":
+            wg, wu, wd_t = st.ffn
+            ffn = (put(torch.cat([wg, wu])), put(wd_t.t()))
+        else:  # routed: its own gathered layout
+            ffn = ()
+        out.append(DecodeLayer(st.attn_kind, st.ffn_kind, st.window, put(st.w_qkv), put(st.w_o),
+                               st.norms.float().to(dev), ffn, None if st.routed is None else st.routed.to(dev)))
+    return out
 
 
-class CudaDecodeEngine:
+class CudaEngine(Engine):
     """Batch-1 decode on CUDA (or eagerly on CPU under TRITON_INTERPRET); see the module docstring."""
 
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[CudaLayer], final_norm: torch.Tensor,
-                 max_len: int, head: torch.Tensor | None = None, graph: bool | None = None,
-                 track_stats: bool = True):
-        if cfg.ffn_activation not in ("gelu_tanh", "silu"):
-            raise ValueError(f"unsupported activation {cfg.ffn_activation}")
-        self.cfg, self.embed, self.layers, self.final_norm = cfg, embed, layers, final_norm
-        self.head = embed if head is None else head
-        self.device = embed.device
-        self.dtype = embed.dtype
-        self.graph_enabled = (self.device.type == "cuda") if graph is None else graph
+    device_type = "cuda"
+
+    def __init__(self, layout: ModelLayout, max_len: int | None = None, device: str | torch.device = "cuda",
+                 graph: bool | None = None, track_stats: bool = True):
+        cfg = layout.cfg
+        if cfg.ffn_activation not in ACTIVATIONS_SUPPORTED:
+            raise ValueError(f"the CUDA engine supports activations {ACTIVATIONS_SUPPORTED}, not "
+                             f"{cfg.ffn_activation!r}; use device='cpu'")
+        dev = torch.device(device)
+        layers = _device_layers(layout, dev)
+        routed = any(st.ffn_kind == "routed" for st in layers)
+        if routed and graph:
+            raise ValueError("routed FFN layers select a data-dependent number of neurons and cannot run in a CUDA "
+                             "graph; leave graph unset (False is chosen for engines with routers)")
+        self.cfg, self.layers = cfg, layers
+        self.embed = layout.embed.to(dev).contiguous()
+        self.head = self.embed if layout.head is layout.embed else layout.head.to(dev).contiguous()
+        self.final_norm = layout.final_norm.float().to(dev)
+        self.device = dev
+        self.dtype = self.embed.dtype
+        self.graph_enabled = (dev.type == "cuda" and not routed) if graph is None else graph
         self.track_stats = track_stats
-        self.max_len = -(-max_len // KP_BLOCK) * KP_BLOCK
+        self.max_len = check_max_len(cfg, max_len)
+        self._cache_len = -(-self.max_len // KP_BLOCK) * KP_BLOCK  # the blocked key cache holds whole tiles
         self.pos = 0
+        self.timers = None  # components are timed as their own graphs (component_times), not inside a step
         d, H, KV, hd, r = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
-        dev, dt, f32 = self.device, self.dtype, torch.float32
+        dt, f32 = self.dtype, torch.float32
         self._embed_scale = float(torch.tensor(math.sqrt(d) if cfg.embed_scale else 1.0, dtype=dt).float())
-        self._rope = {n: tuple(t.to(dev).contiguous() for t in rope_tables(n, 0, self.max_len, cfg.rope_theta))
+        self._rope = {n: tuple(t.to(dev).contiguous() for t in rope_tables(n, 0, self._cache_len, cfg.rope_theta))
                       for n in {hd, r, hd - r}}
         self._alloc_cache()
         # static buffers: every launch of a step reads and writes only these
@@ -95,80 +120,20 @@ class CudaDecodeEngine:
         self.kept = torch.zeros(n, H, dtype=torch.int64, device=dev)
         self.capped = torch.zeros(n, H, dtype=torch.int8, device=dev)
         self._stat_tot = torch.zeros(3, dtype=torch.int64, device=dev)  # ffn neurons, keys kept, cap fired
-        self._stat_rows = [0, 0, 0]  # tokens, ffn layer-steps, spark attention head-rows
+        self._reset_stats()
         self.ffn_plan = self.attn_plan = self.dense_plan = None
         if "spark" in kinds_ffn:
             st = next(s for s in layers if s.ffn_kind == "spark")
             self.ffn_plan = SparkFFNPlan.for_weights(*st.ffn, cfg.spark_ffn_fraction, activation=cfg.ffn_activation)
         if any(s.attn_kind == "spark" for s in layers):
-            self.attn_plan = SparkAttnPlan(H, KV, hd, r, hd, self.max_len, cfg.spark_attn_topk, dev)
+            self.attn_plan = SparkAttnPlan(H, KV, hd, r, hd, self._cache_len, cfg.spark_attn_topk, dev)
         if any(s.attn_kind == "dense" for s in layers):
             self.dense_plan = DenseAttnPlan(H, KV, hd, hd, dev)
         self._graph = None
         self._components: dict[str, torch.cuda.CUDAGraph] = {}
 
-    # ---- construction ------------------------------------------------------------------------------------------
-    @classmethod
-    def from_model(cls, model: SparkLM, dtype: torch.dtype = torch.bfloat16, max_len: int | None = None,
-                   device: str | torch.device = "cuda", **kw) -> "CudaDecodeEngine":
-        """Copy a ``SparkLM``'s weights into decode layout on ``device``."""
-        if not isinstance(model, SparkLM):
-            raise TypeError(f"CudaDecodeEngine.from_model needs a SparkLM, got {type(model).__name__}")
-        cfg = model.config
-        max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        dev = torch.device(device)
-        put = lambda t: t.detach().to(device=dev, dtype=dtype).contiguous()  # noqa: E731
-        layers = []
-        with torch.no_grad():
-            for i, blk in enumerate(model.layers):
-                a, f = blk.attn, blk.ffn
-                if f.kind not in ("spark", "geglu"):
-                    raise ValueError(f"the decode engine supports ffn kinds geglu and spark, not {f.kind}")
-                norms = torch.stack([nm.scale() if hasattr(nm, "scale") else torch.ones(cfg.d_model) for nm in
-                                     (blk.input_norm, blk.post_attn_norm, blk.pre_ffn_norm, blk.post_ffn_norm)])
-                if f.kind == "spark":
-                    ffn = (put(f.predictor.weight), put(f.up_proj.weight), put(f.down_proj.weight.t()))
-                else:
-                    ffn = (put(torch.cat([f.gate_proj.weight, f.up_proj.weight])), put(f.down_proj.weight))
-                layers.append(CudaLayer(a.kind, f.kind, cfg.window(i),
-                                        put(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                                        put(a.o_proj.weight), norms.float().to(dev), ffn))
-            head = None if model.lm_head is None else put(model.lm_head.weight)
-            return cls(cfg, put(model.embed.weight), layers, model.final_norm.scale().float().to(dev), max_len,
-                       head, **kw)
-
-    @classmethod
-    def random(cls, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, max_len: int | None = None,
-               seed: int = 0, share: "CudaDecodeEngine | None" = None, device: str | torch.device = "cuda",
-               **kw) -> "CudaDecodeEngine":
-        """Random full-size weights made directly on the device (speed only: the threshold enforces sparsity).
-        ``share``: reuse that engine's embedding / LM head and attention projections (same shapes)."""
-        dev = torch.device(device)
-        max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
-        g = torch.Generator(device=dev).manual_seed(seed)
-        d, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-
-        def rnd(*shape):
-            return torch.empty(*shape, dtype=dtype, device=dev).normal_(0.0, cfg.init_std, generator=g)
-
-        layers = []
-        for i in range(cfg.n_layers):
-            if cfg.ffn_kind(i) == "spark":
-                n, r = cfg.spark_ffn_dim, cfg.spark_ffn_rank
-                ffn = (rnd(n, r), rnd(n, d - r), rnd(n, d))
-            else:
-                ffn = (rnd(2 * cfg.ffn_dim, d), rnd(d, cfg.ffn_dim))
-            if share is not None:
-                w_qkv, w_o = share.layers[i].w_qkv, share.layers[i].w_o
-            else:
-                w_qkv, w_o = rnd((H + 2 * KV) * hd, d), rnd(d, H * hd)
-            layers.append(CudaLayer(cfg.attention_kind(i), cfg.ffn_kind(i), cfg.window(i), w_qkv, w_o,
-                                    torch.ones(4, d, device=dev), ffn))
-        embed = share.embed if share is not None else rnd(cfg.vocab_size, d)
-        return cls(cfg, embed, layers, torch.ones(d, device=dev), max_len, **kw)
-
     def _alloc_cache(self) -> None:
-        cfg, L, dt, dev = self.cfg, self.max_len, self.dtype, self.device
+        cfg, L, dt, dev = self.cfg, self._cache_len, self.dtype, self.device
         KV, hd, r = cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         for st in self.layers:
             if st.attn_kind == "spark":
@@ -179,19 +144,21 @@ class CudaDecodeEngine:
                 st.cache = ("dense", torch.zeros(KV, L, hd, dtype=dt, device=dev),
                             torch.zeros(KV, L, hd, dtype=dt, device=dev))
 
-    def reset(self) -> None:
-        """Forget the sequence (the cache is overwritten, not reallocated)."""
-        self.set_position(0)
+    def _reset_stats(self) -> None:
         self._stat_tot.zero_()
         self._stat_rows = [0, 0, 0]
+        self._routed_stats = [0, 0, 0]  # neurons, width, layer-steps (routed layers run eagerly, counted on the host)
 
     def set_position(self, pos: int) -> None:
-        """Move to ``pos`` (the next token is written there); positions below it are taken as filled."""
-        self.pos = int(pos)
+        super().set_position(pos)
         self.pos_t.fill_(self.pos)
 
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- one decode step: the launches the graph captures ------------------------------------------------------
-    def _attention(self, i: int, st: CudaLayer) -> None:
+    def _attention(self, i: int, st: DecodeLayer) -> None:
         cfg = self.cfg
         if st.attn_kind == "spark":
             _, kp, kr, v = st.cache
@@ -203,9 +170,16 @@ class CudaDecodeEngine:
             self.dense_plan.run(self.q, k, v, self.len_t, cfg.attn_scale, st.window, cfg.attn_logit_softcap,
                                 self.attn.view(cfg.n_heads, cfg.head_dim))
 
-    def _ffn(self, i: int, st: CudaLayer) -> torch.Tensor:
+    def _ffn(self, i: int, st: DecodeLayer) -> torch.Tensor:
         if st.ffn_kind == "spark":
             return self.ffn_plan.run(self.xn, *st.ffn, y=self.y32, cnt=self.ffn_cnt[i:i + 1])
+        if st.ffn_kind == "routed":  # eager (data-dependent sizes): engines with routed layers run without graphs
+            y, n_sel = routed_ffn_decode(st.routed, self.xn, ACTIVATIONS[self.cfg.ffn_activation], self.dtype, torch.mv)
+            if self.track_stats:
+                rs = self._routed_stats
+                rs[0], rs[1], rs[2] = rs[0] + n_sel, rs[1] + st.routed.gate_up.shape[0], rs[2] + 1
+            self.y.copy_(y)
+            return self.y
         w_gu, w_down = st.ffn
         torch.mv(w_gu, self.xn, out=self.gu)
         geglu_act(self.gu, self.a, self.cfg.ffn_activation)
@@ -301,17 +275,15 @@ class CudaDecodeEngine:
         self._stat_rows[1] += len(spark_ffn)
         self._stat_rows[2] += len(spark_attn) * self.cfg.n_heads
 
-    def stats_summary(self) -> dict:
-        """Achieved sparsity over the decoded tokens (syncs), in the CPU engine's ``DecodeStats.summary`` form."""
+    @property
+    def stats(self) -> DecodeStats:
+        """Achieved sparsity since the last reset (syncs), in the same form as every engine's."""
         tot = self._stat_tot.tolist()
-        out = {"tokens": self._stat_rows[0]}
-        if self._stat_rows[1]:
-            out["ffn_neurons_per_layer"] = tot[0] / self._stat_rows[1]
-            out["ffn_activity"] = out["ffn_neurons_per_layer"] / self.cfg.spark_ffn_dim
-        if self._stat_rows[2]:
-            out["keys_per_query"] = tot[1] / self._stat_rows[2]
-            out["cap_fired_fraction"] = tot[2] / self._stat_rows[2]
-        return out
+        tokens, ffn_steps, key_rows = self._stat_rows
+        spark_n = self.cfg.spark_ffn_dim
+        rn, rw, rl = self._routed_stats
+        return DecodeStats(tokens=tokens, ffn_neurons=tot[0] + rn, ffn_width=ffn_steps * spark_n + rw,
+                           ffn_layers=ffn_steps + rl, keys_kept=tot[1], key_rows=key_rows, cap_fired=tot[2])
 
     # ---- public decode API --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -334,24 +306,12 @@ class CudaDecodeEngine:
     def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
         """Feed the prompt (one decode step per token, exact); return the last logits (fp32, on the device)."""
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-        if ids.numel() == 0:
-            raise ValueError("empty prompt")
-        if self.pos + ids.numel() > self.max_len:
-            raise ValueError(f"prompt of {ids.numel()} tokens at position {self.pos} exceeds the cache size "
-                             f"{self.max_len}")
+        self._check_room(ids.numel())
         dev_ids = ids.to(self.device)
         for i in range(ids.numel()):
             self.tok.copy_(dev_ids[i:i + 1])
             self._run_step()
         return self.logits.clone()
-
-    def generate(self, prompt: torch.Tensor | list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
-        """Yield new token ids one at a time (streaming), as ``DecodeEngine.generate``."""
-        from sparkformer.engine import generate_tokens
-
-        return generate_tokens(self, prompt, max_new_tokens, temperature, top_p, eos_token_id, generator, stop)
 
     # ---- benchmarking helpers -----------------------------------------------------------------------------------
     def fill_cache_random(self, context: int, seed: int = 0) -> None:
@@ -381,3 +341,59 @@ class CudaDecodeEngine:
         if name not in self._components:
             self._components[name] = self._capture(fn)
         return self._components[name].replay
+
+    def component_times(self, context: int, tokens: int) -> dict[str, float]:
+        """Seconds per token of each component, each its own graph over all layers (CUDA events); ``attn_proj`` is
+        the rest of the step (q/k/v/o GEMVs, RoPE and cache write, norms)."""
+        self.set_position(context)
+        self.decode_greedy(1)  # buffers hold a real step's intermediates
+        self.set_position(context)
+        self.synchronize()
+        out = {}
+        for name in ("attention", "ffn", "lm_head", "step"):
+            fn = self.component_graph(name)
+            fn()
+            if name == "step":
+                self.set_position(context)
+            out[name] = _time_calls(fn, tokens)
+            self.set_position(context)
+        out["attn_proj"] = max(0.0, out.pop("step") - out["attention"] - out["ffn"] - out["lm_head"])
+        return out
+
+    def bench_extras(self) -> dict:
+        """The Spark FFN launch shape the tuner picked and a full-size check of it against the fp32 reference."""
+        if self.ffn_plan is None:
+            return {}
+        pick = {k: getattr(self.ffn_plan, k) for k in ("fuse_out", "block_n", "block_k", "block_c", "sub", "block_s",
+                                                       "splits", "warps")}
+        pick["ms"] = getattr(self.ffn_plan, "pick_ms", None)
+        st = next(s for s in self.layers if s.ffn_kind == "spark")
+        x = torch.randn(self.cfg.d_model, device=self.device).to(self.dtype)
+        y = self.ffn_plan.run(x, *st.ffn).clone()
+        n = int(self.ffn_plan.cnt[0])
+        y_ref, n_ref = spark_ffn_decode_reference(x, *st.ffn, self.cfg.spark_ffn_fraction)
+        err = float((y - y_ref.float()).norm() / y_ref.float().norm())
+        return {"spark_ffn_plan": pick, "ffn_full_shape_check": {"rel_err": err, "selected": n,
+                                                                 "selected_ref": int(n_ref)}}
+
+
+def _time_calls(fn: Callable[[], object], n: int) -> float:
+    """Seconds per call of fn over n back-to-back calls (CUDA events)."""
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for _ in range(n):
+        fn()
+    t1.record()
+    torch.cuda.synchronize()
+    return t0.elapsed_time(t1) * 1e-3 / n
+
+
+def copy_bandwidth(n_bytes: int = 2 << 30, reps: int = 10) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus written (the practical ceiling)."""
+    a = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = _time_calls(functools.partial(b.copy_, a), reps)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / t / 1e9

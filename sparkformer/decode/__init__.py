@@ -1,0 +1,95 @@
+"""Batch-1 decoding: one engine protocol, one model -> decode-layout conversion, a CPU and a CUDA engine.
+
+    from sparkformer.decode import make_engine
+    engine = make_engine(model, dtype="bf16", device="cpu", routers=None)     # model: a SparkLM
+    for tok in engine.generate(ids, max_new_tokens=64, temperature=0.8, top_p=0.95): ...
+
+| module | what it is |
+|---|---|
+| ``protocol`` | ``Engine`` (prefill, step, generate, decode_greedy, reset, set_position, fill_cache_random, stats, ...), ``DecodeStats``, the sampling loop |
+| ``layout`` | ``model_layout`` / ``random_layout``: the one conversion to decode layout (``ModelLayout``, ``DecodeLayer``) |
+| ``routed`` | routed (sparkified) FFN layers: the router protocol, attach, decode |
+| ``cpu`` | ``CpuEngine``: fused C++ kernels (``sparkformer.ops``), sparse Spark prefill |
+| ``cuda`` | ``CudaEngine``: Triton kernels, one CUDA graph per token (imported only for ``device="cuda"``) |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparkformer.config import ModelConfig
+from sparkformer.decode.cpu import IMPLS, CpuEngine
+from sparkformer.decode.layout import DecodeLayer, ModelLayout, model_layout, random_layout
+from sparkformer.decode.protocol import DecodeStats, Engine, generate_tokens, resolve_dtype, stop_on_strings
+
+DEVICE_OPTIONS = {"cpu": ("impl",), "cuda": ("graph", "track_stats")}
+
+
+def _device_type(device: str | torch.device) -> str:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind not in DEVICE_OPTIONS:
+        raise ValueError(f"no decode engine for device {device!r}; use cpu, cuda or cuda:N")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} needs a CUDA GPU, and none is visible; use device='cpu'")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise ValueError("the CUDA engine needs triton: pip install 'sparkformer[gpu]'") from None
+    return kind
+
+
+def _check_options(kind: str, options: dict) -> dict:
+    """Every option is passed on to the engine that uses it, or refused: nothing is silently dropped."""
+    given = {k: v for k, v in options.items() if v is not None}
+    wrong = sorted(set(given) - set(DEVICE_OPTIONS[kind]))
+    if wrong:
+        other = {k for dev, keys in DEVICE_OPTIONS.items() if dev != kind for k in keys}
+        raise ValueError(f"option(s) {wrong} do not apply to the {kind} engine"
+                         + (f" (they are for another device's engine)" if set(wrong) <= other else "")
+                         + f"; the {kind} engine takes: {', '.join(DEVICE_OPTIONS[kind])}")
+    return given
+
+
+def _build(layout: ModelLayout, max_len: int | None, kind: str, device, options: dict) -> Engine:
+    if kind == "cuda":
+        from sparkformer.decode.cuda import CudaEngine  # lazy: CPU-only installs never import triton
+
+        return CudaEngine(layout, max_len, device=device, **options)
+    return CpuEngine(layout, max_len, **options)
+
+
+def make_engine(model, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
+                device: str | torch.device = "cpu", routers=None, *, impl: str | None = None,
+                graph: bool | None = None, track_stats: bool | None = None) -> Engine:
+    """The decode engine for ``model`` (a ``SparkLM``) on ``device``: ``CpuEngine`` on CPU, ``CudaEngine`` (Triton
+    kernels + CUDA graphs) on CUDA, both behind the ``Engine`` protocol.
+
+    ``routers``: per-layer routers for dense gated FFN layers (see ``sparkformer.decode.routed``), on every device.
+    Device options: ``impl`` (CPU: auto | ext | torch | reference), ``graph`` and ``track_stats`` (CUDA). An option
+    the chosen engine does not take is refused, never ignored."""
+    kind = _device_type(device)
+    options = _check_options(kind, {"impl": impl, "graph": graph, "track_stats": track_stats})
+    layout = model_layout(model, resolve_dtype(dtype), routers)
+    return _build(layout, max_len, kind, device, options)
+
+
+def make_random_engine(cfg: ModelConfig, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
+                       device: str | torch.device = "cpu", seed: int = 0, share: Engine | None = None, *,
+                       impl: str | None = None, graph: bool | None = None,
+                       track_stats: bool | None = None) -> Engine:
+    """An engine over full-size random weights made directly in decode layout on the device (speed benchmarks).
+    ``share``: reuse that engine's embedding / LM head and attention projections (same shapes)."""
+    kind = _device_type(device)
+    options = _check_options(kind, {"impl": impl, "graph": graph, "track_stats": track_stats})
+    shared = None if share is None else ModelLayout(share.cfg, share.embed, share.head, share.final_norm,
+                                                    share.layers)
+    layout = random_layout(cfg, resolve_dtype(dtype), seed, shared, device)
+    return _build(layout, max_len, kind, device, options)
+
+
+__all__ = ["CpuEngine", "DecodeLayer", "DecodeStats", "Engine", "IMPLS", "ModelLayout", "generate_tokens",
+           "make_engine", "make_random_engine", "model_layout", "random_layout", "resolve_dtype", "stop_on_strings"]

@@ -1,0 +1,299 @@
+"""The CPU decode engine: batch-1 prefill + per-token decode over the decode layout, with fused C++ kernels.
+
+    engine = make_engine(model, dtype="bf16")                  # or CpuEngine(random_layout(cfg, ...)) for speed
+    for tok in engine.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.95): ...
+
+Caches, chosen at build time so that every read streams: dense layers cache K blocked (KV, L/64, hd, 64) and V
+row-major; Spark layers cache the predictor half of the keys blocked feature-major (KV, L/64, r, 64) and each key's
+other half next to its value in one (KV, L, hd-r+hd) buffer, so the predictor over all keys is one forward stream and
+each kept key costs one contiguous read (``ops.spark_attn_decode`` explains). Weights: ``sparkformer.decode.layout``.
+
+Dense and Spark models run here with the same kernel machinery (``sparkformer.ops``: fused C++ ops when the
+extension builds, fast pure-torch otherwise), the same threads and dtype: the dense model is an honest competitor.
+Prefill: dense layers in the training form (GEMMs, chunked attention); with the C++ extension, Spark layers sparse
+with the decode selections (``spark_ffn_prefill``; Spark attention as decode steps over the written cache).
+
+Memory pages matter for batch-1 decode: with PyTorch's large tensors on transparent huge pages a core streams ~30%
+more bytes per second on the machines we measured. The ``sparkformer`` CLI sets ``THP_MEM_ALLOC_ENABLE=1`` for this;
+from Python, set it in the environment before the process allocates its first large tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparkformer.decode.layout import ModelLayout
+from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
+from sparkformer.decode.routed import routed_ffn_decode, routed_prefill_mask
+from sparkformer.model import ACTIVATIONS, apply_rope, gelu_tanh, rope_tables, softcap
+from sparkformer.ops import _extension
+from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
+from sparkformer.ops.dense_decode import dense_attn_decode, dense_cache_keys, dense_cache_write, geglu_decode, matvec, \
+    new_dense_cache
+from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_attn_decode, spark_cache_write
+from sparkformer.ops.spark_ffn_decode import spark_ffn_decode
+from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill
+from sparkformer.ops.stat_topk import stat_threshold, stat_topk
+
+IMPLS = ("auto", "ext", "torch", "reference")
+
+
+class CpuEngine(Engine):
+    """Batch-1 prefill + decode on CPU; see the module docstring. ``impl``: auto (C++ when it builds), ext, torch or
+    reference (the plain-PyTorch references of the fused kernels)."""
+
+    def __init__(self, layout: ModelLayout, max_len: int | None = None, impl: str = "auto"):
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
+        cfg = layout.cfg
+        self.cfg, self.embed, self.head, self.layers = cfg, layout.embed, layout.head, layout.layers
+        self.final_norm = layout.final_norm
+        # the fused kernels implement gelu_tanh; other activations run the pure-torch decode path below
+        self._act = None if cfg.ffn_activation == "gelu_tanh" else ACTIVATIONS[cfg.ffn_activation]
+        self.dtype = layout.dtype
+        self.max_len = check_max_len(cfg, max_len)
+        self.impl = impl
+        self.pos = 0
+        self._stats = DecodeStats()
+        self.timers: dict[str, float] | None = None  # per-component seconds when profiling is on
+        hd = cfg.head_dim
+        self._rope = {}
+        for dim in {hd, cfg.spark_attn_rank, hd - cfg.spark_attn_rank}:
+            cos, sin = rope_tables(dim, 0, self.max_len, cfg.rope_theta)
+            self._rope[dim] = (cos.contiguous(), sin.contiguous())
+        # decode RoPE in three ops on q and k together: x * cos + x[perm] * sin_signed, with the rotate-half
+        # permutation and its signs folded into full-width tables (Spark layers: one rotary space per half)
+        self._rope_step = {split: self._rope_step_tables(split) for split in (None, cfg.spark_attn_rank)}
+        self._embed_scale = torch.tensor(math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0, dtype=self.dtype).float()
+        self._post = cfg.post_norms
+        self._alloc_cache()
+
+    def _alloc_cache(self) -> None:
+        cfg, L, dt = self.cfg, self.max_len, self.dtype
+        KV, hd, r = cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+        for st in self.layers:
+            if st.attn_kind == "spark":
+                st.cache = new_spark_cache(KV, L, hd, r, dtype=dt)
+            else:
+                st.cache = new_dense_cache(KV, L, hd, dtype=dt)
+
+    @property
+    def stats(self) -> DecodeStats:
+        return self._stats
+
+    def _reset_stats(self) -> None:
+        self._stats = DecodeStats()
+
+    def fill_cache_random(self, context: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for st in self.layers:
+            for t in st.cache:
+                t.normal_(0.0, 1.0, generator=g)
+        self.set_position(context)
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # w is (1 + weight) for Gemma-style norms, precomputed; one fused op instead of five
+        return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
+
+    def _rope_step_tables(self, split: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hd = self.cfg.head_dim
+        parts = [(0, hd)] if split is None else [(0, split), (split, hd)]
+        cos, sin, perm = [], [], []
+        for a, b in parts:
+            c, s_ = self._rope[b - a]
+            half = (b - a) // 2
+            sign = torch.cat([-torch.ones(half), torch.ones(half)])
+            cos.append(c)
+            sin.append(s_ * sign)
+            perm.append(torch.cat([torch.arange(a + half, b), torch.arange(a, a + half)]))
+        return torch.cat(cos, -1).contiguous(), torch.cat(sin, -1).contiguous(), torch.cat(perm)
+
+    def _rope_qk(self, qk: torch.Tensor, pos: int, split: int | None) -> torch.Tensor:
+        """RoPE of the stacked q and k heads (H + KV, hd) at one position: ``model.apply_rope`` on the whole head
+        (dense) or on each half in its own rotary space (Spark), as the training form does."""
+        cos, sin, perm = self._rope_step[split]
+        return qk * cos[pos] + qk.index_select(-1, perm) * sin[pos]
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token at the current position; return the next-token logits (vocab,) in fp32."""
+        cfg = self.cfg
+        pos = self.pos
+        if pos >= self.max_len:
+            raise ValueError(f"context full: position {pos} >= cache size {self.max_len}; build the engine with a "
+                             "larger max_len or reset()")
+        token = int(token)
+        H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+        impl, prof = self.impl, self.timers is not None
+        t = time.perf_counter() if prof else 0.0
+        h = self.embed[token].float() * self._embed_scale
+        for st in self.layers:
+            xn = self._rms(h, st.norms[0])
+            qkv = matvec(st.w_qkv, xn, impl=impl)
+            qk = self._rope_qk(qkv[: (H + KV) * hd].view(H + KV, hd), pos, r if st.attn_kind == "spark" else None)
+            q, k = qk[:H], qk[H:]
+            v = qkv[(H + KV) * hd:].view(KV, hd)
+            c = st.cache
+            if st.attn_kind == "spark":
+                spark_cache_write(c, pos, k, v)
+                if prof:
+                    t = self._tick("attn_proj", t)
+                out, kept, capped = spark_attn_decode(q, c.kp, c.kr, c.v, pos + 1, cfg.spark_attn_topk,
+                                                      cfg.attn_scale, st.window, cfg.attn_logit_softcap, impl=impl)
+                self._stats.keys_kept += int(kept.sum())
+                self._stats.key_rows += H
+                self._stats.cap_fired += int(capped.sum())
+            else:
+                dense_cache_write(c, pos, k, v)
+                if prof:
+                    t = self._tick("attn_proj", t)
+                out = dense_attn_decode(q, c.k, c.v, pos + 1, cfg.attn_scale, st.window,
+                                        cfg.attn_logit_softcap, impl=impl)
+            if prof:
+                t = self._tick("attention", t)
+            o = matvec(st.w_o, out.reshape(-1).float(), impl=impl)
+            h = h + (self._rms(o, st.norms[1]) if self._post else o)
+            xn = self._rms(h, st.norms[2])
+            if prof:
+                t = self._tick("attn_proj", t)
+            if st.ffn_kind == "spark":
+                if self._act is None:
+                    y, n_sel = spark_ffn_decode(xn, *st.ffn, cfg.spark_ffn_fraction, impl=impl)
+                else:
+                    y, n_sel = _spark_ffn_decode_act(xn, *st.ffn, cfg.spark_ffn_fraction, self._act)
+                self._count_ffn(int(n_sel), st.ffn.k1.shape[0])
+            elif st.ffn_kind == "routed":
+                y, n_sel = routed_ffn_decode(st.routed, xn, ACTIVATIONS[cfg.ffn_activation], self.dtype, self._mv)
+                self._count_ffn(n_sel, st.routed.gate_up.shape[0])
+            elif self._act is None:
+                y = geglu_decode(xn, *st.ffn, impl=impl)
+            else:
+                y = _gated_ffn_decode_torch(xn, *st.ffn, self._act)
+            if prof:
+                t = self._tick("ffn", t)
+            y = y.float()
+            h = h + (self._rms(y, st.norms[3]) if self._post else y)
+        logits = matvec(self.head, self._rms(h, self.final_norm), impl=impl).float()
+        logits = softcap(logits, cfg.final_logit_softcap)
+        if prof:
+            self._tick("lm_head", t)
+        self.pos = pos + 1
+        self._stats.tokens += 1
+        return logits
+
+    # ---- prefill ------------------------------------------------------------------------------------------------
+    def _sparse_prefill(self) -> bool:
+        """Spark layers prefill in the sparse form (C++ ops) unless the pure-torch or reference path was asked for."""
+        return self.impl in ("auto", "ext") and _extension.available()
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """Run the prompt in one batch, fill the cache; return the last logits (fp32). Dense layers run in the
+        training form (chunked attention, GEMMs). With the C++ extension, Spark layers run sparse with the same
+        per-token selections as decode: Spark FFN by ``spark_ffn_prefill`` (predictor GEMM, then only the selected
+        neurons), Spark attention as decode steps over the written cache; without it, in the training form."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        T = ids.numel()
+        self._check_room(T)
+        cfg, pos0 = self.cfg, self.pos
+        H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+        dt = self.dtype
+        act = self._act or gelu_tanh
+        sparse = self._sparse_prefill()
+        x = self.embed[ids].float() * self._embed_scale  # (T, d), residual stream in fp32
+        for st in self.layers:
+            xn = self._rms(x, st.norms[0]).to(dt)
+            qkv = (xn @ st.w_qkv.t()).float()
+            q = qkv[:, : H * hd].view(T, H, hd).transpose(0, 1)
+            k = qkv[:, H * hd: (H + KV) * hd].view(T, KV, hd).transpose(0, 1)
+            v = qkv[:, (H + KV) * hd:].view(T, KV, hd).transpose(0, 1)
+            split = r if st.attn_kind == "spark" else None
+            q = self._rope_rows(q, pos0, split)
+            k = self._rope_rows(k, pos0, split)
+            c = st.cache
+            if st.attn_kind == "spark" and sparse:  # T decode steps of the C++ op over the written cache
+                spark_cache_write(c, pos0, k.to(dt), v.to(dt))
+                out, _, _ = spark_prefill_attention(q, c, pos0, topk=cfg.spark_attn_topk, scale=cfg.attn_scale,
+                                                    window=st.window, cap=cfg.attn_logit_softcap, impl="ext")
+            else:
+                if st.attn_kind == "spark":
+                    spark_cache_write(c, pos0, k.to(dt), v.to(dt))
+                    kk = torch.cat([read_key_rows(c.kp, pos0 + T), c.kr[:, : pos0 + T]], -1).float()
+                else:
+                    dense_cache_write(c, pos0, k.to(dt), v.to(dt))
+                    kk = dense_cache_keys(c, pos0 + T).float()
+                vv = c.v[:, : pos0 + T].float()
+                out, _ = prefill_attention(q, kk, vv, pos0, kind=st.attn_kind, scale=cfg.attn_scale,
+                                           window=st.window, cap=cfg.attn_logit_softcap, rank=r,
+                                           topk=cfg.spark_attn_topk)
+            out = out.transpose(0, 1).reshape(T, H * hd)
+            o = (out.to(dt) @ st.w_o.t()).float()
+            x = x + (self._rms(o, st.norms[1]) if self._post else o)
+            xn = self._rms(x, st.norms[2]).to(dt)
+            if st.ffn_kind == "spark" and self._act is None and sparse:
+                # sparse form: the predictor GEMM, then only the selected neurons' K2/V rows (C++ op)
+                y, n_sel = spark_ffn_prefill(xn, *st.ffn, cfg.spark_ffn_fraction, impl="ext")
+                self._stats.prefill_ffn_neurons += int(n_sel.sum())
+                self._stats.prefill_ffn_rows += T
+            elif st.ffn_kind == "spark":
+                k1, k2, vw = st.ffn
+                a = act(stat_topk((xn[:, : k1.shape[1]] @ k1.t()).float(), cfg.spark_ffn_fraction))
+                y = ((a * (xn[:, k1.shape[1]:] @ k2.t()).float()).to(dt) @ vw).float()
+            else:
+                wg, wu, wd_t = st.ffn
+                a = act((xn @ wg.t()).float()) * (xn @ wu.t()).float()
+                if st.routed is not None:  # the same per-token selection as decode
+                    a = a * routed_prefill_mask(st.routed, xn)
+                y = (a.to(dt) @ wd_t).float()
+            x = x + (self._rms(y, st.norms[3]) if self._post else y)
+        self.pos = pos0 + T
+        last = self._rms(x[-1], self.final_norm)
+        return softcap(matvec(self.head, last, impl=self.impl).float(), cfg.final_logit_softcap)
+
+    def _mv(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return matvec(w, x, impl=self.impl)
+
+    def _count_ffn(self, n_sel: int, width: int) -> None:
+        s = self._stats
+        s.ffn_neurons += n_sel
+        s.ffn_width += width
+        s.ffn_layers += 1
+
+    def _rope_rows(self, x: torch.Tensor, pos0: int, split: int | None) -> torch.Tensor:
+        T = x.shape[-2]
+        if split is None:
+            cos, sin = self._rope[x.shape[-1]]
+            return apply_rope(x, cos[pos0: pos0 + T], sin[pos0: pos0 + T])
+        a, b = x[..., :split], x[..., split:]
+        (ca, sa), (cb, sb) = self._rope[a.shape[-1]], self._rope[b.shape[-1]]
+        return torch.cat([apply_rope(a, ca[pos0: pos0 + T], sa[pos0: pos0 + T]),
+                          apply_rope(b, cb[pos0: pos0 + T], sb[pos0: pos0 + T])], -1)
+
+
+def _gated_ffn_decode_torch(x, wg, wu, wd_t, act):
+    """Dense gated FFN decode in torch ops, for activations the fused kernel does not implement; gate and up are one
+    matvec when their rows are adjacent in memory (``pack_geglu``'s layout)."""
+    m = wg.shape[0]
+    x = x.to(wg.dtype)
+    if wu.data_ptr() == wg.data_ptr() + wg.numel() * wg.element_size() and wg.is_contiguous() and wu.is_contiguous():
+        gu = torch.mv(wg.as_strided((2 * m, wg.shape[1]), (wg.shape[1], 1)), x).float()
+        g, u = gu[:m], gu[m:]
+    else:
+        g, u = torch.mv(wg, x).float(), torch.mv(wu, x).float()
+    return (act(g) * u).to(wd_t.dtype) @ wd_t
+
+
+def _spark_ffn_decode_act(x, k1, k2, v, fraction, act):
+    """Spark FFN decode for activations the fused kernel does not implement (pure torch, same selection)."""
+    r = k1.shape[1]
+    s = torch.mv(k1, x[:r].to(k1.dtype)).float()
+    theta = stat_threshold(s, fraction)
+    idx = torch.nonzero(s > theta).squeeze(1)
+    h = act(s.index_select(0, idx) - theta) * torch.mv(k2.index_select(0, idx), x[r:].to(k2.dtype)).float()
+    return h.to(v.dtype) @ v.index_select(0, idx), idx.numel()

@@ -1,0 +1,137 @@
+"""The one conversion from a model to the decode layout, shared by every engine.
+
+    layout = model_layout(model, torch.bfloat16, routers=None)     # a SparkLM's weights, copied and re-laid out
+    layout = random_layout(cfg, torch.bfloat16, seed=0)            # full-size random weights made in that layout
+
+Layout, chosen so that every per-token read streams:
+- attention: q/k/v projections fused into one (H*hd + 2*KV*hd, d) matrix; o (d, H*hd).
+- norms: one (4, d) fp32 tensor per layer holding the multipliers (1 + w for Gemma-style norms) of the input,
+  post-attention, pre-FFN and post-FFN norms.
+- Spark FFN: K1 (d_ff, r) contiguous; each neuron's K2 row and V row adjacent in one buffer (``SparkFFNWeights``).
+- GeGLU FFN: [W_gate; W_up; W_down^T] in one (3, m, d) buffer (``GegluWeights``), read as a few long streams.
+- Routed FFN (a dense gated FFN with a router choosing its neurons per token, ``routers=``): each neuron's gate and
+  up rows side by side (m, 2, d) and W_down^T (m, d), so the kept neurons are one gather each (``decode.routed``).
+
+Engines take a ``ModelLayout`` and may re-pack what their kernels need (the CUDA engine keeps K2 and V as two
+contiguous matrices); nothing else reads the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparkformer.config import ModelConfig
+from sparkformer.decode.routed import RoutedFFN, attach_router
+from sparkformer.model import SparkLM
+from sparkformer.ops.dense_decode import GegluWeights, pack_geglu
+from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn
+
+FFN_KINDS = ("geglu", "spark")
+
+
+@dataclass
+class DecodeLayer:
+    """One layer's decode weights (the cache is the engine's)."""
+
+    attn_kind: str  # "dense" | "spark"
+    ffn_kind: str  # "geglu" | "spark" | "routed"
+    window: int | None
+    w_qkv: torch.Tensor
+    w_o: torch.Tensor
+    norms: torch.Tensor  # (4, d) fp32
+    ffn: tuple  # SparkFFNWeights (k1, k2, v) or GegluWeights (w_gate, w_up, w_down_t)
+    routed: RoutedFFN | None = None  # ffn_kind "routed": the router and the gathered layout
+    cache: tuple = field(default=())  # filled by the engine
+
+
+@dataclass
+class ModelLayout:
+    cfg: ModelConfig
+    embed: torch.Tensor  # (vocab, d)
+    head: torch.Tensor  # (vocab, d); the embedding itself when tied
+    final_norm: torch.Tensor  # (d,) fp32 multiplier
+    layers: list[DecodeLayer]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+
+def _norm_scale(norm, d: int) -> torch.Tensor:
+    return norm.scale() if hasattr(norm, "scale") else torch.ones(d)  # nn.Identity: no post norms
+
+
+def model_layout(model: SparkLM, dtype: torch.dtype, routers=None) -> ModelLayout:
+    """Copy a ``SparkLM``'s weights into decode layout (the model can be freed afterwards).
+
+    ``routers``: optional per-layer router (or None) for dense gated FFN layers, e.g. the predictors of
+    ``sparkformer bricks sparkify``: those layers run only the neurons their router selects per token."""
+    if not isinstance(model, SparkLM):
+        raise TypeError(f"the decode layout is made from a SparkLM, got {type(model).__name__} (for a transformers "
+                        "SparkForCausalLM pass its .model; for other HF models use sparkformer.loading.load_model)")
+    cfg = model.config
+    bad = sorted({cfg.ffn_kind(i) for i in range(cfg.n_layers)} - set(FFN_KINDS))
+    if bad:
+        raise ValueError(f"the decode engines support ffn kinds {', '.join(FFN_KINDS)}, not {bad} "
+                         "(use SparkLM.generate)")
+    routers = list(routers) if routers is not None else [None] * cfg.n_layers
+    if len(routers) != cfg.n_layers:
+        raise ValueError(f"got {len(routers)} routers for a {cfg.n_layers}-layer model (one per layer, None = dense)")
+    d = cfg.d_model
+    layers = []
+    with torch.no_grad():
+        for i, blk in enumerate(model.layers):
+            a, f = blk.attn, blk.ffn
+            w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype).contiguous()
+            norms = torch.stack([_norm_scale(n, d) for n in
+                                 (blk.input_norm, blk.post_attn_norm, blk.pre_ffn_norm, blk.post_ffn_norm)]).float()
+            if f.kind == "spark":
+                ffn = prepare_spark_ffn(torch.cat([f.predictor.weight, f.up_proj.weight], 1),
+                                        f.down_proj.weight.t(), f.rank, dtype)
+            else:
+                ffn = pack_geglu(f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight, dtype)
+            layer = DecodeLayer(a.kind, f.kind, cfg.window(i), w_qkv, a.o_proj.weight.to(dtype).contiguous(), norms,
+                                ffn)
+            if routers[i] is not None:
+                attach_router(layer, routers[i], f.gate_proj.weight, f.up_proj.weight, i, dtype)
+            layers.append(layer)
+        embed = model.embed.weight.to(dtype).contiguous()
+        head = embed if model.lm_head is None else model.lm_head.weight.to(dtype).contiguous()
+        return ModelLayout(cfg, embed, head, model.final_norm.scale().float(), layers)
+
+
+def random_layout(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, share: ModelLayout | None = None,
+                  device: str | torch.device = "cpu") -> ModelLayout:
+    """Full-size random weights made directly in decode layout, on ``device`` (speed benchmarks: speed does not
+    depend on training, the statistical threshold enforces the sparsity). ``share``: reuse that layout's embedding /
+    LM head and attention projections (same shapes), so two full-size models fit in memory side by side."""
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    d, H, KV, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def rnd(*shape):
+        return torch.empty(*shape, dtype=dtype, device=dev).normal_(0.0, cfg.init_std, generator=g)
+
+    layers = []
+    for i in range(cfg.n_layers):
+        if cfg.ffn_kind(i) == "spark":
+            n, r = cfg.spark_ffn_dim, cfg.spark_ffn_rank
+            k1 = rnd(n, r)
+            packed = rnd(n, 2 * d - r)  # prepare_spark_ffn's layout: K2 row then V row
+            ffn = SparkFFNWeights(k1, packed[:, : d - r], packed[:, d - r:])
+        elif cfg.ffn_kind(i) == "geglu":
+            packed = rnd(3, cfg.ffn_dim, d)  # pack_geglu's layout
+            ffn = GegluWeights(packed[0], packed[1], packed[2])
+        else:
+            raise ValueError(f"layer {i}: the decode engines support ffn kinds {', '.join(FFN_KINDS)}, "
+                             f"not {cfg.ffn_kind(i)!r}")
+        if share is not None:
+            w_qkv, w_o = share.layers[i].w_qkv, share.layers[i].w_o
+        else:
+            w_qkv, w_o = rnd((H + 2 * KV) * hd, d), rnd(d, H * hd)
+        layers.append(DecodeLayer(cfg.attention_kind(i), cfg.ffn_kind(i), cfg.window(i), w_qkv, w_o,
+                                  torch.ones(4, d, device=dev), ffn))
+    embed = share.embed if share is not None else rnd(cfg.vocab_size, d)
+    return ModelLayout(cfg, embed, embed, torch.ones(d, device=dev), layers)

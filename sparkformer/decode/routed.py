@@ -1,0 +1,69 @@
+"""Routed FFN layers in the decode engines: a pretrained dense gated FFN whose neurons a router picks per token.
+
+A router is any object with ``n_neurons``, ``to(dtype)``, ``eval()``, ``neuron_mask(x) -> (T, n) bool`` and, where
+it has a cheap decode form, ``decode_form(dtype) -> (A, B, n, z, act) | None``: scores ``act(y[:n]) * y[n:]`` with
+``y = B (A x)``, neurons kept where ``|score| > mean + std * z`` (``sparkformer.bricks.routing.LowRankPredictor``, the
+predictor of ``bricks sparkify``). The engines depend only on this protocol, not on the bricks package.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class RoutedFFN:
+    router: Any  # the router, copied into the engine's dtype
+    gate_up: torch.Tensor  # (m, 2, d): each neuron's gate and up rows side by side
+    w_down_t: torch.Tensor  # (m, d)
+    fast: tuple | None  # router.decode_form(dtype): (A, B, n, z, act) or None
+
+    def to(self, device: torch.device) -> "RoutedFFN":
+        fast = None if self.fast is None else (self.fast[0].to(device), self.fast[1].to(device), *self.fast[2:])
+        return RoutedFFN(self.router.to(device), self.gate_up.to(device), self.w_down_t.to(device), fast)
+
+
+def attach_router(layer, router, w_gate: torch.Tensor, w_up: torch.Tensor, index: int, dtype: torch.dtype) -> None:
+    """Make decode layer ``layer`` (a dense gated FFN) a routed one driven by a copy of ``router``."""
+    if layer.ffn_kind != "geglu":
+        raise ValueError(f"layer {index}: routers apply to dense gated FFN layers, this one is {layer.ffn_kind!r}")
+    n = w_gate.shape[0]
+    if getattr(router, "n_neurons", None) != n:
+        raise ValueError(f"layer {index}: router is for {getattr(router, 'n_neurons', '?')} neurons, the FFN has {n}; "
+                         "were the routers made for another model?")
+    r = copy.deepcopy(router).to(dtype).eval()
+    form = r.decode_form(dtype) if hasattr(r, "decode_form") else None
+    gate_up = torch.stack([w_gate, w_up], 1).to(dtype).contiguous()
+    layer.routed = RoutedFFN(r, gate_up, layer.ffn[2], form)
+    layer.ffn_kind = "routed"
+
+
+def routed_neurons(rf: RoutedFFN, x: torch.Tensor, mv: Callable) -> torch.Tensor:
+    """Indices of the neurons ``rf``'s router keeps for one token ``x`` (d,) in the engine's dtype."""
+    if rf.fast is not None:  # a low-rank predictor with statistical selection: its scores and threshold in a few ops
+        A, B, n, z, score_act = rf.fast
+        y = mv(B, mv(A, x).to(x.dtype)).float()
+        s = (score_act(y[:n]) * y[n:]).abs_()
+        var, mean = torch.var_mean(s, correction=0)
+        return (s > mean + var.sqrt() * z).nonzero().squeeze(1)
+    return rf.router.neuron_mask(x[None])[0].nonzero().squeeze(1)
+
+
+def routed_ffn_decode(rf: RoutedFFN, xn: torch.Tensor, act: Callable, dtype: torch.dtype,
+                      mv: Callable) -> tuple[torch.Tensor, int]:
+    """Gated FFN over the neurons the router keeps for this token: one gather of their gate/up rows, one of their
+    W_down columns. Returns (y (d,) in ``dtype``, neurons run)."""
+    x = xn.to(dtype)
+    idx = routed_neurons(rf, x, mv)
+    gu = (rf.gate_up.index_select(0, idx).view(-1, x.numel()) @ x).float().view(-1, 2)
+    h = act(gu[:, 0]) * gu[:, 1]
+    return h.to(dtype) @ rf.w_down_t.index_select(0, idx), idx.numel()
+
+
+def routed_prefill_mask(rf: RoutedFFN, xn: torch.Tensor) -> torch.Tensor:
+    """(T, m) mask of the neurons kept per prompt token: the same selections as decode."""
+    return rf.router.neuron_mask(xn)
