@@ -42,7 +42,8 @@ def generate_text(model: str, prompt: str, max_new_tokens: int = 100, temperatur
     n_new = min(max_new_tokens, ctx - len(ids))
     engine = make_engine(loaded.model.eval(), dtype, len(ids) + n_new, device, loaded.routers,
                          impl=impl)
-    del loaded.model
+    about = describe(loaded)
+    loaded.model = None  # the engine holds its own copy of the weights
     gen = torch.Generator().manual_seed(seed)
     stop_fn = stop_on_strings(tok.decode, stop) if stop else None
     out: list[int] = []
@@ -67,7 +68,7 @@ def generate_text(model: str, prompt: str, max_new_tokens: int = 100, temperatur
     stopped = ("eos" if out and out[-1] == tok.eos_id else "stop" if stop_fn and stop_fn(out)
                else "context_full" if n_new < max_new_tokens and n == n_new else "max_new_tokens")
     return {
-        "model": describe(loaded), "prompt_tokens": len(ids), "new_tokens": n, "text": text, "stopped": stopped,
+        "model": about, "prompt_tokens": len(ids), "new_tokens": n, "text": text, "stopped": stopped,
         "prefill_s": (t_first or t1) - t0,
         "decode_tokens_per_s": (n - 1) / (t1 - t_first) if n > 1 and t_first else None,
         "sparsity": engine.stats.summary(), "dtype": dtype, "device": device,

@@ -23,11 +23,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+_EXT_REQUIRED_ERROR: list[str] = []  # why the extension is missing although SPARKFORMER_REQUIRE_EXT is set
+
+
 def _extension_isas() -> list[str]:
     """The kernel instruction sets this CPU can run (empty without the C++ extension)."""
     from sparkformer.ops import _extension
 
-    if not _extension.available():
+    try:
+        if not _extension.available():
+            return []
+    except _extension.ExtensionUnavailable as e:  # SPARKFORMER_REQUIRE_EXT=1: reported by pytest_sessionstart
+        _EXT_REQUIRED_ERROR.append(str(e))
         return []
     have = []
     for name in ("avx512", "avx2", "scalar"):
@@ -40,12 +47,20 @@ def _extension_isas() -> list[str]:
     return have
 
 
+def pytest_sessionstart(session):
+    """With SPARKFORMER_REQUIRE_EXT=1 (CI) a missing C++ extension fails the run instead of skipping its tests."""
+    if _EXT_REQUIRED_ERROR:
+        pytest.exit(_EXT_REQUIRED_ERROR[0], returncode=1)
+
+
 @pytest.fixture(params=_extension_isas() or ["none"])
 def isa(request):
     """Run a test once per kernel ISA the CPU has (AVX-512, AVX2, scalar), then restore the automatic choice."""
     from sparkformer.ops import _extension
 
     if request.param == "none":
+        if _extension.required() and not _extension.disabled():
+            pytest.fail("C++ extension unavailable although SPARKFORMER_REQUIRE_EXT is set")
         pytest.skip("C++ extension unavailable")
     _extension.set_isa(request.param)
     yield request.param

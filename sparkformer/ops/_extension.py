@@ -9,6 +9,9 @@ build made on another.
 
 If the build fails, or no C++ compiler is present, or ``SPARKFORMER_DISABLE_EXT=1`` is set, ``available()``
 returns False and the ``*_decode`` wrappers use their pure-PyTorch fast path (a warning says so, once).
+With ``SPARKFORMER_REQUIRE_EXT=1`` (CI) a failed or impossible build is an error instead: ``available()`` / ``load()``
+raise ``ExtensionUnavailable`` with the build's message, on every call. An explicit ``SPARKFORMER_DISABLE_EXT=1``
+still disables (deliberate, so not an error).
 
     python -m sparkformer.ops._extension      # build now (or load the cached build) and print what it found
 """
@@ -45,9 +48,22 @@ _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "path": None}
 
 
+class ExtensionUnavailable(RuntimeError):
+    """The C++ extension could not be built or loaded while ``SPARKFORMER_REQUIRE_EXT`` is set."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def disabled() -> bool:
-    """True when ``SPARKFORMER_DISABLE_EXT`` is set to a true value (1/true/yes)."""
-    return os.environ.get("SPARKFORMER_DISABLE_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+    """True when ``SPARKFORMER_DISABLE_EXT`` is set to a true value (1/true/yes/on)."""
+    return _flag("SPARKFORMER_DISABLE_EXT")
+
+
+def required() -> bool:
+    """True when ``SPARKFORMER_REQUIRE_EXT`` is set to a true value: a failed build raises instead of falling back."""
+    return _flag("SPARKFORMER_REQUIRE_EXT")
 
 
 def cpu_flags() -> tuple[str, ...]:
@@ -166,14 +182,30 @@ def _already_registered() -> bool:
         return False
 
 
+def _unavailable() -> ExtensionUnavailable:
+    return ExtensionUnavailable(
+        f"SPARKFORMER_REQUIRE_EXT is set but the C++ decode kernels could not be built or loaded: "
+        f"{_summary(_state['error'])}\n\nFull message:\n{_state['error']}")
+
+
+def _raise_if_required() -> None:
+    if _state["error"] is not None and required():
+        raise _unavailable()
+
+
 def load(verbose: bool = False) -> bool:
     """Build (once, cached) and load the extension. Returns True when the C++ ops are usable.
 
-    The outcome is decided on the first call in a process (``SPARKFORMER_DISABLE_EXT`` is read then)."""
+    The outcome is decided on the first call in a process (``SPARKFORMER_DISABLE_EXT`` is read then). Raises
+    ``ExtensionUnavailable`` instead of returning False when ``SPARKFORMER_REQUIRE_EXT`` is set and the build failed."""
     if _state["tried"]:  # lock-free fast path, also what torch.compile traces
+        if not _state["ok"]:
+            _raise_if_required()
         return _state["ok"]
     with _lock:
         if _state["tried"]:
+            if not _state["ok"]:
+                _raise_if_required()
             return _state["ok"]
         _state["tried"] = True
         if disabled():
@@ -186,8 +218,10 @@ def load(verbose: bool = False) -> bool:
                 _state["path"] = path
                 _register_fakes()
             _state["ok"] = True
-        except Exception as e:  # noqa: BLE001 -- any failure means: use the pure-torch path
+        except Exception as e:  # noqa: BLE001 -- any failure means: use the pure-torch path (unless required)
             _state["error"] = f"{type(e).__name__}: {e}"
+            if required():
+                raise _unavailable() from e
             warnings.warn(
                 "sparkformer: the C++ decode kernels could not be built or loaded "
                 f"({_summary(_state['error'])}); using the slower pure-PyTorch fallback. "
@@ -225,6 +259,7 @@ def info() -> dict:
     return {
         "available": available(),
         "disabled_by_env": disabled(),
+        "required_by_env": required(),
         "isa": isa(),
         "cpu_flags": list(cpu_flags()),
         "path": str(_state["path"]) if _state["path"] else None,

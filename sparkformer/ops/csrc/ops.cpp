@@ -649,6 +649,19 @@ Tensor dense_attn_decode(const Tensor& q, const Tensor& kc, const Tensor& vc, in
 
 double ndtri_op(double p) { return ndtri(p); }
 
+// Test hook: the kernels' threshold over a 1-D fp32 tensor, two-pass (stat_threshold) or one-pass from the sums
+// (threshold_from_sums, the blocked attention path's formula), for comparison with stat_topk.stat_threshold.
+double stat_threshold_op(const Tensor& p, double fraction, bool one_pass) {
+  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.dim() == 1 && p.is_contiguous(),
+              "sparkformer._stat_threshold: p must be a contiguous 1-D float32 CPU tensor");
+  const int64_t n = p.numel();
+  const float* x = p.data_ptr<float>();
+  if (!one_pass || n == 0 || fraction <= 0.0 || fraction >= 1.0) return stat_threshold(x, n, fraction);
+  double s, ss;
+  K()->sum_sumsq(x, n, 0.0, &s, &ss);
+  return threshold_from_sums(s, ss, n, fraction);
+}
+
 
 
 }  // namespace
@@ -670,6 +683,7 @@ TORCH_LIBRARY(sparkformer, m) {
   m.def("matvec(Tensor w, Tensor x) -> Tensor");
   m.def("_set_isa(str name) -> str", &set_isa);  // test hook: pick the kernel ISA ("" reports it)
   m.def("_ndtri(float p) -> float", &ndtri_op);  // test hook: the inverse normal CDF used above
+  m.def("_stat_threshold(Tensor p, float fraction, bool one_pass=False) -> float", &stat_threshold_op);  // test hook
 }
 
 TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
