@@ -6,7 +6,7 @@ Layout (Gemma 2): embeddings * sqrt(d) -> N x [x + post_norm(attn(pre_norm(x)));
 Spark FFN (per token x, split at r):      a = gelu_tanh(stat_topk(K1 x[:r]));  y = V^T (a * K2 x[r:])
 Spark attention (per head, split at r):   w = softmax(stat_topk_inf(q1.k1)) * softplus(q2.k2);  out = w @ v
 Training computes both densely; the zeros come from the statistical top-k mask. The KV-cache path here is the
-reference for incremental decoding; the fast decode engine lives in ``sparkformer.engine``. The attention math
+reference for incremental decoding; the fast decode engines live in ``sparkformer.decode``. The attention math
 (``spark_attention``, ``chunked_attention``), RoPE and the activations are pure functions in ``sparkformer.ops``,
 re-exported here.
 """

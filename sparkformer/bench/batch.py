@@ -23,7 +23,7 @@ import torch
 
 from sparkformer.bench.common import OUT_HELP, env_info, finish, summary
 from sparkformer.config import get_preset
-from sparkformer.engine import resolve_dtype
+from sparkformer.decode import resolve_dtype
 from sparkformer.model import gelu_tanh
 from sparkformer.ops.dense_decode import geglu_decode
 from sparkformer.ops.spark_ffn_decode import spark_ffn_decode, spark_ffn_decode_batch
