@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparkformer.model import attention_mask, dense_attention, spark_attention
+from sparkformer.ops.attention import attention_mask, chunked_attention, dense_attention, spark_attention
 from sparkformer.ops.attn_prefill import prefill_attention
 
 
@@ -43,8 +43,6 @@ def test_prefill_attention_rejects_bad_shapes():
 @pytest.mark.parametrize("window", [None, 5])
 def test_chunked_attention_forward_and_grads_match_full_form(kind, hard_cap, window):
     """The model's training path (batched, chunked, KV-grouped) equals the full form, gradients included."""
-    from sparkformer.model import chunked_attention
-
     g = torch.Generator().manual_seed(1)
     B, H, KV, T, D, r, topk = 2, 4, 2, 11, 8, 4, 3
     q = torch.randn(B, H, T, D, generator=g, requires_grad=True)

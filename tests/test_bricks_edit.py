@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
-from sparkformer.bricks.edit import (EditConfig, Fact, RomeEditor, builtin_facts, correct_facts, edit_metrics,
-                                     finetune_edit, load_facts, next_token, relation_context_texts, run_edits,
-                                     subject_last_index, trace_layers)
+from sparkformer.bricks.capabilities import CapabilitySet, Prompt
+from sparkformer.bricks.edit import EditConfig, RomeEditor, finetune_edit, run_edits
+from sparkformer.bricks.facts import (Fact, builtin_facts, correct_facts, edit_metrics, load_facts, next_token,
+                                      relation_context_texts, subject_last_index)
+from sparkformer.bricks.tracing import trace_layers
 
 transformers = pytest.importorskip("transformers")
 
@@ -184,7 +186,7 @@ def test_bad_inputs_fail_clearly(memoriser):
 
 
 def test_edit_command(memoriser, tmp_path, monkeypatch):
-    from sparkformer.bricks import ops_cli
+    from sparkformer.bricks.cli import main
 
     model, tok = memoriser
 
@@ -192,18 +194,21 @@ def test_edit_command(memoriser, tmp_path, monkeypatch):
         def encode(self, text):  # the default prefixes are English: map unknown words to a filler
             return [self.vocab.get(w, self.vocab["w0"]) for w in text.split()]
 
-    monkeypatch.setattr(ops_cli, "_load", lambda name: (model, Tolerant(), "tiny"))
-    monkeypatch.setattr(ops_cli, "_capability_texts", lambda *a, **k: ({"c": corpus()}, {"c": []}, {}))
+    monkeypatch.setattr("sparkformer.pretrained.load_causal_lm", lambda name, dtype: (model, Tolerant()))
+    monkeypatch.setattr("sparkformer.bricks.capabilities.build_capability_set",
+                        lambda *a, **k: CapabilitySet(["c"], [Prompt(t, "c", "test") for t in corpus()], [], 0))
     path = tmp_path / "facts.jsonl"
     path.write_text("\n".join(json.dumps({"subject": f.subject, "prompt": f.prompt, "target_true": f.target_true,
                                           "target_new": f.target_new, "paraphrases": f.paraphrases})
                               for f in facts()))
-    assert ops_cli.main(["edit", "--model", "tiny", "--facts", str(path), "--layer", "0", "--n-edits", "2",
-                         "--sequential", "2", "--stats-tokens", "1000", "--v-steps", "20", "--ft-steps", "5",
-                         "--out", str(tmp_path / "e")]) == 0
+    assert main(["edit", "--model", "tiny", "--facts", str(path), "--layer", "0", "--n-edits", "2",
+                 "--sequential", "2", "--stats-tokens", "1000", "--v-steps", "20", "--ft-steps", "5",
+                 "--out", str(tmp_path / "e")]) == 0
     res = json.loads((tmp_path / "e" / "results.json").read_text())
     assert res["layer"] == 0 and set(res["methods"]) == {"rome", "ft"}
+    assert res["config"]["v_steps"] == 20 and res["config"]["stats_tokens"] == 1000 and res["model"] == "tiny"
     assert "| rome (one edit at a time, x2) |" in (tmp_path / "e" / "report.md").read_text()
+    assert (tmp_path / "e" / "edit.png").is_file() and "--n-edits 2 --sequential 2" in res["command"]
 
 
 @pytest.mark.real_model
@@ -219,9 +224,9 @@ def test_smollm2_rome_edit_of_a_capital():
     france = next(f for f in right if f.subject == "France")
     france = Fact(france.subject, france.prompt, france.target_true, " Rome", france.paraphrases, "capital")
     others = [f for f in right if f.subject != "France"][:12]
-    from sparkformer.bricks.ops_cli import _capability_texts
+    from sparkformer.bricks.capabilities import capability_set
 
-    corpus_texts = [t for ts in _capability_texts("reference,drama", 12, 1, 128, 0)[0].values() for t in ts]
+    corpus_texts = [t for ts in capability_set("reference,drama", (), 12, 1, 6 * 128, 0).texts().values() for t in ts]
     editor = RomeEditor(model, tok, EditConfig(stats_tokens=4000), corpus_texts + relation_context_texts(fs),
                         model_key="smollm2-135m-test")
     before = next_token(model, tok, [f.text() for f in others])

@@ -7,9 +7,11 @@ import random
 import pytest
 import torch
 
-from sparkformer.bricks.grow import (GrowthConfig, UpcycledMoE, WidenedFFN, bricks_detached, fold_width,
-                                     grow_depth, grow_width, grown_bricks, run_growth, upcycle)
-from sparkformer.bricks.lora import train_parameters
+from sparkformer.bricks.capabilities import CapabilitySet, Prompt
+from sparkformer.bricks.grow import (GrowthConfig, UpcycledMoE, WidenedFFN, bricks_detached, fold_width, grow_depth,
+                                     grow_width, grown_bricks, upcycle)
+from sparkformer.bricks.grow_train import run_growth
+from sparkformer.bricks.lm import train_parameters
 from sparkformer.model import SparkLM
 from tiny_models import tiny_llama as shared_llama
 from tiny_models import tiny_spark as shared_spark
@@ -224,25 +226,28 @@ def test_bad_inputs_fail_clearly():
 def test_grow_command(tmp_path, monkeypatch):
     import json
 
-    from sparkformer.bricks import ops_cli
+    from sparkformer.bricks.cli import main
 
     model = tiny_llama(layers=2)
 
     rng = random.Random(0)
     mk = lambda lo, n: [" ".join(str(rng.randrange(lo, lo + 10)) for _ in range(12)) for _ in range(n)]  # noqa: E731
     train, held = {"new": mk(30, 8), "old": mk(0, 2)}, {"new": mk(30, 2), "old": mk(0, 2)}
-    monkeypatch.setattr(ops_cli, "_load", lambda name: (model, Tok(), "tiny"))
-    monkeypatch.setattr(ops_cli, "_capability_texts", lambda *a, **k: (train, held, {}))
-    assert ops_cli.main(["grow", "--model", "tiny", "--new-capability", "new", "--old-capabilities", "old",
-                         "--steps", "2", "--batch-size", "2", "--seq-len", "12", "--width-neurons", "4",
-                         "--depth-every", "1", "--upcycle-every", "1", "--lr", "full=1e-4",
-                         "--route-encoder", "hidden", "--out", str(tmp_path / "g")]) == 0
+    prompts = lambda d: [Prompt(t, c, "test") for c, ts in d.items() for t in ts]  # noqa: E731
+    monkeypatch.setattr("sparkformer.pretrained.load_causal_lm", lambda name, dtype: (model, Tok()))
+    monkeypatch.setattr("sparkformer.bricks.capabilities.build_capability_set",
+                        lambda *a, **k: CapabilitySet(["new", "old"], prompts(train), prompts(held), 0))
+    assert main(["grow", "--model", "tiny", "--new-capability", "new", "--old-capabilities", "old",
+                 "--steps", "2", "--batch-size", "2", "--seq-len", "12", "--width-neurons", "4",
+                 "--depth-every", "1", "--upcycle-every", "1", "--lr", "full=1e-4",
+                 "--route-encoder", "hidden", "--out", str(tmp_path / "g")]) == 0
     res = json.loads((tmp_path / "g" / "results.json").read_text())
     assert all(r["function_preserving"] for r in res["methods"].values())
     assert res["routing"]["encoder"] == "hidden" and all(r["routed"]["detached_equals_base"]
                                                          for r in res["methods"].values())
     assert "| width | routed |" in (tmp_path / "g" / "report.md").read_text()
     assert res["methods"]["full"]["lr"] == 1e-4 and "--lr full=1e-4" in res["command"]
+    assert res["config"]["steps"] == 2 and res["config"]["lrs"] == {**GrowthConfig().lrs, "full": 1e-4}
     assert (tmp_path / "g" / "grow.png").is_file()
 
 

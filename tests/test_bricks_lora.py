@@ -8,8 +8,11 @@ import random
 import pytest
 import torch
 
-from sparkformer.bricks.lora import (LoRABrick, LoRAConfig, LoRAMixture, load_bricks,
-                                     sequence_nll, tokenizer_fingerprint, train_lora)
+from sparkformer.bricks.capabilities import CapabilitySet, Prompt
+from sparkformer.bricks.lm import sequence_nll
+from sparkformer.bricks.lora import LoRABrick, LoRAConfig, load_bricks, train_lora
+from sparkformer.bricks.retrieval import LoRAMixture
+from sparkformer.bricks.tokens import tokenizer_fingerprint
 from sparkformer.model import SparkLM
 from tiny_models import tiny_llama, tiny_spark
 
@@ -307,9 +310,14 @@ def test_retrieval_eval_picks_the_right_brick_on_a_tiny_model():
 
 
 # ---- the commands, end to end on a tiny model ------------------------------------------------------------------------
+def as_capability_set(train: dict, held: dict) -> CapabilitySet:
+    prompts = lambda d: [Prompt(t, c, "test") for c, ts in d.items() for t in ts]  # noqa: E731
+    return CapabilitySet(list(train), prompts(train), prompts(held), 0, {c: c for c in train})
+
+
 def test_lora_retrieve_merge_commands(tmp_path, monkeypatch, capsys):
     """`sparkformer bricks lora`, `retrieve` and `merge` write PEFT bricks, results.json, plots and report.md."""
-    from sparkformer.bricks import ops_cli
+    from sparkformer.bricks.cli import main
 
     torch.manual_seed(0)
     model = tiny_llama(init=0.3)
@@ -321,29 +329,37 @@ def test_lora_retrieve_merge_commands(tmp_path, monkeypatch, capsys):
 
     train = {"low": texts(0, 12, 6), "high": texts(24, 36, 6)}
     held = {"low": texts(0, 12, 3), "high": texts(24, 36, 3)}
-    monkeypatch.setattr(ops_cli, "_load", lambda name: (model, tok, "tiny"))
-    monkeypatch.setattr(ops_cli, "_capability_texts", lambda *a, **k: (train, held, {c: c for c in train}))
+    monkeypatch.setattr("sparkformer.pretrained.load_causal_lm", lambda name, dtype: (model, tok))
+    monkeypatch.setattr("sparkformer.bricks.capabilities.build_capability_set",
+                        lambda *a, **k: as_capability_set(train, held))
     out = tmp_path / "lora"
-    assert ops_cli.main(["lora", "--model", "tiny", "--out", str(out), "--steps", "3", "--seq-len", "16",
-                         "--targets", "all", "--rank", "4", "--layers", "1"]) == 0
+    assert main(["lora", "--model", "tiny", "--out", str(out), "--steps", "3", "--seq-len", "16",
+                 "--targets", "all", "--rank", "4", "--layers", "1"]) == 0
     assert (out / "bricks" / "low" / "adapter_model.safetensors").is_file() and (out / "lora.png").is_file()
     res = json.loads((out / "results.json").read_text())
     assert res["merged_vs_attached_max_abs_diff"] < 1e-4
-    assert "--layers 1" in res["command"] and "--steps 3" in res["command"]
-    assert ops_cli.main(["retrieve", "--model", "tiny", "--bricks", str(out), "--encoders", "hidden",
-                         "--index-per-brick", "6", "--seq-len", "16", "--out", str(tmp_path / "ret")]) == 0
+    assert res["command"] == f"sparkformer bricks lora --model tiny --targets all --layers 1 --rank 4 --steps 3 " \
+                             f"--seq-len 16 --out {out}"
+    assert set(res) == {"model", "model_note", "config", "capabilities", "merged_vs_attached_max_abs_diff",
+                        "peft_vs_ours_max_abs_diff", "command", "wall_seconds", "threads"}
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("| capability |") and json.loads(printed[-1])["op"] == "lora"
+    assert main(["retrieve", "--model", "tiny", "--bricks-dir", str(out), "--encoders", "hidden",
+                 "--index-per-brick", "6", "--seq-len", "16", "--out", str(tmp_path / "ret")]) == 0
     ret = json.loads((tmp_path / "ret" / "results.json").read_text())
     assert ret["encoders"]["hidden"]["accuracy"] >= 0.5 and (tmp_path / "ret" / "confusion.png").is_file()
-    assert ops_cli.main(["merge", "--model", "tiny", "--bricks", str(out), "--negate", "low", "--save",
-                         "--seq-len", "16", "--out", str(tmp_path / "merge")]) == 0
+    assert "| top-2 mix (hidden) |" in (tmp_path / "ret" / "report.md").read_text()
+    assert main(["merge", "--model", "tiny", "--bricks-dir", str(out), "--negate", "low", "--save",
+                 "--seq-len", "16", "--out", str(tmp_path / "merge")]) == 0
     mer = json.loads((tmp_path / "merge" / "results.json").read_text())
     assert set(mer["perplexity"]) == {"base", "brick low", "brick high", "merged linear", "merged task_arithmetic",
                                       "merged ties", "merged dare", "base - low"}
     assert (tmp_path / "merge" / "merged" / "ties" / "adapter_config.json").is_file()
     assert "| merged ties |" in (tmp_path / "merge" / "report.md").read_text()
+    assert mer["command"].startswith(f"sparkformer bricks merge --model tiny --bricks-dir {out} ")
     capsys.readouterr()
-    assert ops_cli.main(["merge", "--model", "tiny", "--bricks", str(out), "--methods", "soup",
-                         "--out", str(tmp_path / "bad")]) == 2
+    assert main(["merge", "--model", "tiny", "--bricks-dir", str(out), "--methods", "soup",
+                 "--out", str(tmp_path / "bad")]) == 2
     assert "unknown merge method 'soup'" in capsys.readouterr().err
 
 

@@ -12,16 +12,18 @@ import random
 import pytest
 import torch
 
+from sparkformer.bricks.brick_routers import fit_brick_router
 from sparkformer.bricks.capabilities import CapabilitySet, Prompt
+from sparkformer.bricks.continued_training import continued_training
+from sparkformer.bricks.ffn_inputs import layer_activation, record_ffn_inputs
 from sparkformer.bricks.neurons import NeuronView
 from sparkformer.bricks.partition import (Partition, balanced_assign, balanced_kmeans, coactivation_counts,
                                           coactivation_score, partition_model)
+from sparkformer.bricks.router_eval import calibrate_stat_fraction, recall_metrics, routed_loss
 from sparkformer.bricks.routing import (BrickMLPRouter, LowRankPredictor, OracleRouter, RandomRouter,
-                                        SparkPredictorRouter, fit_brick_router, layer_activation, load_routers,
-                                        oracle_routers, random_routers, record_ffn_inputs, route, save_routers,
-                                        select_units, spark_routers)
-from sparkformer.bricks.sparkify import (SparkifyConfig, calibrate_stat_fraction, continued_training,
-                                         fit_predictor, recall_metrics, routed_loss, sparkify_model)
+                                        SparkPredictorRouter, load_routers, oracle_routers, random_routers, route,
+                                        save_routers, select_units, spark_routers)
+from sparkformer.bricks.sparkify import SparkifyConfig, fit_predictor, sparkify_model
 from sparkformer.model import SparkLM
 from tiny_models import tiny_llama as shared_llama
 from tiny_models import tiny_spark as shared_spark
@@ -216,6 +218,37 @@ def test_routers_round_trip(tmp_path):
         assert torch.equal(b.expand(b.select(s)), r.expand(r.select(s)))
 
 
+def test_decode_form_only_for_the_predictors_a_decode_engine_runs_itself():
+    """The (A, B, n, z, act) a decode engine reads: a neuron-level low-rank 'gate_up' predictor with statistical
+    selection below 1; None for every other router or configuration."""
+    from sparkformer.bricks.routing import ACTS
+    from sparkformer.ops.stat_topk import stat_z
+
+    torch.manual_seed(0)
+    B, A = torch.randn(96, 8), torch.randn(8, 32)
+    kw = dict(output="gate_up", act="silu", fraction=0.3, method="stat")
+    form = LowRankPredictor(B=B, A=A, stat_fraction=0.21, **kw).decode_form(torch.bfloat16)
+    assert form is not None
+    a, b, n, z, act = form
+    assert a.dtype == b.dtype == torch.bfloat16 and a.is_contiguous() and b.is_contiguous()
+    assert torch.equal(a, A.to(torch.bfloat16)) and torch.equal(b, B.to(torch.bfloat16)) and n == 48
+    assert act is ACTS["silu"]
+    ref = float(torch.special.ndtri(torch.tensor(1 - 0.21, dtype=torch.float64)))
+    assert z == stat_z(0.21) and z == pytest.approx(ref, abs=1e-12)
+    uncalibrated = LowRankPredictor(B=B, A=A, **kw).decode_form(torch.float32)  # f = fraction
+    assert uncalibrated[3] == pytest.approx(float(torch.special.ndtri(torch.tensor(0.7, dtype=torch.float64))))
+    assert uncalibrated[0].dtype == torch.float32
+    others = [LowRankPredictor(B=B, A=A, **{**kw, "method": "topk"}),  # exact top-k
+              LowRankPredictor(B=B, A=A, **{**kw, "fraction": 1.0}),  # everything runs
+              LowRankPredictor(B=B, A=A, groups=torch.arange(48) % 4, **kw),  # bricks
+              LowRankPredictor(B=B, A=A, bias=torch.randn(96), **kw),
+              LowRankPredictor(B=torch.randn(48, 8), A=A, **{**kw, "output": "gate"}),
+              LowRankPredictor(B=B, dims=torch.arange(8), **kw),  # Spark split input, no A
+              OracleRouter(torch.rand(48), fraction=0.3), RandomRouter(48, fraction=0.3),
+              BrickMLPRouter(32, torch.arange(48) % 4, fraction=0.3)]
+    assert [r.decode_form(torch.float32) for r in others] == [None] * len(others)
+
+
 # ---- unsupported ---------------------------------------------------------------------------------------------------
 def test_unsupported_ffns_get_a_clear_error():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2,
@@ -283,7 +316,7 @@ def test_brick_router_learns_and_layer_activation_matches_the_model():
     view = NeuronView(m)
     X = record_ffn_inputs(m, view, token_lists(24), dtype=torch.float32)
     with torch.no_grad(), view.record() as rec:
-        from sparkformer.bricks.analysis import batches
+        from sparkformer.bricks.tokens import batches
 
         acts = []
         for _i, x, valid in batches(token_lists(24), 8):
@@ -323,51 +356,80 @@ def two_cap_set(n=6, h=3) -> CapabilitySet:
 
 
 def test_commands_end_to_end_on_a_tiny_llama(tmp_path):
-    from sparkformer.bricks.route_cli import run_partition, run_route, run_sparkify
-    from sparkformer.bricks.sparkify import SparkifyConfig
+    from sparkformer.bricks.brick_routers import RouteRun, run_route
+    from sparkformer.bricks.partition import PartitionRun, run_partition
+    from sparkformer.bricks.sparkify import SparkifyRun, run_sparkify
 
     m = tiny_llama()
     caps = two_cap_set(n=10, h=3)
-    quiet = dict(tokenizer=CharTok(), capset=caps, log=lambda s: None, batch_size=4, max_tokens=24)
-    summ = run_partition(m, tmp_path / "p.safetensors", 4, "coactivation", **quiet)
+    quiet = dict(model=m, tokenizer=CharTok(), capset=caps, log=lambda s: None)
+    small = dict(batch_size=4, max_tokens=24)
+    summ = run_partition(PartitionRun(out=str(tmp_path / "p.safetensors"), n_bricks=4, method="coactivation",
+                                      **small), **quiet)
     assert summ["brick_size"] == 12 and summ["in_brick_coactivation"] > summ["in_brick_coactivation_random"]
+    assert summ["command"] == ("sparkformer bricks partition --n-bricks 4 --method coactivation --max-tokens 24 "
+                               f"--batch-size 4 --out {tmp_path / 'p.safetensors'}")
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert saved == {k: v for k, v in summ.items() if k != "command"}
     part = Partition.load(tmp_path / "p.safetensors")
-    res = run_sparkify(m, tmp_path / "s", SparkifyConfig(rank=8, fraction=0.3), fractions=[0.3],
-                       finetune_steps=1, finetune_batch=2, finetune_save=True,
-                       record_cache=tmp_path / "rec.safetensors", **quiet)
+    res = run_sparkify(SparkifyRun(out=str(tmp_path / "s"), rank=8, fraction=0.3, fractions=[0.3], finetune_steps=1,
+                                   finetune_batch=2, finetune_save=True, record_cache=str(tmp_path / "rec.safetensors"),
+                                   **small), **quiet)
     assert (tmp_path / "s" / "finetuned" / "config.json").is_file()
     s = res["summary"]
     assert abs(s["achieved_fraction"] - 0.3) < 0.1 and s["ppl"] > 0 and "after_training_ppl_change_pct" in s
     assert set(res["curves"]) == {"predictor", "oracle", "random"} and s["oracle_ppl_change_pct"] is not None
-    again = run_sparkify(m, tmp_path / "s2", fractions=[0.3], baselines=[], predictor=tmp_path / "s" /
-                         "predictor.safetensors", record_cache=tmp_path / "rec.safetensors", **quiet)
+    assert res["config"] == {"rank": 8, "input": "lowrank", "output": "gate_up", "fit": "lsq", "train_steps": 0,
+                             "lr": 1e-3, "batch_tokens": 512, "fraction": 0.3, "method": "stat", "seed": 0}
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["summary"] == s
+    again = run_sparkify(SparkifyRun(out=str(tmp_path / "s2"), fractions=[0.3], baselines=(),
+                                     predictor=str(tmp_path / "s" / "predictor.safetensors"),
+                                     record_cache=str(tmp_path / "rec.safetensors"), **small), **quiet)
     assert again["summary"]["ppl"] == pytest.approx(s["ppl"], rel=1e-6)  # loaded predictor, cached inputs
     for f in ("predictor.safetensors", "predictor.json", "results.json", "sparkify_ppl.png", "sparkify_recall.png"):
         assert (tmp_path / "s" / f).stat().st_size > 100
     doc = json.loads((tmp_path / "s" / "predictor.json").read_text())
     assert doc["meta"]["act"] == "silu" and doc["layers"][0]["input"] == "lowrank" and doc["layers"][0]["rank"] == 8
-    res = run_route(m, tmp_path / "r", tmp_path / "p.safetensors", fractions=[0.25, 1.0], steps=20,
-                    predictor=tmp_path / "s" / "predictor.safetensors", **quiet)
+    res = run_route(RouteRun(out=str(tmp_path / "r"), partition=str(tmp_path / "p.safetensors"), fractions=[0.25, 1.0],
+                             steps=20, predictor=str(tmp_path / "s" / "predictor.safetensors"), **small), **quiet)
     assert set(res["curves"]) == {"router", "oracle", "random", "predictor-bricks"}
     full = [p for pts in res["curves"].values() for p in pts if p["fraction"] == 1.0]
     assert all(p["loss"] == res["dense"]["loss"] and p["active"] == 1.0 for p in full)  # every brick on = dense
     assert (tmp_path / "r" / "route_ppl.png").exists() and (tmp_path / "r" / "brick_routers.json").exists()
     routers, meta = load_routers(tmp_path / "r" / "brick_routers.safetensors")
     assert all(torch.equal(r.groups, a) for r, a in zip(routers, part.assign)) and meta["n_bricks"] == 4
+    assert set(json.loads((tmp_path / "r" / "results.json").read_text())) == {
+        "command", "model", "environment", "data", "partition", "router", "dense", "recall", "curves", "timings_s"}
 
 
-def test_cli_parses_and_reports_errors(tmp_path, capsys):
+def test_cli_is_built_from_the_settings_and_reports_errors(tmp_path, capsys):
     import argparse
 
-    from sparkformer.bricks.route_cli import add_bricks_cli, add_route_commands, main
+    from sparkformer.bricks.cli import main
+    from sparkformer.bricks.experiment import add_arguments, command_line, from_arguments
+    from sparkformer.bricks.partition import PartitionRun
+    from sparkformer.bricks.sparkify import SparkifyConfig, SparkifyRun
 
-    assert add_bricks_cli is add_route_commands
     parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    add_route_commands(sub)
-    a = parser.parse_args(["sparkify", "--model", "x", "--rank", "64", "--out", "o"])
-    assert a.rank == 64 and a.fraction == 0.3 and a.selection == "stat"
-    a = parser.parse_args(["partition", "--model", "x", "--bricks", "8", "--method", "coactivation", "--out", "p"])
-    assert a.bricks == 8
+    add_arguments(parser, SparkifyRun)
+    run = from_arguments(SparkifyRun, parser.parse_args(["--model", "x", "--rank", "64", "--fractions", "0.5,0.1",
+                                                         "--baselines", "oracle", "--ablation", "--out", "o"]))
+    assert run.rank == 64 and run.fraction == SparkifyConfig.fraction == 0.3 and run.selection == "stat"
+    assert run.fractions == (0.1, 0.5) and run.baselines == ("oracle",) and run.ablation and run.data == []
+    assert run.predictor_config() == SparkifyConfig(rank=64)
+    assert command_line("sparkify", run) == ("sparkformer bricks sparkify --model x --rank 64 --fractions 0.1,0.5 "
+                                             "--baselines oracle --ablation --out o")
+    assert command_line("sparkify", SparkifyRun(model="x", out="o")) == "sparkformer bricks sparkify --model x --out o"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, PartitionRun)
+    a = parser.parse_args(["--model", "x", "--n-bricks", "8", "--method", "coactivation", "--out", "p"])
+    assert from_arguments(PartitionRun, a) == PartitionRun(model="x", out="p", n_bricks=8, method="coactivation")
+    assert not hasattr(a, "heldout_per_capability") and not hasattr(a, "record_cache")  # not partition options
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "x", "--bricks", "8", "--out", "p"])  # the count is --n-bricks
+    capsys.readouterr()
     assert main(["route", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sparkify", "--model", "x", "--fractions", "0,0.5", "--out", str(tmp_path / "o")])
+    assert "--fractions: fractions '0,0.5': every fraction must be in (0, 1]" in capsys.readouterr().err

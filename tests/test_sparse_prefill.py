@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from sparkformer.decode import make_engine
-from sparkformer.model import SparkLM, attention_mask, spark_attention
+from sparkformer.model import SparkLM
 from sparkformer.ops import _extension
+from sparkformer.ops.attention import attention_mask, spark_attention
 from sparkformer.ops.attn_prefill import spark_prefill_attention
 from sparkformer.ops.spark_attn_decode import new_spark_cache, spark_cache_write
 from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill, spark_ffn_prefill_reference

@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 
-from sparkformer.ops import achieved_count, exact_topk, exact_topk_inf, stat_threshold, stat_topk, stat_topk_inf
+from sparkformer.ops import _extension, achieved_count, exact_topk, exact_topk_inf, stat_threshold, stat_topk, stat_topk_inf
+from sparkformer.ops.stat_topk import THETA_TOL, stat_z, stat_z_table
+
+needs_ext = pytest.mark.skipif(not _extension.available(), reason=f"C++ extension unavailable: {_extension.error()}")
 
 
 def test_gaussian_rows_keep_about_k():
@@ -122,3 +125,86 @@ def test_gradcheck_with_mask_and_keep_all_rows():
     y = stat_topk(x, 0.3, mask, detach_threshold=True)  # detached: gradient only through the survivors
     (g,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(g, (y != 0).double())
+
+
+# ---- the one threshold definition, and the kernels that compute it themselves -----------------------------------
+def test_stat_z_is_the_float64_ndtri_clamped():
+    for f in (1e-3, 0.08, 0.3, 0.5, 0.9):
+        assert stat_z(f) == torch.special.ndtri(torch.tensor(1 - f, dtype=torch.float64)).item()
+    assert stat_z(0.0) == pytest.approx(7.0345, abs=1e-3)  # 1 - f clamped: z finite at both ends
+    assert stat_z(1.0) == pytest.approx(-7.0345, abs=1e-3)
+
+
+def test_stat_z_table_is_stat_z_per_valid_count():
+    k, L = 16, 600
+    tab = stat_z_table(k, L)
+    assert tab.dtype == torch.float32 and tab.shape == (L + 1,) and bool((tab[: k + 1] == 0).all())
+    want = torch.tensor([stat_z(k / n) for n in range(k + 1, L + 1)], dtype=torch.float64).float()
+    assert torch.equal(tab[k + 1:], want)
+
+
+def test_threshold_is_mean_plus_std_times_stat_z():
+    x = torch.randn(6, 500)
+    xd = x.double()
+    for k, f in ((0.08, 0.08), (40, 40 / 500)):
+        want = xd.mean(-1, keepdim=True) + xd.std(-1, correction=0, keepdim=True) * stat_z(f)
+        torch.testing.assert_close(stat_threshold(x, k).double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_1d_shortcut_is_bitwise_the_general_path(dtype):
+    for n in (1, 7, 300, 13824):
+        x = torch.randn(n).to(dtype)
+        for k in (0.08, 0.5, 1.0, 0, 3, 400):
+            a, b = stat_threshold(x, k), stat_threshold(x[None], k)[0]  # 1-D shortcut vs the general path
+            assert a.dtype == b.dtype and a.shape == (1,) and torch.equal(a, b), (n, k)
+    with pytest.raises(ValueError, match="fraction"):
+        stat_threshold(torch.randn(10), 1.5)
+
+
+def test_one_pass_statistics_error_is_as_documented():
+    """The cancellation in E[x^2] - mean^2 against a float64 two-pass theta, by |mean| / std (module doc)."""
+    g = torch.Generator().manual_seed(0)
+    for offset, tol in ((0.0, 2e-6), (1.0, 2e-6), (10.0, 1.5e-4), (30.0, 6e-4)):
+        xd = (torch.randn(8, 13824, generator=g, dtype=torch.float64) + offset).float().double()
+        sd = xd.std(-1, correction=0, keepdim=True)
+        exact = xd.mean(-1, keepdim=True) + sd * stat_z(0.08)
+        err = ((stat_threshold(xd.float(), 0.08).double() - exact).abs() / sd).max().item()
+        assert err < tol, (offset, err)
+
+
+def test_constant_rows_keep_nothing_for_any_target():
+    for value in (0.0, 2.5):
+        c = torch.full((3, 64), value)
+        for k in (0.1, 0.7, 40):  # z > 0 and z < 0: theta is the value itself, nothing is above it
+            assert torch.equal(stat_threshold(c, k), torch.full((3, 1), value))
+            assert torch.equal(stat_threshold(c[0], k), torch.full((1,), value))
+
+
+@needs_ext
+def test_cpp_ndtri_matches_torch():
+    for p in (1e-12, 1e-4, 0.02, 0.3, 0.5, 0.92, 0.975, 0.999, 1 - 1e-9):
+        want = torch.special.ndtri(torch.tensor(p, dtype=torch.float64)).item()
+        assert torch.ops.sparkformer._ndtri(p) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    assert torch.ops.sparkformer._ndtri(0.0) == -math.inf and torch.ops.sparkformer._ndtri(1.0) == math.inf
+
+
+@needs_ext
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two_pass", "from_sums"])
+def test_cpp_threshold_matches_stat_threshold(isa, one_pass):
+    """The C++ kernels' theta on every ISA: the two-pass form (FFN decode and prefill, attention over the plain
+    layout) and the one from sums (attention over the blocked layout) equal stat_threshold to THETA_TOL * std."""
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 5, 16, 17, 100, 1000, 1025, 13824):  # every vector-width tail, one and several 1024-blocks
+        for offset in (0.0, 1.0, 2.0):  # |mean| / std exactly this (THETA_TOL holds up to 2)
+            x = torch.randn(n, generator=g, dtype=torch.float64)
+            x = ((x - x.mean()) / x.std(correction=0) + offset).float()
+            sd = x.double().std(correction=0).item()
+            for k in (0.08, 0.5, 0.9, 1.0, 3):
+                f = k / n if isinstance(k, int) else k
+                got = torch.ops.sparkformer._stat_threshold(x, f, one_pass)
+                want = stat_threshold(x, k).item()
+                if f >= 1.0:
+                    assert got == want == -math.inf
+                else:
+                    assert abs(got - want) <= THETA_TOL * sd, (isa, n, offset, k, got, want)

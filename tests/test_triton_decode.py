@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from sparkformer.ops.dense_decode import dense_attn_decode_reference  # noqa: E402
 from sparkformer.ops.spark_attn_decode import spark_attn_decode_reference, to_blocked  # noqa: E402
 from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference  # noqa: E402
+from sparkformer.ops.stat_topk import stat_threshold  # noqa: E402
 from sparkformer.ops.triton_decode import (  # noqa: E402
     dense_attn_decode_triton, embed_norm, geglu_act, residual_norm, rope_cache)
 from sparkformer.ops.triton_spark_attn import spark_attn_decode_triton, triton_spark_attn_decode  # noqa: E402
@@ -30,6 +31,29 @@ pytestmark = pytest.mark.triton
 def rel(a, b):
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_selects_like_stat_threshold(got: torch.Tensor, score: torch.Tensor, k: int | float, what=""):
+    """got == (score > stat_topk.stat_threshold(score, k)), except for entries within 1e-4 std of theta (the
+    kernels' fp32 partial statistics may round theta differently)."""
+    theta = stat_threshold(score, k)
+    diff = got.cpu() != (score > theta)
+    near = (score - theta).abs() <= 1e-4 * score.std(correction=0)
+    assert bool(near[diff].all()), f"{what}: selections differ away from theta at {torch.nonzero(diff & ~near)}"
+
+
+@pytest.mark.parametrize("fuse_out", [False, True])
+def test_spark_ffn_selects_what_stat_threshold_selects(fuse_out):
+    """The kernel's own theta (fp32 Chan-combined partials, z = stat_z(f)) selects as the one definition does."""
+    n, d, r = 600, 80, 48
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(d, generator=g)
+        k1, k2 = torch.randn(n, r, generator=g) * 0.2, torch.randn(n, d - r, generator=g) * 0.2
+        v = torch.eye(n)  # y_i = gelu(s_i - theta) (K2 x2)_i: nonzero exactly on the selected neurons
+        y, n_sel = spark_ffn_decode_triton(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV), 0.08, fuse_out)
+        assert_selects_like_stat_threshold(y != 0, k1 @ x[:r], 0.08, f"seed {seed}")
+        assert int(n_sel) == int((y != 0).sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -126,6 +150,27 @@ def test_spark_attn_gqa_groups_and_hard_cap(group):
     assert rel(out[0], ref[0]) < 1e-5
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] < c[0]])
+def test_spark_attn_selects_what_stat_threshold_selects(case):
+    """Per head where the hard cap did not fire: the kept keys are those above stat_threshold over the valid keys
+    (the kernel: per-block (mean, M2) partials, z from stat_z_table)."""
+    length, k, window, cap = case
+    H, KV, D, r, L = 4, 2, 32, 16, 256
+    q = torch.randn(H, D)
+    kp, kr, _ = _spark_cache(KV, L, D, r, torch.float32, False)
+    v = torch.eye(L).expand(KV, L, L).contiguous()  # out[h] = the attention weights by position
+    out, kept, capped = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), length, k, D**-0.5,
+                                                 window, cap)
+    lo = max(0, length - window) if window else 0
+    for h in range(H):
+        p = D**-0.5 * (q[h, :r] @ kp[h // (H // KV), :, lo:length])
+        p = cap * torch.tanh(p / cap) if cap else p
+        if capped[h]:
+            assert int((p > stat_threshold(p, k)).sum()) > k == int(kept[h])
+        else:
+            assert_selects_like_stat_threshold(out[h, lo:length] != 0, p, k, f"head {h}")
+
+
 def test_spark_attn_degenerate_and_ties():
     """Constant scores keep the k most recent keys (nothing clears theta); tied survivors over the cap prefer
     the more recent key, as the reference's rule says."""
@@ -166,7 +211,8 @@ def test_dense_attn_matches_reference(dtype, case):
 
 
 def test_glue_kernels_match_torch():
-    from sparkformer.model import apply_rope, gelu_tanh, rope_tables
+    from sparkformer.ops.activations import gelu_tanh
+    from sparkformer.ops.rope import apply_rope, rope_tables
 
     d, H, KV, D, r, L, eps = 48, 4, 2, 16, 8, 64, 1e-6
     rms = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w  # noqa: E731
@@ -242,9 +288,39 @@ def test_cuda_engine_matches_cpu_engine(kinds):
         assert rel(l_eng, l_ref) < 1e-4
         tok = int(l_ref.argmax())
     s = eng.stats.summary()
-    assert s["tokens"] == len(prompt) + 4
+    assert s["tokens"] == 4  # decoded tokens, as on the CPU engine (prefill is not counted)
+    want = {k: v for k, v in ref.stats.summary().items() if not k.startswith("prefill_")}
+    assert s.keys() == want.keys() and s["tokens"] == want["tokens"]
     if kinds[0] == "spark":
         assert 0 < s["ffn_activity"] < 0.5 and 0 < s["keys_per_query"] <= cfg.spark_attn_topk
+
+
+def test_cuda_engine_runs_routers_like_the_cpu_engine():
+    """Routed (sparkified) FFN layers on the CUDA engine: eager, the same logits and neuron counts as the CPU engine."""
+    from sparkformer.bricks.routing import LowRankPredictor
+    from sparkformer.decode import make_engine, model_layout
+    from sparkformer.decode.cuda import CudaEngine
+    from sparkformer.model import SparkLM
+
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(ffn="geglu", attention="dense", norm_style="llama", post_norms=False, embed_scale=False,
+                    ffn_activation="silu", attn_logit_softcap=None, final_logit_softcap=None)
+    model = SparkLM(cfg).eval()
+    routers = [LowRankPredictor(torch.randn(2 * cfg.ffn_dim, 8), A=torch.randn(8, cfg.d_model), output="gate_up",
+                                act="silu", fraction=0.3, method="stat") for _ in range(cfg.n_layers)]
+    ref = make_engine(model, torch.float32, max_len=64, routers=routers)
+    eng = CudaEngine(model_layout(model, torch.float32, routers), max_len=64, device=DEV)
+    assert not eng.graph_enabled  # data-dependent sizes: no graph
+    prompt = [3, 14, 15, 9, 26, 5]
+    assert rel(eng.prefill(prompt), ref.prefill(prompt)) < 1e-4
+    ref.reset()
+    eng.reset()
+    ref.prefill(prompt)
+    eng.prefill(prompt)
+    for tok in (7, 8, 9):
+        assert rel(eng.step(tok), ref.step(tok)) < 1e-4
+    a, b = eng.stats.summary(), ref.stats.summary()
+    assert a["ffn_neurons_per_layer"] == b["ffn_neurons_per_layer"] and 0 < a["ffn_activity"] < 0.6
 
 
 def test_cuda_engine_generate_and_positions():

@@ -365,6 +365,56 @@ def _claims_side_checks(load: Loader) -> list[str]:
     return out
 
 
+def _claims_topk(load: Loader) -> list[str]:
+    d, prev = load(RESULTS + "topk.json"), load(RESULTS + "topk_previous_loaded.json")
+    q = load(RESULTS + "quality.json")["timing"]
+    ex, st = d["ffn_exact_s"], d["ffn_stat_s"]
+    return [f"the earlier run under load 3-5 gave {f(prev['stat_vs_exact_speedup'])}x / "
+            f"{f(prev['attn_stat_vs_exact_speedup'])}x / {f(prev['train_step_spark_vs_dense'])}x",
+            f"({1e3 * ex['min']:.0f}-{1e3 * ex['max']:.0f} ms:",
+            f"the min-to-min ratio is {ex['min'] / st['min']:.1f}x",
+            f"the statistical step was {q['spark_exact_topk']['median'] / q['spark']['median']:.2f}x faster than exact; "
+            f"here (batch {d['batch']}) it was {f(d['train_step_exact_vs_stat'])}x"]
+
+
+def _claims_decode(load: Loader) -> list[str]:
+    lock = load(RESULTS + "decode_gemma2-2b_lockstep.json")
+
+    def series(dtype: str) -> str:
+        out = []
+        for r in lock["runs"]:
+            if r["dtype"] == dtype:
+                x = f(r["speedup"])
+                if abs(r["paired_speedup"] - r["speedup"]) >= 0.1:
+                    x += f" (paired {f(r['paired_speedup'])})"
+                out.append(x)
+        return " / ".join(out)
+
+    ctx = " / ".join(str(r["context"]) for r in lock["runs"] if r["dtype"] == "bf16")
+
+    def hf(names: tuple[str, ...], dtype: str) -> list[float]:
+        rs = [run_of(load(RESULTS + n), dtype, 4096) for n in names]
+        return [r["hf_ms_per_token"] / r["dense_ms_per_token"] for r in rs if r.get("hf_ms_per_token")]
+
+    this = tuple(n for _, n in STABILITY_RUNS[:-1])
+    (b0, b1), (f0, f1) = ((min(x), max(x)) for x in (hf(this, "bf16"), hf(this, "fp32")))
+    pb, pf = (hf((STABILITY_RUNS[-1][1],), dt)[0] for dt in ("bf16", "fp32"))
+    return [f"(bf16 {series('bf16')} at {ctx}; fp32 {series('fp32')})",
+            f"{b0:.1f}-{b1:.1f}x (bf16) and {f0:.1f}-{f1:.1f}x (fp32) faster per token at 4096 ({pb:.1f}x / {pf:.1f}x "
+            f"before)"]
+
+
+def _claims_quality(load: Loader) -> list[str]:
+    t = load(RESULTS + "quality.json")["targets"]
+    prev = load(RESULTS + "quality_previous_timing.json")["timing"]
+    act = [x for k in ("spark_ffn", "spark") for x in t[f"ffn_activity_every_layer_within_1pt/{k}"]["value"]]
+    return [f"statistical top-k step faster than exact ({t['statistical_step_faster_than_exact']['value']:.3f}x)",
+            f"(achieved {100 * min(act):.1f}-{100 * max(act):.1f}%:",
+            f"({pct(t['spark_keys_at_most_k_on_99pct_rows']['value'], 0)}; 100% with the decode hard cap",
+            f"({f(t['spark_step_at_most_1.3x_dense']['value'])}x in this timing, "
+            f"{prev['spark']['median'] / prev['dense']['median']:.3f}x in the previous one"]
+
+
 def _claims_quality_study(load: Loader) -> list[str]:
     ch = load(RESULTS + "side_checks_chunked.json")["result"]
     sc = lambda k: f"{ch[k]['one_chunk_s']:.2f} -> {ch[k]['chunk_256_s']:.2f} s"  # noqa: E731
@@ -383,6 +433,11 @@ CLAIMS: dict[str, Claims] = {
     "side_checks_prose": Claims(DOC, tuple(RESULTS + f"side_checks_{c}.json" for c in ("thp", "csr", "chunked",
                                                                                         "attn", "prefill")),
                                 _claims_side_checks),
+    "topk_prose": Claims(DOC, (RESULTS + "topk.json", RESULTS + "topk_previous_loaded.json",
+                               RESULTS + "quality.json"), _claims_topk),
+    "decode_prose": Claims(DOC, tuple(RESULTS + n for _, n in STABILITY_RUNS), _claims_decode),
+    "quality_prose": Claims(DOC, (RESULTS + "quality.json", RESULTS + "quality_previous_timing.json"),
+                            _claims_quality),
     "quality_study_chunked": Claims(Path("docs") / "quality-study.md", (RESULTS + "side_checks_chunked.json",),
                                     _claims_quality_study),
 }

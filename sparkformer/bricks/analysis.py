@@ -15,24 +15,30 @@ Statistics and scores use the *scoring* prompts; losses use the disjoint *held-o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from sparkformer.bricks.adapter import forward_logits
 from sparkformer.bricks.capabilities import CapabilitySet
+from sparkformer.bricks.experiment import (MODEL_HELP, PromptRun, add_command, arg, command_line, csv, load_model,
+                                           log, start)
+from sparkformer.bricks.lm import sequence_nll
 from sparkformer.bricks.neurons import NeuronView
+from sparkformer.bricks.report import write_report
+from sparkformer.bricks.tokens import batches, encode, progress_bar, real_tokens, special_ids
 
 INDICATORS = ("activation", "output")
 
 
 @dataclass
 class AnalysisConfig:
-    max_tokens: int = 128  # every prompt is cut to this many tokens (special tokens included)
-    batch_size: int = 8
+    max_tokens: int = PromptRun.max_tokens  # every prompt is cut to this many tokens (special tokens included)
+    batch_size: int = PromptRun.batch_size
     mask_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
     top_fraction: float = 0.05  # size of a capability's neuron set (paper: top 5%)
     top_ap_fraction: float = 0.005  # "top-0.5%" AP statistic
@@ -50,54 +56,6 @@ class AnalysisConfig:
             raise ValueError(f"mask_fractions={self.mask_fractions} must lie in [0, 1)")
         if not 0.0 < self.top_fraction < 1.0:
             raise ValueError(f"top_fraction={self.top_fraction} must be in (0, 1)")
-
-
-# ---- tokens and forward passes -------------------------------------------------------------------------------------
-def encode(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids per text, cut to ``max_tokens``. HF tokenizers add their special tokens (e.g. Gemma's <bos>);
-    a plain ``encode`` (sparkformer / ``tokenizers``) is used as is."""
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer (a sparkformer checkpoint needs tokenizer.json beside it)")
-    if hasattr(tokenizer, "batch_decode") and callable(tokenizer):  # transformers tokenizer
-        ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    else:
-        ids = [tokenizer.encode(t) for t in texts]
-    return [list(x[:max_tokens]) for x in ids]
-
-
-def special_ids(tokenizer: Any) -> set[int]:
-    ids = getattr(tokenizer, "all_special_ids", None)
-    return set(int(i) for i in ids) if ids else set()
-
-
-def batches(token_lists: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(indices, ids (B, T), valid (B, T) bool), right-padded with 0; prompts are grouped by length."""
-    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        T = max(len(token_lists[i]) for i in idx)
-        ids = torch.zeros(len(idx), T, dtype=torch.long)
-        valid = torch.zeros(len(idx), T, dtype=torch.bool)
-        for r, i in enumerate(idx):
-            n = len(token_lists[i])
-            ids[r, :n] = torch.tensor(token_lists[i], dtype=torch.long)
-            valid[r, :n] = True
-        yield idx, ids, valid
-
-
-def forward_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of an HF causal LM or our SparkLM. Right padding needs no attention mask: attention is causal."""
-    if type(model).__name__ == "SparkLM":
-        return model(ids).logits
-    return model(input_ids=ids, use_cache=False).logits
-
-
-def _progress(iterable, total: int | None, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 # ---- study 1: activation statistics ---------------------------------------------------------------------------------
@@ -148,9 +106,9 @@ def collect_activation_stats(model: torch.nn.Module, view: NeuronView, token_lis
 
     n_batches = math.ceil(P / cfg.batch_size)
     with torch.inference_mode(), view.hook(on_activation):
-        for idx, ids, valid in _progress(batches(token_lists, cfg.batch_size), n_batches, "activations", progress):
-            if skip_ids:
-                valid = valid & ~torch.isin(ids, torch.tensor(sorted(skip_ids)))
+        for idx, ids, valid in progress_bar(batches(token_lists, cfg.batch_size), n_batches, "activations",
+                                            progress):
+            valid = real_tokens(ids, valid, skip_ids)
             state["valid"], state["idx"] = valid, torch.tensor(idx)
             forward_logits(model, ids)
             n_tokens += int(valid.sum())
@@ -199,31 +157,9 @@ def token_losses(model: torch.nn.Module, token_lists: Sequence[Sequence[int]], c
                  view: NeuronView | None = None, mask: Any = None, progress: bool = False, desc: str = "loss",
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt (sum of next-token NLL, number of predicted tokens), with ``mask`` applied through ``view``."""
-    nll = torch.zeros(len(token_lists), dtype=torch.float64)
-    cnt = torch.zeros(len(token_lists), dtype=torch.float64)
-    ctx = view.mask(mask) if (view is not None and mask is not None) else _null()
-    n_batches = math.ceil(len(token_lists) / cfg.batch_size)
+    ctx = view.mask(mask) if (view is not None and mask is not None) else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
-        for idx, ids, valid in _progress(batches(token_lists, cfg.batch_size), n_batches, desc, progress):
-            nll[idx], cnt[idx] = batch_nll(model, ids, valid)
-    return nll, cnt
-
-
-def batch_nll(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a right-padded batch: (sum of next-token NLL, number of predicted tokens), float64."""
-    logits = forward_logits(model, ids)[:, :-1].float()
-    tgt = ids[:, 1:].masked_fill(~valid[:, 1:], -100)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none",
-                           ignore_index=-100).view(tgt.shape)
-    return loss.sum(1).double(), valid[:, 1:].sum(1).double()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+        return sequence_nll(model, token_lists, cfg.batch_size, show_progress=progress, desc=desc)
 
 
 def per_capability_loss(nll: torch.Tensor, cnt: torch.Tensor, labels: torch.Tensor, n_caps: int) -> list[float]:
@@ -383,7 +319,7 @@ def analyze(model: torch.nn.Module, tokenizer: Any, capset: CapabilitySet, cfg: 
     base_all = float(base_nll.sum() / base_cnt.sum())
     sweep: dict[str, dict[str, list[float]]] = {ind: {c: [] for c in caps + ["all"]} for ind in INDICATORS}
     runs = [(ind, f) for ind in INDICATORS for f in cfg.mask_fractions]
-    for ind, f in _progress(runs, len(runs), "masking sweep", progress):
+    for ind, f in progress_bar(runs, len(runs), "masking sweep", progress):
         if f == 0.0:
             nll, cnt = base_nll, base_cnt
         else:
@@ -411,7 +347,7 @@ def analyze(model: torch.nn.Module, tokenizer: Any, capset: CapabilitySet, cfg: 
     random_sets = {li: torch.randperm(n, generator=gen)[: max(1, math.ceil(cfg.top_fraction * n))]
                    for li, n in enumerate(view.n_neurons)}
     prune_loss = []
-    for r in _progress(rows, len(rows), "prune matrix", progress):
+    for r in progress_bar(rows, len(rows), "prune matrix", progress):
         spec = random_sets if r == "random" else {li: top[li][cap_index[r]] for li in range(L)}
         nll, cnt = token_losses(model, held_tok, cfg, view, spec)
         prune_loss.append(per_capability_loss(nll, cnt, held_lab, C))
@@ -476,3 +412,67 @@ def analyze(model: torch.nn.Module, tokenizer: Any, capset: CapabilitySet, cfg: 
     }
     arrays = {"ap": ap, "ap_shuffled": ap_shuf, "top": top}
     return _lists(results), arrays
+
+
+# ---- the experiment: `sparkformer bricks analyze` -------------------------------------------------------------------
+def mask_fractions(s: str) -> tuple[float, ...]:
+    """'0.1,0.5' -> (0.0, 0.1, 0.5): fractions in [0, 1), sorted, 0 (no masking) always included."""
+    try:
+        fr = tuple(float(x) for x in csv(s))
+    except ValueError:
+        raise ValueError(f"--mask-fractions {s!r}: expected a comma list of numbers in [0, 1)") from None
+    if not fr or any(not 0 <= f < 1 for f in fr):
+        raise ValueError(f"--mask-fractions {s!r}: every fraction must be in [0, 1)")
+    return tuple(sorted(set(fr) | {0.0}))
+
+
+@dataclass(kw_only=True)
+class AnalyzeRun(PromptRun):
+    """Settings of ``sparkformer bricks analyze`` (several models share the same prompts)."""
+
+    model: list[str] = arg([], MODEL_HELP + "; repeat to analyse several models with the same prompts",
+                           required=True)
+    out: str = arg(help="output folder: report.md, and per model results.json, neuron_scores.safetensors and PNG "
+                        "plots", required=True)
+    mask_fractions: tuple[float, ...] = arg(AnalysisConfig.mask_fractions, "comma list of fractions of the lowest "
+                                            "neurons to zero per token", parse=mask_fractions)
+    top_fraction: float = arg(AnalysisConfig.top_fraction, "size of a capability's neuron set (paper: 0.05)")
+    progress: bool = arg(True, "progress bars")
+
+
+def run_analyze(run: AnalyzeRun, model: torch.nn.Module | None = None, tokenizer: Any = None,
+                capset: CapabilitySet | None = None, log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Python API of ``sparkformer bricks analyze``: the three studies on every model of ``run.model`` (or on the
+    ``model`` object given) with the same prompts, written under ``run.out`` by :func:`~sparkformer.bricks.report.
+    write_report`. Returns ``{"report": path of report.md, "results": [results of each model]}``."""
+    start(run)
+    cfg = AnalysisConfig(max_tokens=run.max_tokens, batch_size=run.batch_size,
+                         mask_fractions=tuple(run.mask_fractions), top_fraction=run.top_fraction, seed=run.seed)
+    cfg.validate()
+    if run.prompts_per_capability < 2 or run.heldout_per_capability < 1:
+        raise ValueError("need --prompts-per-capability >= 2 and --heldout-per-capability >= 1")
+    t0 = time.time()
+    capset = capset or run.prompts()
+    log(f"capabilities: {', '.join(capset.capabilities)} ({len(capset.score)} scoring + {len(capset.heldout)} "
+        f"held-out prompts, built in {time.time() - t0:.0f} s)")
+    todo = [(name, None) for name in run.model] if model is None else [(run.model[0] if run.model else "", model)]
+    results, arrays = [], []
+    for name, given in todo:
+        t = time.time()
+        m, tok, name, description = load_model(name, given, tokenizer, log=log)
+        res, arr = analyze(m, tok, capset, cfg, name=name, notes=f"Weights: {description}." if description else "",
+                           progress=run.progress, log=log)
+        res["timings_s"]["load"] = time.time() - t - res["timings_s"]["total"]
+        results.append(res)
+        arrays.append(arr)
+        del m
+    return {"report": write_report(results, arrays, run.out, command_line("analyze", run)), "results": results}
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "analyze", AnalyzeRun, run_analyze,
+                help="FFN neuron sparsity, specialisation and partition (paper section 4) -> JSON, PNG, Markdown",
+                description="Measure activation sparsity, neuron specialisation and partition of FFN neurons per "
+                            "capability and write results.json, neuron_scores.safetensors, PNG plots and report.md "
+                            "under --out.",
+                summary=lambda res: (f"wrote {res['report']}", None))

@@ -36,7 +36,7 @@ import sys
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 DEFAULT_CAPABILITIES = ["code", "docstrings", "reference", "drama", "arithmetic"]
 OPTIONAL_CAPABILITIES = ["legal", "tech-docs", "linux-docs", "definitions", "scripture"]
@@ -67,6 +67,10 @@ class CapabilitySet:
         for p in getattr(self, split):
             out[p.capability].append(p)
         return out
+
+    def texts(self, split: str = "score") -> dict[str, list[str]]:
+        """{capability: the texts of its ``split`` prompts}."""
+        return {c: [p.text for p in ps] for c, ps in self.by_capability(split).items()}
 
 
 # ---- documents per capability ------------------------------------------------------------------------------------
@@ -352,6 +356,15 @@ def build_capability_set(capabilities: list[str] | str | None = None, data: list
     score = _take_per_cap(score, n_s)
     heldout = _take_per_cap(heldout, n_h)
     return CapabilitySet(list(groups), score, heldout, seed, desc)
+
+
+def capability_set(spec: str | list[str], data: Sequence[str] = (), n_per_capability: int = 40, n_heldout: int = 8,
+                   chars: int = 768, seed: int = 0) -> CapabilitySet:
+    """:func:`build_capability_set` as the commands spell it: ``spec`` is a comma list of capabilities, 'default',
+    'all', or 'none' (only the user's ``data``)."""
+    caps = [] if spec in ("none", "") else spec
+    return build_capability_set(caps, list(data), n_per_capability=n_per_capability, n_heldout=n_heldout,
+                                chars=chars, seed=seed)
 
 
 def _take_per_cap(prompts: list[Prompt], n: int) -> list[Prompt]:

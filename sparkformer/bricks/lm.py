@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparkformer.bricks.adapter import forward_logits
-from sparkformer.bricks.tokens import batches, progress
+from sparkformer.bricks.tokens import batches, progress_bar
 
 
 def batch_nll(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +39,7 @@ def sequence_nll(model: nn.Module, token_lists: Sequence[Sequence[int]], batch_s
     nll = torch.zeros(len(token_lists), dtype=torch.float64)
     cnt = torch.zeros(len(token_lists), dtype=torch.float64)
     n_batches = math.ceil(len(token_lists) / batch_size)
-    for idx, ids, valid in progress(batches(token_lists, batch_size), n_batches, desc, show_progress):
+    for idx, ids, valid in progress_bar(batches(token_lists, batch_size), n_batches, desc, show_progress):
         if before_batch is not None:
             before_batch(idx)
         nll[idx], cnt[idx] = batch_nll(model, ids, valid)

@@ -7,7 +7,8 @@ A brick holds, for every targeted ``nn.Linear`` (by module path, e.g. ``model.la
     W' = W + weight * scaling * B A                    (merged: the same change written into W)
 
 Attaching registers forward hooks, so the base model's modules, parameter names and state dict never change; any
-number of bricks can be attached at once (their terms add), or as a per-example mixture (:class:`LoRAMixture`).
+number of bricks can be attached at once (their terms add), or as a per-example mixture
+(:class:`~sparkformer.bricks.retrieval.LoRAMixture`).
 
 Files are the PEFT format (``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``), so ``peft.PeftModel.from_pretrained(base,
@@ -20,18 +21,19 @@ base (architecture, parameter shapes, tokenizer hash) so merging can refuse inco
     brick.save("bricks/code");  brick = LoRABrick.load("bricks/code")
     brick.merge(model); brick.unmerge(model)
 
-This module also holds the small token / loss / training helpers the other brick operations share.
+``sparkformer bricks lora`` (:func:`run_lora`) trains one brick per capability and measures each on its
+capability's held-out text.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import copy
 import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -39,9 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.bricks.analysis import batches as padded_batches
-from sparkformer.bricks.analysis import batch_nll, forward_logits
-from sparkformer.bricks.neurons import architecture
+from sparkformer.bricks.adapter import architecture, forward_logits, model_fingerprint
+from sparkformer.bricks.experiment import (TextRun, add_command, arg, command_line, load_model, log, md_table, pyplot,
+                                           start, write_json, write_results)
+from sparkformer.bricks.lm import TrainLog, perplexity, train_parameters
+from sparkformer.bricks.tokens import encode, token_windows, tokenizer_fingerprint
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -50,173 +54,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "sparkformer_brick.json"
 _PEFT_PREFIX = "base_model.model."
-
-
-# ---- shared helpers: tokens, losses, fingerprints ------------------------------------------------------------------
-def encode_texts(tokenizer: Any, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
-    """Token ids per text (HF tokenizers add their special tokens; a plain ``encode`` is used as is)."""
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer (a sparkformer checkpoint needs tokenizer.json beside it)")
-    if hasattr(tokenizer, "batch_decode") and callable(tokenizer):
-        ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    else:
-        ids = [tokenizer.encode(t) for t in texts]
-    return [list(x if max_tokens is None else x[:max_tokens]) for x in ids]
-
-
-def eos_id(tokenizer: Any) -> int | None:
-    for attr in ("eos_token_id", "eos_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    return None
-
-
-def token_windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> torch.Tensor:
-    """(N, seq_len) windows cut from the texts' tokens concatenated (separated by EOS when the tokenizer has one)."""
-    sep = eos_id(tokenizer)
-    stream: list[int] = []
-    for ids in encode_texts(tokenizer, texts):
-        stream.extend(ids)
-        if sep is not None:
-            stream.append(sep)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ValueError(f"the texts give {len(stream)} tokens, fewer than one window of seq_len={seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def lm_loss(model: nn.Module, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross entropy over ``ids`` (B, T); ``valid`` (B, T) marks real tokens."""
-    logits = forward_logits(model, ids)[:, :-1].float()
-    tgt = ids[:, 1:]
-    if valid is not None:
-        tgt = tgt.masked_fill(~valid[:, 1:], -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
-
-
-@torch.no_grad()
-def sequence_nll(model: nn.Module, token_lists: Sequence[Sequence[int]], batch_size: int = 8,
-                 before_batch: Callable[[list[int]], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence (sum of next-token NLL, number of predicted tokens). ``before_batch(indices)`` runs before each
-    forward (e.g. to set a :class:`LoRAMixture`'s per-example weights)."""
-    nll = torch.zeros(len(token_lists), dtype=torch.float64)
-    cnt = torch.zeros(len(token_lists), dtype=torch.float64)
-    for idx, ids, valid in padded_batches(token_lists, batch_size):
-        if before_batch is not None:
-            before_batch(idx)
-        nll[idx], cnt[idx] = batch_nll(model, ids, valid)
-    return nll, cnt
-
-
-def perplexity(model: nn.Module, token_lists: Sequence[Sequence[int]], batch_size: int = 8) -> float:
-    """Token-weighted perplexity of the sequences."""
-    return perplexity_from(*sequence_nll(model, token_lists, batch_size))
-
-
-def perplexity_from(nll: torch.Tensor, cnt: torch.Tensor) -> float:
-    """Token-weighted perplexity from per-sequence NLL sums and token counts (``sequence_nll``'s output)."""
-    return math.exp(float(nll.sum() / cnt.sum().clamp_min(1)))
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str | None:
-    """sha256 of the vocabulary (token -> id, added tokens included); None without a tokenizer or when the
-    tokenizer does not expose its vocabulary (then compatibility cannot be checked and is not)."""
-    if tokenizer is None:
-        return None
-    backend = getattr(tokenizer, "backend", None)  # sparkformer Tokenizer
-    if backend is not None and hasattr(backend, "get_vocab"):
-        vocab = backend.get_vocab(with_added_tokens=True)
-    elif hasattr(tokenizer, "get_vocab"):
-        vocab = tokenizer.get_vocab()
-    else:
-        return None
-    blob = json.dumps(sorted((str(k), int(v)) for k, v in vocab.items()), separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What a brick needs from its base: architecture name, shapes of every parameter, a digest of the shapes."""
-    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-    blob = json.dumps(sorted(shapes.items()), separators=(",", ":"))
-    return {"architecture": architecture(model), "shapes_sha256": hashlib.sha256(blob.encode()).hexdigest()}
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Every parameter of ``model`` has requires_grad=False inside the block (restored after)."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, r in saved:
-            p.requires_grad_(r)
-
-
-@dataclass
-class TrainLog:
-    steps: int
-    lr: float
-    batch_size: int
-    seq_len: int
-    trainable_params: int
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def train_parameters(model: nn.Module, params: Sequence[nn.Parameter], windows: torch.Tensor, steps: int,
-                     lr: float, batch_size: int = 4, seed: int = 0, warmup: float = 0.1, weight_decay: float = 0.0,
-                     clip: float = 1.0, log: Callable[[str], None] | None = None, log_every: int = 10,
-                     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> TrainLog:
-    """AdamW on ``params`` only (linear warmup, cosine decay to 10%), random batches of ``windows`` (N, T).
-
-    The caller decides what is trainable: every other parameter of ``model`` is frozen for the duration."""
-    params = [p for p in params]
-    if not params:
-        raise ValueError("nothing to train: the parameter list is empty")
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0 (got {steps}, {batch_size}, {lr})")
-    windows = torch.as_tensor(windows)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    n_warm = max(1, int(warmup * steps))
-    tl = TrainLog(steps, lr, batch_size, windows.shape[1], sum(p.numel() for p in params))
-    loss_fn = loss_fn or (lambda m, ids: lm_loss(m, ids))
-    t0 = time.time()
-    was_training = model.training
-    model.eval()  # no dropout in the base; the trained parameters are used in train mode by their owners
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        for step in range(steps):
-            f = (step + 1) / n_warm if step < n_warm else \
-                0.1 + 0.45 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
-            for g in opt.param_groups:
-                g["lr"] = lr * f
-            idx = torch.randint(0, windows.shape[0], (batch_size,), generator=gen)
-            loss = loss_fn(model, windows[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
-            tl.losses.append(float(loss.detach()))
-            if log and (step % log_every == 0 or step == steps - 1):
-                log(f"  step {step + 1}/{steps} loss {tl.losses[-1]:.3f} ({time.time() - t0:.0f} s)")
-    finally:
-        for p, r in saved:
-            p.requires_grad_(r)
-        model.train(was_training)
-    tl.seconds = time.time() - t0
-    return tl
 
 
 # ---- configuration and targets -------------------------------------------------------------------------------------
@@ -552,67 +389,6 @@ class LoRABrick(nn.Module):
         return brick
 
 
-# ---- several bricks at once, with per-example weights ---------------------------------------------------------------
-class LoRAMixture:
-    """Attach bricks together with a per-example weight matrix: example i gets ``sum_j weights[i, j] * brick_j``.
-
-    Set :attr:`weights` (B, n_bricks) before each forward (a (n_bricks,) vector applies to every example).
-    The retrieval evaluation uses it to run no brick / oracle / top-1 / mixture / all bricks in batched forwards."""
-
-    def __init__(self, model: nn.Module, bricks: Sequence[LoRABrick]):
-        if not bricks:
-            raise ValueError("a mixture needs at least one brick")
-        self.model, self.bricks = model, list(bricks)
-        self.weights = torch.zeros(len(self.bricks))
-        self._handles: list = []
-        by_path: dict[str, list[tuple[int, LoRABrick]]] = {}
-        mods: dict[str, nn.Linear] = {}
-        for j, b in enumerate(self.bricks):
-            for p, m in b.check_base(model).items():
-                by_path.setdefault(p, []).append((j, b))
-                mods[p] = m
-        for p, users in by_path.items():
-            self._handles.append(mods[p].register_forward_hook(self._make(p, users)))
-
-    def _make(self, path: str, users: list[tuple[int, LoRABrick]]):
-        def hook(_mod, args, out):
-            x = args[0]
-            w = self.weights.to(out.device, torch.float32)
-            extra = None
-            for j, b in users:
-                wj = w[..., j]
-                if not bool((wj != 0).any()):
-                    continue
-                term = b._lora_out(path, x).float()
-                if wj.dim() == 1:  # one weight per example
-                    if wj.shape[0] != term.shape[0]:
-                        raise ValueError(f"mixture weights are set for {wj.shape[0]} examples, the batch has "
-                                         f"{term.shape[0]}")
-                    wj = wj.view(-1, *([1] * (term.dim() - 1)))
-                term = term * wj
-                extra = term if extra is None else extra + term
-            return out if extra is None else out + extra.to(out.dtype)
-
-        return hook
-
-    def set_weights(self, weights: torch.Tensor | Sequence) -> None:
-        w = torch.as_tensor(weights, dtype=torch.float32)
-        if w.shape[-1] != len(self.bricks):
-            raise ValueError(f"mixture weights have {w.shape[-1]} columns for {len(self.bricks)} bricks")
-        self.weights = w
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "LoRAMixture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
 # ---- training --------------------------------------------------------------------------------------------------------
 def train_lora(model: nn.Module, tokenizer: Any, texts: Sequence[str], config: LoRAConfig | None = None,
                steps: int = 100, lr: float = 1e-3, batch_size: int = 4, seq_len: int = 128, seed: int = 0,
@@ -630,6 +406,19 @@ def train_lora(model: nn.Module, tokenizer: Any, texts: Sequence[str], config: L
                                                                 if k != "losses"},
                            "first_loss": tl.losses[0], "last_loss": tl.losses[-1]}
     return brick, tl
+
+
+def load_lora_run(path: str | Path) -> tuple[dict[str, LoRABrick], dict[str, list[str]], dict[str, list[str]]]:
+    """(bricks, training texts, held-out texts) per capability of a ``sparkformer bricks lora`` output folder (or
+    of its ``bricks/`` folder); the texts come from its ``texts.json``."""
+    p = Path(path)
+    root, bdir = (p, p / "bricks") if (p / "bricks").is_dir() else (p.parent, p)
+    f = root / "texts.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: pass the --out folder of `sparkformer bricks lora` (it holds "
+                                "bricks/ and texts.json with each brick's training and held-out texts)")
+    d = json.loads(f.read_text())
+    return load_bricks(bdir), d["train"], d["heldout"]
 
 
 def load_bricks(folder: str | Path, names: Iterable[str] | None = None) -> dict[str, LoRABrick]:
@@ -655,3 +444,151 @@ def load_bricks(folder: str | Path, names: Iterable[str] | None = None) -> dict[
         b = LoRABrick.load(p, name=p.name)
         out[b.name] = b
     return out
+
+
+# ---- the experiment: `sparkformer bricks lora` ----------------------------------------------------------------------
+def parse_layers(spec: str | None) -> tuple[int, ...] | None:
+    """'15-29' or '3,5,7' or None / '' / 'all' (every layer)."""
+    if spec in (None, "", "all"):
+        return None
+    out: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out += list(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"--layers {spec!r}: expected e.g. '15-29' or '3,5,7'") from None
+    return tuple(out)
+
+
+@dataclass(kw_only=True)
+class LoraRun(TextRun):
+    """Settings of ``sparkformer bricks lora``; the brick's defaults are :class:`LoRAConfig`'s."""
+
+    targets: tuple[str, ...] = arg(LoRAConfig.targets, "projections to adapt: names (q_proj,v_proj,...) or the "
+                                                       "groups attn, ffn, all")
+    layers: tuple[int, ...] | None = arg(LoRAConfig.layers, "layers to adapt, e.g. '15-29' (default: all)",
+                                         parse=parse_layers)
+    rank: int = arg(LoRAConfig.r, "LoRA rank r")
+    alpha: float = arg(LoRAConfig.alpha, "LoRA alpha (scaling = alpha / r)")
+    steps: int = arg(30, "training steps per brick")
+    lr: float = arg(1e-3, "AdamW learning rate")
+    batch_size: int = arg(2, "windows per training step")
+    seq_len: int = arg(128, "tokens per training window (and per held-out text)")
+    train_per_capability: int = arg(24, "training texts per capability")
+    heldout_per_capability: int = arg(8, "held-out texts per capability")
+
+
+def run_lora(run: LoraRun, model: nn.Module | None = None, tokenizer: Any = None, capset=None,
+             log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Python API of ``sparkformer bricks lora``: train one LoRA brick per capability (base frozen), save each in
+    PEFT format under ``run.out/bricks/<capability>`` (their texts in ``texts.json``), and measure held-out
+    perplexity of each capability without and with its brick."""
+    t0 = start(run)
+    out = Path(run.out)
+    cfg = LoRAConfig(r=run.rank, alpha=run.alpha, targets=run.targets, layers=run.layers)
+    m, tok, name, description = load_model(run.model, model, tokenizer, freeze=True, log=log)
+    cs = capset or run.capability_set(run.train_per_capability, run.heldout_per_capability, 6 * run.seq_len)
+    train, held = cs.texts("score"), cs.texts("heldout")
+    write_json(out / "texts.json", {"train": train, "heldout": held, "seed": run.seed}, indent=0)
+    caps = list(train)
+    res: dict[str, Any] = {"model": name, "model_note": description or name,
+                           "config": {**vars(cfg), "steps": run.steps, "lr": run.lr, "batch_size": run.batch_size,
+                                      "seq_len": run.seq_len, "threads": torch.get_num_threads()},
+                           "capabilities": {}}
+    curves, bricks = {}, {}
+    for cap in caps:
+        t = time.time()
+        windows = token_windows(tok, train[cap], run.seq_len)
+        log(f"[{cap}] {windows.shape[0]} windows of {run.seq_len} tokens, {run.steps} steps")
+        brick, tl = train_lora(m, tok, [], cfg, run.steps, run.lr, run.batch_size, run.seq_len, run.seed, name=cap,
+                               log=log, windows=windows)
+        brick.meta.update({"capability": cap, "base_model": name, "description": cs.description.get(cap, "")})
+        brick.save(out / "bricks" / cap, base_model_name_or_path=name)
+        bricks[cap] = brick
+        curves[cap] = tl.losses
+        held_tokens = encode(tok, held[cap], run.seq_len)
+        base_ppl = perplexity(m, held_tokens)
+        with brick.attached(m):
+            brick_ppl = perplexity(m, held_tokens)
+        k = max(1, min(5, len(tl.losses) // 2))
+        res["capabilities"][cap] = {"train_windows": int(windows.shape[0]), "trainable_params": tl.trainable_params,
+                                    "train_seconds": tl.seconds, "first_loss": sum(tl.losses[:k]) / k,
+                                    "last_loss": sum(tl.losses[-k:]) / k, "losses": tl.losses,
+                                    "ppl_base": base_ppl, "ppl_brick": brick_ppl}
+        log(f"[{cap}] ppl {base_ppl:.2f} -> {brick_ppl:.2f} ({time.time() - t:.0f} s)")
+    res.update(_check_formats(m, out, bricks[caps[0]], encode(tok, held[caps[0]][:1], 64)[0]))
+    n_par = next(iter(res["capabilities"].values()))["trainable_params"]
+    notes = (f"LoRA r={run.rank}, alpha={run.alpha}, targets {','.join(cfg.names())}"
+             f"{'' if run.layers is None else ', layers ' + str(list(run.layers))}; {n_par / 1e6:.2f} M trainable "
+             f"parameters per brick; {run.steps} steps x {run.batch_size} x {run.seq_len} tokens, AdamW lr {run.lr}. "
+             f"Merged vs attached: max |logit diff| {res['merged_vs_attached_max_abs_diff']:.2e}; peft.PeftModel vs "
+             f"ours: {res['peft_vs_ours_max_abs_diff']}.")
+    _plot_lora(res, curves, out / "lora.png")
+    return write_results(out, res, command=command_line("lora", run), title="lora", table=lora_summary(res)[0],
+                         notes=notes, started=t0)
+
+
+def _check_formats(m: nn.Module, folder: Path, brick: LoRABrick, ids: list[int]) -> dict[str, float | None]:
+    """Max |logit difference| of the merged vs the attached brick, and of peft loading its saved folder vs ours."""
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        with brick.attached(m):
+            att = forward_logits(m, ids_t)
+        brick.merge(m)
+        mer = forward_logits(m, ids_t)
+        brick.unmerge(m)
+    out: dict[str, float | None] = {"merged_vs_attached_max_abs_diff": float((att - mer).abs().max())}
+    try:
+        import peft
+
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(m), str(folder / "bricks" / brick.name)).eval()
+        with torch.no_grad():
+            pl = forward_logits(pm.get_base_model(), ids_t)  # peft injected its layers in place; works for SparkLM
+        out["peft_vs_ours_max_abs_diff"] = float((pl - att).abs().max())
+    except ImportError:
+        out["peft_vs_ours_max_abs_diff"] = None
+    return out
+
+
+def _plot_lora(res: dict[str, Any], curves: dict[str, list[float]], path: Path) -> None:
+    caps = list(res["capabilities"])
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for c, ls in curves.items():
+        ax[0].plot(ls, label=c)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("train loss")
+    ax[0].legend()
+    x = range(len(caps))
+    ax[1].bar([i - 0.2 for i in x], [res["capabilities"][c]["ppl_base"] for c in caps], 0.4, label="base")
+    ax[1].bar([i + 0.2 for i in x], [res["capabilities"][c]["ppl_brick"] for c in caps], 0.4, label="+ own brick")
+    ax[1].set_xticks(list(x), caps, rotation=20)
+    ax[1].set_ylabel("held-out perplexity")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def lora_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The table of a lora result (per capability: training, perplexity without / with its brick), and its
+    headline numbers."""
+    rows = [[c, r["train_windows"], f"{r['first_loss']:.2f} -> {r['last_loss']:.2f}", r["ppl_base"], r["ppl_brick"],
+             f"{100 * (r['ppl_brick'] / r['ppl_base'] - 1):+.1f}%", f"{r['train_seconds']:.0f}"]
+            for c, r in res["capabilities"].items()]
+    table = md_table(["capability", "train windows", "train loss (first / last 5 steps)", "held-out ppl base",
+                      "ppl with brick", "change", "train s"], rows)
+    caps = res["capabilities"].values()
+    return table, {"op": "lora", "model": res["model"],
+                   "mean_ppl_change_pct": sum(100 * (r["ppl_brick"] / r["ppl_base"] - 1) for r in caps) / len(caps),
+                   "merged_vs_attached_max_abs_diff": res["merged_vs_attached_max_abs_diff"]}
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "lora", LoraRun, run_lora,
+                help="train one LoRA brick per capability (base frozen), save in PEFT format",
+                description=run_lora.__doc__, summary=lora_summary)

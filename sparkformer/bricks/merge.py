@@ -18,6 +18,9 @@ restoring the exact old weights), saved as safetensors, or factored back into a 
 
 Compatibility is checked first and refused with a message: the same architecture, the same parameter shapes, the
 same tokenizer (sha256 of the vocabulary) for every input.
+
+``sparkformer bricks merge`` (:func:`run_merge`) merges the bricks of ``sparkformer bricks lora`` by each method and
+compares held-out perplexity on every capability.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,8 +36,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from sparkformer.bricks.lora import LoRABrick, LoRAConfig, model_fingerprint, tokenizer_fingerprint
-from sparkformer.bricks.neurons import architecture
+from sparkformer.bricks.adapter import architecture, model_fingerprint
+from sparkformer.bricks.experiment import (ModelRun, add_command, arg, command_line, csv, load_model, log, md_table,
+                                           pyplot, start, write_results)
+from sparkformer.bricks.lm import perplexity_from, sequence_nll
+from sparkformer.bricks.lora import LoRABrick, LoRAConfig, load_lora_run
+from sparkformer.bricks.tokens import encode, tokenizer_fingerprint
 
 
 class IncompatibleBricks(ValueError):
@@ -377,3 +385,126 @@ def merge_models(base: nn.Module, finetuned: Sequence[nn.Module], weights: Seque
     merged = merge_deltas([d.deltas for d in deltas], weights, method, **params)
     return DeltaBrick(merged, {**deltas[0].meta, "method": method, "params": method_params(method, params),
                                "inputs": names, "weights": list(weights or [1.0] * len(finetuned))})
+
+
+# ---- the experiment: `sparkformer bricks merge` ---------------------------------------------------------------------
+def weight_list(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in csv(s))
+
+
+@dataclass(kw_only=True)
+class MergeRun(ModelRun):
+    """Settings of ``sparkformer bricks merge``."""
+
+    bricks_dir: str = arg(help="the --out folder of `sparkformer bricks lora`", required=True)
+    methods: tuple[str, ...] = arg(("linear", "task_arithmetic", "ties", "dare"), "comma list of registered merge "
+                                                                                 "methods", parse=csv)
+    weights: tuple[float, ...] | None = arg(None, "comma list, one weight per brick (default: all 1)",
+                                            parse=weight_list)
+    scale: float = arg(0.5, "lambda of task_arithmetic and dare")
+    density: float = arg(0.5, "TIES: fraction of each delta kept")
+    drop: float = arg(0.5, "DARE: drop probability")
+    negate: str | None = arg(None, "also evaluate base minus this brick (unlearning by subtraction)")
+    save: bool = arg(False, "save each merge as a PEFT LoRA (SVD, rank 8 x bricks)")
+    seq_len: int = arg(128, "tokens per held-out text (at most)")
+
+
+def run_merge(run: MergeRun, model: nn.Module | None = None, tokenizer: Any = None,
+              log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Python API of ``sparkformer bricks merge``: perplexity on every capability of the base, each single brick,
+    each merge of all bricks, and (``negate``) the base minus one brick (task-arithmetic subtraction)."""
+    t0 = start(run)
+    for meth in run.methods:
+        get_method(meth)
+    bs, _, held = load_lora_run(run.bricks_dir)
+    names = list(bs)
+    if run.negate is not None and run.negate not in bs:
+        raise ValueError(f"--negate {run.negate!r}: no such brick; bricks: {', '.join(names)}")
+    w = list(run.weights) if run.weights else [1.0] * len(names)
+    if len(w) != len(names):
+        raise ValueError(f"--weights has {len(w)} values for {len(names)} bricks ({', '.join(names)})")
+    m, tok, name, _ = load_model(run.model, model, tokenizer, freeze=True, log=log)
+    out = Path(run.out)
+    caps = [c for c in held if c in bs] or list(held)
+    tokens = {c: encode(tok, held[c], run.seq_len) for c in caps}
+
+    def ppl_row() -> dict[str, float]:
+        row = {c: perplexity_from(*sequence_nll(m, tokens[c])) for c in caps}
+        row["mean"] = sum(row[c] for c in caps) / len(caps)
+        return row
+
+    t = time.time()
+    table_rows: dict[str, dict[str, float]] = {"base": ppl_row()}
+    log(f"base: {table_rows['base']['mean']:.2f} ({time.time() - t:.0f} s)")
+    for n, b in bs.items():
+        with b.attached(m):
+            table_rows[f"brick {n}"] = ppl_row()
+        log(f"brick {n}: " + " ".join(f"{c}={table_rows[f'brick {n}'][c]:.2f}" for c in caps))
+    params = {"linear": {}, "task_arithmetic": {"scale": run.scale}, "ties": {"density": run.density, "scale": 1.0},
+              "dare": {"drop": run.drop, "scale": run.scale, "seed": run.seed}}
+    info = {}
+    for meth in run.methods:
+        tm = time.time()
+        merged = merge_bricks([bs[n] for n in names], w, meth, **params.get(meth, {}))
+        merged.apply(m)
+        try:
+            table_rows[f"merged {meth}"] = ppl_row()
+        finally:
+            merged.remove(m)
+        info[meth] = {"params": merged.meta["params"], "seconds": time.time() - tm}
+        if run.save:
+            lora, err = merged.to_lora(rank=8 * len(names))
+            lora.meta["base_model"] = name
+            lora.save(out / "merged" / meth, base_model_name_or_path=name)
+            info[meth]["saved_lora_rank"] = 8 * len(names)
+            info[meth]["saved_lora_rel_error"] = err
+        log(f"merged {meth}: mean {table_rows[f'merged {meth}']['mean']:.2f} ({time.time() - tm:.0f} s)")
+    if run.negate:
+        neg = merge_bricks([bs[run.negate]], [-1.0], "task_arithmetic")
+        neg.apply(m)
+        try:
+            table_rows[f"base - {run.negate}"] = ppl_row()
+        finally:
+            neg.remove(m)
+    best_single = {c: min(table_rows[f"brick {n}"][c] for n in names) for c in caps}
+    res = {"model": name, "bricks": names, "weights": w, "methods": info, "perplexity": table_rows,
+           "best_single_brick": best_single, "seconds": time.time() - t}
+    notes = (f"Merging {len(names)} LoRA bricks ({', '.join(names)}) with weights {w} through their exact dense "
+             f"deltas; task_arithmetic and dare use scale {run.scale}, ties density {run.density}, dare drop "
+             f"{run.drop}. Rows 'brick X' attach one brick. Held-out perplexity, lower is better.")
+    _plot_merge(table_rows, caps, out / "merge.png")
+    return write_results(out, res, command=command_line("merge", run), title="merge", table=merge_summary(res)[0],
+                         notes=notes, started=t0)
+
+
+def _plot_merge(table_rows: dict[str, dict[str, float]], caps: list[str], path: Path) -> None:
+    plt = pyplot()
+    keys, base = list(table_rows), table_rows["base"]
+    mat = torch.tensor([[table_rows[k][c] / base[c] for c in caps] for k in keys])
+    fig, ax = plt.subplots(figsize=(1.4 * len(caps) + 3, 0.45 * len(keys) + 1.5))
+    ax.imshow(mat.numpy(), cmap="RdYlGn_r", vmin=0.5, vmax=1.5)
+    ax.set_xticks(range(len(caps)), caps, rotation=20)
+    ax.set_yticks(range(len(keys)), keys)
+    for a in range(len(keys)):
+        for b in range(len(caps)):
+            ax.text(b, a, f"{float(mat[a, b]):.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title("held-out perplexity / base")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def merge_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The perplexity table of a merge result (rows: base, bricks, merges; columns: capabilities), and its
+    headline numbers."""
+    caps = list(res["best_single_brick"])
+    rows = [[k] + [v[c] for c in caps] + [v["mean"]] for k, v in res["perplexity"].items()]
+    return md_table(["model"] + caps + ["mean"], rows), {
+        "op": "merge", "model": res["model"], "mean_ppl": {k: v["mean"] for k, v in res["perplexity"].items()}}
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "merge", MergeRun, run_merge,
+                help="merge LoRA bricks (linear, task arithmetic, TIES, DARE); perplexity table",
+                description=run_merge.__doc__, summary=merge_summary)

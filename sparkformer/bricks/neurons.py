@@ -26,6 +26,8 @@ from typing import Callable, Iterator, Mapping, Union
 import torch
 import torch.nn as nn
 
+from sparkformer.bricks.adapter import architecture, is_conv1d, is_topk_ffn
+
 SUPPORTED_ARCHITECTURES = (
     "gated FFNs (gate_proj/up_proj/down_proj): Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 families; "
     "plain FFNs: GPT-2 (c_fc/c_proj), GPT-NeoX/Pythia and Falcon (dense_h_to_4h/dense_4h_to_h), OPT and Phi "
@@ -47,7 +49,7 @@ _SKIP_PARTS = ("vision", "visual", "image", "audio", "speech")
 def _weight_out_in(mod: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features); GPT-2's Conv1D stores it transposed."""
     w = mod.weight
-    return w.t() if type(mod).__name__ == "Conv1D" else w
+    return w.t() if is_conv1d(mod) else w
 
 
 @dataclass
@@ -106,7 +108,7 @@ def find_ffn_layers(model: nn.Module) -> list[FFNNeurons]:
     layers = []
     for i, (name, kind, mod, ins, down) in enumerate(found):
         gate, up = (ins[0], ins[1]) if len(ins) == 2 else (None, ins[0])
-        if type(mod).__module__ == "sparkformer.model" and getattr(mod, "kind", None) == "topk":
+        if is_topk_ffn(mod):
             kind = "topk"
         layers.append(FFNNeurons(i, name, kind, mod, down, up, gate))
     n_expected = _num_hidden_layers(model)
@@ -124,12 +126,6 @@ def _num_hidden_layers(model: nn.Module) -> int | None:
             if isinstance(v, int):
                 return v
     return None
-
-
-def architecture(model: nn.Module) -> str:
-    """A short name: the HF ``model_type`` (e.g. 'llama'), or 'sparkformer' for our SparkLM."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    return mt if isinstance(mt, str) else ("sparkformer" if type(model).__name__ == "SparkLM" else type(model).__name__)
 
 
 ActivationFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]

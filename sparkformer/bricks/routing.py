@@ -19,7 +19,9 @@ Selection (``select``) turns scores into a bool mask over units, per token:
 
 ``fraction >= 1`` selects everything. :func:`route` applies one router per layer to a model by zeroing the
 activation (input of the down projection) of the unselected neurons; with everything selected the output is
-bit-identical to the model's.
+bit-identical to the model's. A decode engine asks :meth:`Router.decode_form` for a router it can run itself.
+Fitting routers on recorded FFN inputs: :mod:`sparkformer.bricks.ffn_inputs`, :mod:`sparkformer.bricks.brick_routers`,
+:mod:`sparkformer.bricks.sparkify`; measuring them: :mod:`sparkformer.bricks.router_eval`.
 
 The LowRankPredictor (scores for the lead's "predicted gated FFN" decode kernel)::
 
@@ -45,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.ops.stat_topk import exact_topk, stat_threshold, stat_topk
+from sparkformer.ops.stat_topk import exact_topk, stat_threshold, stat_topk, stat_z
 
 SELECT_METHODS = ("topk", "stat")
 UNITS = ("neuron", "brick")
@@ -156,6 +158,11 @@ class Router(nn.Module):
     def indices(self, mask: torch.Tensor) -> list[torch.Tensor]:
         """The selected unit indices of each row of a 2-D mask (a ragged list; for decode-style consumers)."""
         return [row.nonzero().flatten() for row in mask.reshape(-1, mask.shape[-1])]
+
+    def decode_form(self, dtype: torch.dtype) -> tuple | None:
+        """The tensors a decode engine computes this router's selection from without calling it, or None (the
+        engine then calls :meth:`neuron_mask`). Only :class:`LowRankPredictor` has one."""
+        return None
 
     # ---- persistence --------------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -343,6 +350,18 @@ class LowRankPredictor(Router):
     def cost(self, d_model: int) -> int:
         """Multiply-adds per token of the scores (the predictor's share of a decode step)."""
         return (self.rank * d_model if self.A is not None else 0) + self.B.numel()
+
+    def decode_form(self, dtype: torch.dtype) -> tuple | None:
+        """``(A, B, n_neurons, z, act)`` (A, B contiguous in ``dtype``) for a neuron-level 'gate_up' predictor with
+        an input map A, no bias and statistical selection of a fraction below 1: the engine scores
+        ``s = |act(g) * u|, [g; u] = B (A x)`` and keeps ``s > mean(s) + z * std(s)``, ``z = ndtri(1 - f)`` with f
+        the calibrated ``stat_fraction`` (else ``fraction``). None for every other configuration."""
+        if not (type(self) is LowRankPredictor and self.groups is None and self.A is not None and self.bias is None
+                and self.output == "gate_up" and self.method == "stat" and self.fraction < 1.0):
+            return None
+        f = min(1.0, self.stat_fraction if self.stat_fraction is not None else self.fraction)
+        return (self.A.detach().to(dtype).contiguous(), self.B.detach().to(dtype).contiguous(), self.n_neurons,
+                stat_z(f), ACTS[self.act])
 
     def config(self):
         return {**super().config(), "input": self.input, "output": self.output, "act": self.act, "rank": self.rank,
@@ -551,102 +570,3 @@ def oracle_routers(view, partition=None, indicator: str = "output", **kw) -> lis
 def random_routers(view, partition=None, seed: int = 0, **kw) -> list[RandomRouter]:
     return [RandomRouter(view[i].n_neurons, None if partition is None else partition.assign[i], seed + i, **kw)
             for i in range(len(view))]
-
-
-# ---- recorded data for training routers --------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def layer_activation(layer, x: torch.Tensor) -> torch.Tensor:
-    """The activation (input of the down projection) of FFN ``layer`` for inputs x (..., d), for any architecture
-    :class:`~sparkformer.bricks.neurons.NeuronView` reads: runs the FFN module and stops at its down projection."""
-    got: dict[str, torch.Tensor] = {}
-
-    def pre(_mod, args):
-        got["a"] = args[0]
-        raise _Stop
-
-    h = layer.down.register_forward_pre_hook(pre)
-    try:
-        with torch.no_grad():
-            p = next(layer.module.parameters())
-            layer.module(x.to(p.dtype))
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    if "a" not in got:
-        raise RuntimeError(f"FFN layer {layer.layer} ({layer.name}) did not reach its down projection")
-    return got["a"]
-
-
-def record_ffn_inputs(model: nn.Module, view, token_lists: Sequence[Sequence[int]], batch_size: int = 8,
-                      skip_ids: set[int] = frozenset(), dtype: torch.dtype = torch.bfloat16,
-                      progress: bool = False) -> list[torch.Tensor]:
-    """Per FFN layer, the inputs x (tokens, d) the FFN sees on the real tokens of ``token_lists`` (dense model),
-    stored as ``dtype``; tokens come in batch order (prompts grouped by length), the same order for every layer."""
-    from sparkformer.bricks.analysis import _progress, batches, forward_logits
-
-    out: list[list[torch.Tensor]] = [[] for _ in range(len(view))]
-    parts: list[dict[int, torch.Tensor]] = []
-    state: dict[str, torch.Tensor] = {}
-
-    def make(i: int):
-        def pre(_mod, args):
-            state.setdefault("cur", {})[i] = args[0].detach()[state["valid"]].to(dtype)
-        return pre
-
-    handles = [layer.module.register_forward_pre_hook(make(layer.layer)) for layer in view]
-    try:
-        with torch.inference_mode():
-            for idx, ids, valid in _progress(batches(token_lists, batch_size), None, "record", progress):
-                if skip_ids:
-                    valid = valid & ~torch.isin(ids, torch.tensor(sorted(skip_ids)))
-                state["valid"] = valid
-                state["cur"] = {}
-                forward_logits(model, ids)
-                parts.append(state["cur"])
-    finally:
-        for h in handles:
-            h.remove()
-    for p in parts:
-        for i, x in p.items():
-            out[i].append(x)
-    return [torch.cat(o) if o else torch.zeros(0, 0, dtype=dtype) for o in out]
-
-
-def fit_brick_router(layer, X: torch.Tensor, groups: torch.Tensor, hidden: int = 0, steps: int = 300,
-                     lr: float = 3e-3, batch_tokens: int = 1024, seed: int = 0, chunk: int = 4096,
-                     **select_kw) -> tuple[BrickMLPRouter, dict[str, float]]:
-    """Train a brick router on recorded FFN inputs X (tokens, d): target = each brick's share of the output
-    energy (sum of squared output magnitudes of its neurons), loss = soft cross-entropy of the router's logits
-    against that share. Returns (router, {"loss_first", "loss_last"})."""
-    groups = torch.as_tensor(groups, dtype=torch.long)
-    norms = layer.down_col_norms()
-    E = int(groups.max()) + 1
-    targets = []
-    for s in range(0, X.shape[0], chunk):  # brick energy shares, computed once
-        a = layer_activation(layer, X[s: s + chunk]).float()
-        e = _brick_reduce(a.abs() * norms, groups, E).square()
-        targets.append(e / e.sum(-1, keepdim=True).clamp_min(1e-30))
-    T = torch.cat(targets)
-    Xf = X.float()
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    router = BrickMLPRouter(X.shape[1], groups, hidden, **select_kw)  # seeded init
-    opt = torch.optim.Adam(router.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    first = last = float("nan")
-    for step in range(steps):
-        idx = torch.randint(0, Xf.shape[0], (min(batch_tokens, Xf.shape[0]),), generator=g)
-        logp = F.log_softmax(router.scores(Xf[idx]), dim=-1)
-        loss = -(T[idx] * logp).sum(-1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step == 0:
-            first = float(loss.detach())
-        last = float(loss.detach())
-    return router.eval(), {"loss_first": first, "loss_last": last}

@@ -20,22 +20,31 @@ target (the scores are far from Gaussian). The evaluation masks the dense model'
 sparsity: accuracy numbers, not speed).
 
     routers, report = sparkify_model(model, X_train, SparkifyConfig(rank=128, fraction=0.3))
+
+``sparkformer bricks sparkify`` (:func:`run_sparkify`) fits the predictors of a model, saves them, and measures
+recall and perplexity against oracle and random selection, optionally with short continued training.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from sparkformer.bricks.neurons import SUPPORTED_ARCHITECTURES, FFNNeurons, NeuronView
-from sparkformer.bricks.routing import (ACTS, LowRankPredictor, RandomRouter, Router, _brick_reduce,
-                                        layer_activation, route)
+from sparkformer.bricks.continued_training import continued_training
+from sparkformer.bricks.experiment import (DTYPES, RecordRun, add_command, arg, command_line, csv, environment,
+                                           fraction_list, load_model, log, start, write_results)
+from sparkformer.bricks.ffn_inputs import recorded_inputs
+from sparkformer.bricks.neurons import FFNNeurons, NeuronView
+from sparkformer.bricks.router_eval import (calibrate_routers, layer_recall, plot_ppl_curves, plot_recall, ppl_curve,
+                                            recall_metrics, routed_loss)
+from sparkformer.bricks.routing import (ACTS, LowRankPredictor, load_routers, oracle_routers, random_routers,
+                                        save_routers)
+from sparkformer.bricks.tokens import capability_tokens
 
 SPARKIFY_SUPPORTED = ("gated FFNs with gate_proj/up_proj/down_proj (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, "
                       "Gemma3 families) and sparkformer SparkLM GeGLU layers")
@@ -176,88 +185,6 @@ def _train_predictor(pred: LowRankPredictor, X, Wg, Wu, dn, act, cfg: SparkifyCo
     return {"train_loss_first": first, "train_loss_last": last}
 
 
-# ---- calibration and metrics ---------------------------------------------------------------------------------------
-def calibrate_stat_fraction(scores: torch.Tensor, fraction: float) -> float:
-    """The ``f`` for which statistical top-k (theta = mean + std * ndtri(1 - f)) keeps ``fraction`` of all the
-    entries of ``scores`` (T, n) on average: z = the (1 - fraction) quantile of the per-row standardised scores."""
-    if fraction >= 1.0:
-        return 1.0
-    s = scores.float()
-    mu = s.mean(-1, keepdim=True)
-    sd = (s.square().mean(-1, keepdim=True) - mu.square()).clamp_min(1e-30).sqrt()
-    ns = ((s - mu) / sd).flatten()
-    k = min(ns.numel(), max(1, round((1.0 - fraction) * ns.numel())))
-    z = float(ns.kthvalue(k).values)
-    return float(min(1.0, max(1e-6, 0.5 * math.erfc(z / math.sqrt(2.0)))))
-
-
-def _topk_mask(s: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.zeros(s.shape, dtype=torch.bool).scatter_(-1, s.topk(k, dim=-1).indices, True)
-
-
-def recall_metrics(layer: FFNNeurons, router: Router, X: torch.Tensor, fractions: Sequence[float],
-                   chunk: int = 2048) -> dict[str, Any]:
-    """How well ``router``'s scores find the true top units (by output magnitude; bricks: L2 norm of members) on
-    recorded inputs X. Per fraction f (k = round(f * units)): ``recall`` = |pred top-k ∩ true top-k| / k and
-    ``energy`` = output energy of the predicted top-k / that of the true top-k. At the router's own selection
-    (stat or top-k at its fraction): achieved fraction, recall against the true top-round(fraction * units),
-    energy ratio."""
-    norms = layer.down_col_norms()
-    U = router.n_units
-    hits = {f: 0.0 for f in fractions}
-    e_pred = {f: 0.0 for f in fractions}
-    e_true = {f: 0.0 for f in fractions}
-    own = {"kept": 0.0, "hit": 0.0, "e_sel": 0.0, "e_true": 0.0}
-    k_own = max(1, round(router.fraction * U)) if router.fraction < 1 else U
-    T = 0
-    with torch.no_grad():
-        for s0 in range(0, X.shape[0], chunk):
-            x = X[s0: s0 + chunk]
-            a = layer_activation(layer, x).float()
-            m = a.abs() * norms
-            if router.groups is not None:
-                m = _brick_reduce(m, router.groups, U)
-            s = router.scores(x.float(), a).float()
-            e = m.square()
-            for f in fractions:
-                k = max(1, round(f * U))
-                tm, pm = _topk_mask(m, k), _topk_mask(s, k)
-                hits[f] += float((tm & pm).sum())
-                e_pred[f] += float(e[pm].sum())
-                e_true[f] += float(e[tm].sum())
-            sel = router.select(s)
-            tm = _topk_mask(m, k_own)
-            own["kept"] += float(sel.sum())
-            own["hit"] += float((sel & tm).sum())
-            own["e_sel"] += float(e[sel].sum())
-            own["e_true"] += float(e[tm].sum())
-            T += x.shape[0]
-    return {
-        "fractions": list(fractions),
-        "recall": [hits[f] / max(1, T * max(1, round(f * U))) for f in fractions],
-        "energy": [e_pred[f] / max(1e-30, e_true[f]) for f in fractions],
-        "selection": {"fraction_target": router.fraction, "method": router.method,
-                      "stat_fraction": router.stat_fraction, "achieved": own["kept"] / max(1, T * U),
-                      "recall": own["hit"] / max(1, T * k_own), "energy": own["e_sel"] / max(1e-30, own["e_true"])},
-        "n_tokens": T,
-    }
-
-
-def calibrate_routers(routers: Sequence[Router], X: Sequence[torch.Tensor], fraction: float,
-                      max_tokens: int = 4096) -> list[float]:
-    """Set every router's ``fraction`` and calibrated ``stat_fraction`` (method 'stat') from recorded inputs."""
-    out = []
-    for r, x in zip(routers, X):
-        r.fraction = fraction
-        if r.method == "stat":
-            step = max(1, x.shape[0] // max_tokens)  # an even spread over the recorded tokens
-            with torch.no_grad():
-                s = r.scores(x[::step][:max_tokens].float())
-            r.stat_fraction = calibrate_stat_fraction(s, fraction)
-        out.append(r.stat_fraction)
-    return out
-
-
 def sparkify_model(model: torch.nn.Module, X: Sequence[torch.Tensor] | None, cfg: SparkifyConfig,
                    view: NeuronView | None = None, log: Callable[[str], None] | None = None,
                    ) -> tuple[list[LowRankPredictor], list[dict]]:
@@ -278,153 +205,226 @@ def sparkify_model(model: torch.nn.Module, X: Sequence[torch.Tensor] | None, cfg
     return routers, infos
 
 
-# ---- perplexity under routing ----------------------------------------------------------------------------------------
-def routed_loss(model: torch.nn.Module, token_lists: Sequence[Sequence[int]], routers=None, view=None,
-                batch_size: int = 8, **select_kw) -> dict[str, Any]:
-    """Token-weighted next-token loss and perplexity with ``routers`` applied (None: dense), and the achieved
-    fraction of active neurons (over real tokens, per layer and overall)."""
-    from sparkformer.bricks.analysis import batches, forward_logits
+# ---- the experiment: `sparkformer bricks sparkify` ------------------------------------------------------------------
+@dataclass(kw_only=True)
+class SparkifyRun(RecordRun):
+    """Settings of ``sparkformer bricks sparkify``; the predictor's defaults are :class:`SparkifyConfig`'s."""
 
-    for r in (routers or []):
-        if isinstance(r, RandomRouter):
-            r.reset()
-    nll, cnt = 0.0, 0
-    ctx = route(model, routers, view, **select_kw) if routers is not None else None
-    stats = ctx.__enter__() if ctx is not None else None
-    try:
-        with torch.inference_mode():
-            for _idx, ids, valid in batches(token_lists, batch_size):
-                if stats is not None:
-                    stats.valid = valid
-                logits = forward_logits(model, ids)[:, :-1].float()
-                tgt = ids[:, 1:].masked_fill(~valid[:, 1:], -100)
-                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                             ignore_index=-100, reduction="sum"))
-                cnt += int(valid[:, 1:].sum())
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-    loss = nll / max(1, cnt)
-    out = {"loss": loss, "ppl": math.exp(loss), "tokens": cnt}
-    if stats is not None:
-        out["active"] = stats.fraction()
-        out["active_per_layer"] = stats.per_layer()
-    return out
+    rank: int = arg(SparkifyConfig.rank, "predictor rank")
+    input: str = arg(SparkifyConfig.input, "lowrank: z = A x; split: z = x[:rank] (Spark's split of the input dims)",
+                     choices=("lowrank", "split"))
+    output: str = arg(SparkifyConfig.output, "gate_up: score |act(g) * u|; gate: the gate pre-activation",
+                      choices=("gate_up", "gate"))
+    fit: str = arg(SparkifyConfig.fit, "lsq: least squares on the recorded inputs; none: weights only",
+                   choices=("lsq", "none"))
+    train_steps: int = arg(SparkifyConfig.train_steps, "Adam steps per layer after the closed-form fit")
+    fraction: float = arg(SparkifyConfig.fraction, "target fraction of active neurons")
+    selection: str = arg(SparkifyConfig.method, "statistical (stat) or exact (topk) top-k on the scores",
+                         choices=("stat", "topk"))
+    fractions: tuple[float, ...] = arg((0.1, 0.2, 0.3, 0.5), "fractions for the perplexity curves",
+                                       parse=fraction_list)
+    baselines: tuple[str, ...] = arg(("oracle", "random"), "comma list of baselines: oracle, random", parse=csv)
+    finetune_steps: int = arg(0, "continued training steps (0: none)")
+    finetune_lr: float = arg(3e-5, "continued training learning rate")
+    finetune_objective: str = arg("kd", "kd: back to the dense model's predictions; lm: next-token loss",
+                                  choices=("kd", "lm"))
+    finetune_train: str = arg("ffn", "train the FFNs only, or every decoder parameter", choices=("ffn", "all"))
+    finetune_batch: int = arg(4, "continued training batch size (prompts)")
+    finetune_save: bool = arg(False, "save the continued-trained model (save_pretrained) under OUT/finetuned")
+    ablation: bool = arg(False, "recall of predictor variants on 5 layers")
+    predictor: str | None = arg(None, "evaluate this saved predictor.safetensors instead of fitting one (--rank "
+                                      "etc. ignored)")
 
-
-def ppl_curve(model, token_lists, routers: Sequence[Router], fractions: Sequence[float], view=None,
-              calib: Sequence[torch.Tensor] | None = None, batch_size: int = 8, dense_loss: float | None = None,
-              log: Callable[[str], None] | None = None, name: str = "") -> list[dict[str, Any]]:
-    """Perplexity at each target fraction (routers re-calibrated per fraction when they use 'stat')."""
-    pts = []
-    for f in fractions:
-        t = time.time()
-        if calib is not None:
-            calibrate_routers(routers, calib, f)
-        else:
-            for r in routers:
-                r.fraction, r.stat_fraction = f, None
-        res = routed_loss(model, token_lists, routers, view, batch_size)
-        res["fraction"] = f
-        res["seconds"] = time.time() - t
-        if dense_loss is not None:
-            res["ppl_change_pct"] = 100.0 * (math.exp(res["loss"] - dense_loss) - 1.0)
-        pts.append(res)
-        if log:
-            gap = f" ({res['ppl_change_pct']:+.1f}%)" if dense_loss is not None else ""
-            log(f"  {name:>10s} target {f:.2f} achieved {res['active']:.3f}: ppl {res['ppl']:.3f}{gap} "
-                f"[{res['seconds']:.0f} s]")
-    return pts
+    def predictor_config(self) -> SparkifyConfig:
+        return SparkifyConfig(rank=self.rank, input=self.input, output=self.output, fit=self.fit,
+                              train_steps=self.train_steps, fraction=self.fraction, method=self.selection,
+                              seed=self.seed)
 
 
-# ---- continued training ---------------------------------------------------------------------------------------------
-def continued_training(model: torch.nn.Module, routers: Sequence[Router | None], token_lists: Sequence[Sequence[int]],
-                       steps: int = 50, lr: float = 3e-5, objective: str = "kd", batch_size: int = 4,
-                       train: str = "ffn", autocast_dtype: torch.dtype | None = torch.bfloat16, seed: int = 0,
-                       log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train a copy of ``model`` (fp32 master weights, matmuls under ``autocast_dtype``) with the routers applied.
+def _ablation(view, Xtr, Xva, cfg: SparkifyConfig, log, layers: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Recall at the target fraction (exact top-k on the scores) for predictor variants, on a few layers."""
+    L = len(view)
+    layers = list(layers) if layers is not None else sorted({0, L // 4, L // 2, 3 * L // 4, L - 1})
+    variants = [("gate, svd (weights only)", dict(output="gate", fit="none")),
+                ("gate, lsq", dict(output="gate", fit="lsq")),
+                ("gate_up, svd (weights only)", dict(output="gate_up", fit="none")),
+                ("gate_up, lsq", dict(output="gate_up", fit="lsq")),
+                ("gate_up, lsq, rank/2", dict(output="gate_up", fit="lsq", rank=max(1, cfg.rank // 2))),
+                ("gate_up, lsq, rank*2", dict(output="gate_up", fit="lsq",
+                                              rank=min(cfg.rank * 2, Xtr[0].shape[1]))),
+                ("gate_up, lsq + 200 Adam steps", dict(output="gate_up", fit="lsq", train_steps=200)),
+                ("split x[:rank] K1 = W[:, :rank]", dict(input="split", output="gate", fit="none")),
+                ("split x[:rank] gate_up, lsq", dict(input="split", output="gate_up", fit="lsq"))]
+    rows = []
+    t = time.time()
+    for label, kw in variants:
+        c = replace(cfg, **kw)
+        c.method = "topk"
+        rec, en = [], []
+        for i in layers:
+            p, _ = fit_predictor(view[i], Xtr[i], c)
+            m = recall_metrics(view[i], p, Xva[i], [cfg.fraction])
+            rec.append(m["recall"][0])
+            en.append(m["energy"][0])
+        rows.append({"variant": label, "rank": c.rank, "layers": layers, "recall": sum(rec) / len(rec),
+                     "energy": sum(en) / len(en), "recall_per_layer": rec,
+                     "predictor_macs": (c.rank * Xtr[0].shape[1] if c.input == "lowrank" else 0)
+                     + c.rank * view[0].n_neurons * (2 if c.output == "gate_up" else 1)})
+        log(f"  ablation {label:34s} rank {c.rank:4d}: recall {rows[-1]['recall']:.3f} energy "
+            f"{rows[-1]['energy']:.3f} ({time.time() - t:.0f} s)")
+    return rows
 
-    ``objective``: 'lm' (next-token cross-entropy on the text) or 'kd' (KL from the original dense model's next-token
-    distribution: it only pulls the sparse model back to the dense one, so the recovered gap is not mixed with
-    adaptation to the training text). ``train``: 'ffn' (gate/up/down of every FFN) or 'all' (every decoder
-    parameter; embeddings stay frozen). Returns (trained model in the original dtype, log)."""
-    from sparkformer.bricks.analysis import batches, forward_logits
 
-    if objective not in ("lm", "kd"):
-        raise ValueError(f"objective={objective!r}; allowed: lm, kd")
-    if train not in ("ffn", "all"):
-        raise ValueError(f"train={train!r}; allowed: ffn, all")
-    dtype = next(model.parameters()).dtype
-    student = copy.deepcopy(model).float().train()
-    sview = NeuronView(student)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    if train == "ffn":
-        params = [p for layer in sview for mod in (layer.gate, layer.up, layer.down) if mod is not None
-                  for p in mod.parameters()]
+def run_sparkify(run: SparkifyRun, model: torch.nn.Module | None = None, tokenizer: Any = None, capset=None,
+                 log: Callable[[str], None] = log) -> dict[str, Any]:
+    """Python API of ``sparkformer bricks sparkify``: predictors, recall, perplexity vs active fraction, optional
+    continued training. Writes ``predictor.safetensors`` + ``predictor.json`` (see :mod:`sparkformer.bricks.routing`
+    for the tensors), ``results.json`` and plots under ``run.out``."""
+    t0 = start(run)
+    out = Path(run.out)
+    cfg = run.predictor_config()
+    dt = DTYPES[run.dtype]
+    model, tokenizer, name, _ = load_model(run.model, model, tokenizer, run.dtype, log=log)
+    view = NeuronView(model)
+    check_sparkify_supported(view)
+    cfg.validate(None if run.predictor is not None else view[0].up_rows().shape[1])
+    fractions = sorted(set(fraction_list(run.fractions)) | {cfg.fraction})
+    d = capability_tokens(tokenizer, capset or run.prompts(), run.max_tokens)
+    timings: dict[str, float] = {}
+    t = time.time()
+    Xtr, Xva = recorded_inputs(model, view, d, run.batch_size, run.record_cache)
+    timings["record"] = time.time() - t
+    log(f"recorded FFN inputs: {Xtr[0].shape[0]} train + {Xva[0].shape[0]} val tokens x {len(Xtr)} layers "
+        f"({timings['record']:.0f} s)")
+    t = time.time()
+    if run.predictor is not None:  # re-evaluate a saved predictor (its fraction/stat_fraction are re-calibrated)
+        preds, _ = load_routers(run.predictor)
+        if len(preds) != len(view) or any(p.n_neurons != layer.n_neurons for p, layer in zip(preds, view)):
+            raise ValueError(f"{run.predictor}: does not match the model's FFN layers")
+        cfg = replace(cfg, rank=preds[0].rank, input=preds[0].input, output=preds[0].output,
+                      method=preds[0].method)
+        calibrate_routers(preds, Xtr, cfg.fraction)
+        infos = [{"loaded": str(run.predictor)} for _ in preds]
     else:
-        emb = {id(p) for m in student.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-        params = [p for p in student.parameters() if id(p) not in emb]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 *
-                                              (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(token_lists), generator=g).tolist()
-    losses = []
-    n_tokens = 0
-    t0 = time.time()
-    use_ac = autocast_dtype is not None
-    with route(student, routers, sview) as stats:
-        step = 0
-        while step < steps:
-            for _idx, ids, valid in batches([token_lists[i] for i in order], batch_size):
-                if step >= steps:
-                    break
-                stats.valid = valid
-                if objective == "kd":
-                    with torch.inference_mode():
-                        t_logp = F.log_softmax(forward_logits(model, ids)[:, :-1].float(), -1)
-                    t_logp = t_logp.clone()
-                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=use_ac):
-                    logits = forward_logits(student, ids)[:, :-1].float()
-                m = valid[:, 1:]
-                if objective == "lm":
-                    tgt = ids[:, 1:].masked_fill(~m, -100)
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
-                else:
-                    logp = F.log_softmax(logits, -1)
-                    kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
-                    loss = kl[m].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                n_tokens += int(valid.sum())
-                step += 1
-                if log and (step % 10 == 0 or step == steps):
-                    recent = losses[-10:]
-                    log(f"  continued training step {step}/{steps}: {objective} loss "
-                        f"{sum(recent) / len(recent):.4f} ({time.time() - t0:.0f} s)")
-            order = torch.randperm(len(token_lists), generator=g).tolist()
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    info = {"steps": steps, "lr": lr, "objective": objective, "train": train, "batch_size": batch_size,
-            "tokens": n_tokens,
-            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-5:]) / max(1, len(losses[-5:])),
-            "losses": losses, "seconds": time.time() - t0,
-            "autocast": str(autocast_dtype).replace("torch.", "") if use_ac else None}
-    return student.to(dtype), info
+        preds, infos = sparkify_model(model, Xtr, cfg, view, log)
+    timings["fit"] = time.time() - t
+    dm = view[0].up_rows().shape[1]
+    n = view[0].n_neurons
+    dense_macs = 3 * dm * n
+    pred_macs = preds[0].cost(dm)
+    meta = {"model": name, "architecture": view.arch, "act": preds[0].act, "d_model": dm, "n_neurons": n,
+            "n_layers": len(view), "config": asdict(cfg),
+            "score": ("s = |act(g) * u|, [g; u] = B (A x)" if cfg.output == "gate_up" else "s = B (A x)")
+            if cfg.input == "lowrank" else
+            ("s = |act(g) * u|, [g; u] = B x[dims]" if cfg.output == "gate_up" else "s = B x[dims]"),
+            "select": {"method": cfg.method, "target_fraction": cfg.fraction,
+                       "stat_fraction_per_layer": [p.stat_fraction for p in preds]},
+            "ffn": "predicted gated FFN: for kept i, h_i = act(W_gate[i] x) * (W_up[i] x); y = W_down[:, kept] h",
+            "macs_per_token": {"predictor": pred_macs, "dense_ffn": dense_macs,
+                               "sparse_ffn_at_target": pred_macs + round(cfg.fraction * dense_macs)}}
+    save_routers(out / "predictor", preds, meta)
+    log(f"predictors fitted and saved ({timings['fit']:.0f} s); predictor {pred_macs} MACs/token/layer = "
+        f"{100 * pred_macs / dense_macs:.1f}% of the dense FFN")
+    t = time.time()  # recall on validation tokens
+    per, mean = layer_recall(view, preds, Xva, fractions)
+    sel = [p["selection"] for p in per]
+    recall = {**mean, "at_target": {k: sum(s[k] for s in sel) / len(sel) for k in ("achieved", "recall", "energy")},
+              "per_layer": per}
+    timings["recall"] = time.time() - t
+    log(f"recall of the true top-{cfg.fraction:.0%} neurons (val tokens): {recall['at_target']['recall']:.3f} at "
+        f"achieved {recall['at_target']['achieved']:.3f} (stat top-k), energy {recall['at_target']['energy']:.3f}")
+    abl = _ablation(view, Xtr, Xva, cfg, log) if run.ablation else None
+    t = time.time()  # perplexity curves
+    dense = routed_loss(model, d["heldout"], None, view, run.batch_size)
+    log(f"dense: ppl {dense['ppl']:.3f} on {dense['tokens']} held-out tokens ({time.time() - t:.0f} s)")
+    curves: dict[str, list] = {}
+    curves["predictor"] = ppl_curve(model, d["heldout"], preds, fractions, view, Xtr, run.batch_size, dense["loss"],
+                                    log, "predictor")
+    calibrate_routers(preds, Xtr, cfg.fraction)  # back to the target
+    if "oracle" in run.baselines:
+        curves["oracle"] = ppl_curve(model, d["heldout"], oracle_routers(view, method="topk"), fractions, view, None,
+                                     run.batch_size, dense["loss"], log, "oracle")
+    if "random" in run.baselines:
+        curves["random"] = ppl_curve(model, d["heldout"], random_routers(view, seed=run.seed, method="topk"),
+                                     fractions, view, None, run.batch_size, dense["loss"], log, "random")
+    timings["curves"] = time.time() - t
+    at = next(p for p in curves["predictor"] if p["fraction"] == cfg.fraction)
+    finetune = _finetune(run, model, tokenizer, preds, d, at, dense, dt, out, log) if run.finetune_steps > 0 else None
+    timings["total"] = time.time() - t0
+    summary = {"model": name, "dense_ppl": dense["ppl"], "target_fraction": cfg.fraction,
+               "achieved_fraction": at["active"], "ppl": at["ppl"], "ppl_change_pct": at["ppl_change_pct"],
+               "recall": recall["at_target"]["recall"], "energy": recall["at_target"]["energy"],
+               "oracle_ppl_change_pct": next((p["ppl_change_pct"] for p in curves.get("oracle", [])
+                                              if p["fraction"] == cfg.fraction), None),
+               "predictor_macs_pct_of_dense_ffn": 100 * pred_macs / dense_macs}
+    if finetune:
+        summary["after_training_ppl_change_pct"] = finetune["after"]["ppl_change_pct"]
+        summary["gap_recovered"] = finetune["gap_recovered"]
+    res = {"command": command_line("sparkify", run), "model": name, "environment": environment(dt),
+           "config": asdict(cfg), "data": {k: d[k] for k in ("capabilities", "descriptions", "tokens", "prompts")},
+           "predictor": meta, "fit": infos, "recall": recall, "ablation": abl, "dense": dense, "curves": curves,
+           "finetune": finetune, "summary": summary, "timings_s": timings}
+    write_results(out, res, command=res["command"])
+    extra = {}
+    if finetune:
+        extra[f"predictor + {run.finetune_steps} steps {run.finetune_objective}"] = finetune["after"]
+    plot_ppl_curves(curves, dense["ppl"], out / "sparkify_ppl.png",
+                    f"{name}: neuron granularity (predictor rank {cfg.rank}, {cfg.input}/{cfg.output}, "
+                    f"{cfg.method} top-k)", extra, (cfg.fraction, 5.0))
+    plot_recall({"recall (stat top-k at target)": [s["recall"] for s in sel],
+                 "output energy kept / oracle's": [s["energy"] for s in sel]}, out / "sparkify_recall.png",
+                f"{name}: predictor vs true top-{cfg.fraction:.0%} neurons per layer (val tokens)", "fraction")
+    return res
 
 
-def config_dict(cfg: SparkifyConfig) -> dict[str, Any]:
-    return asdict(cfg)
+def _finetune(run: SparkifyRun, model, tokenizer, preds, d, at, dense, dt, out: Path, log) -> dict[str, Any]:
+    """Continued training with the predictors applied; perplexity before / after (and the model saved)."""
+    t = time.time()
+    trained, ft = continued_training(model, preds, d["train"], run.finetune_steps, run.finetune_lr,
+                                     run.finetune_objective, run.finetune_batch, run.finetune_train,
+                                     torch.bfloat16 if dt == torch.bfloat16 else None, run.seed, log)
+    after = routed_loss(trained, d["heldout"], preds, NeuronView(trained), run.batch_size)
+    dense_after = routed_loss(trained, d["heldout"], None, NeuronView(trained), run.batch_size)
+    if run.finetune_save:
+        if not hasattr(trained, "save_pretrained"):
+            raise ValueError(f"--finetune-save: {type(trained).__name__} has no save_pretrained")
+        trained.save_pretrained(out / "finetuned")
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(out / "finetuned")
+    gap_before, gap_after = at["loss"] - dense["loss"], after["loss"] - dense["loss"]
+    finetune = {**{k: v for k, v in ft.items() if k != "losses"}, "loss_curve": ft["losses"],
+                "before": {"ppl": at["ppl"], "active": at["active"], "ppl_change_pct": at["ppl_change_pct"]},
+                "after": {"ppl": after["ppl"], "active": after["active"],
+                          "ppl_change_pct": 100 * (math.exp(gap_after) - 1)},
+                "dense_model_after_training_ppl": dense_after["ppl"],
+                "gap_recovered": 1 - gap_after / gap_before if gap_before > 0 else None,
+                "seconds_total": time.time() - t}
+    log(f"continued training ({run.finetune_objective}, {run.finetune_steps} steps, {ft['tokens']} tokens, "
+        f"{ft['seconds']:.0f} s): ppl {at['ppl']:.3f} -> {after['ppl']:.3f} at {after['active']:.3f} active "
+        f"({finetune['after']['ppl_change_pct']:+.1f}% vs dense; gap recovered "
+        f"{100 * (finetune['gap_recovered'] or 0):.0f}%)")
+    return finetune
 
 
-__all__ = ["SparkifyConfig", "SPARKIFY_SUPPORTED", "SUPPORTED_ARCHITECTURES", "fit_predictor", "sparkify_model",
-           "calibrate_stat_fraction", "calibrate_routers", "recall_metrics", "routed_loss", "ppl_curve",
-           "continued_training", "gated_parts", "detect_act"]
+def sparkify_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The perplexity table of a sparkify result, and its headline numbers."""
+    s, cfg = res["summary"], res["config"]
+    lines = [f"\n{s['model']}: dense ppl {s['dense_ppl']:.3f}; predictor rank {cfg['rank']} "
+             f"({s['predictor_macs_pct_of_dense_ffn']:.1f}% of a dense FFN's MACs)",
+             f"{'method':>10s} {'target':>7s} {'achieved':>9s} {'ppl':>8s} {'change':>8s}"]
+    lines += [f"{m:>10s} {p['fraction']:7.2f} {p['active']:9.3f} {p['ppl']:8.3f} {p['ppl_change_pct']:+7.1f}%"
+              for m, pts in res["curves"].items() for p in pts]
+    if res["finetune"]:
+        f = res["finetune"]["after"]
+        lines.append(f"{'+train':>10s} {cfg['fraction']:7.2f} {f['active']:9.3f} {f['ppl']:8.3f} "
+                     f"{f['ppl_change_pct']:+7.1f}%")
+    return "\n".join(lines), {**s, "seconds": res["timings_s"]["total"]}
+
+
+def add_cli(subparsers) -> None:
+    add_command(subparsers, "sparkify", SparkifyRun, run_sparkify,
+                help="Spark-style sparse inference for a gated-FFN model: predictor + stat top-k",
+                description="Fit a low-rank neuron predictor per layer (truncated SVD / Spark split, least squares "
+                            "on recorded pre-activations), calibrate statistical top-k, report recall and perplexity "
+                            "vs active fraction (oracle, predictor, random); optional short continued training.",
+                summary=sparkify_summary)

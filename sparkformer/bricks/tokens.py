@@ -51,7 +51,8 @@ def token_windows(tokenizer: Any, texts: Sequence[str], seq_len: int) -> torch.T
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def batches(token_lists: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def batches(token_lists: Sequence[Sequence[int]], batch_size: int
+            ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(indices, ids (B, T), valid (B, T) bool), right-padded with 0; prompts are grouped by length."""
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     for s in range(0, len(order), batch_size):
@@ -66,6 +67,21 @@ def batches(token_lists: Sequence[Sequence[int]], batch_size: int) -> Iterator[t
         yield idx, ids, valid
 
 
+def capability_tokens(tokenizer: Any, capset: Any, max_tokens: int, val_every: int = 10) -> dict[str, Any]:
+    """The prompts of a :class:`~sparkformer.bricks.capabilities.CapabilitySet` as token lists: ``train`` (scoring
+    prompts but every ``val_every``-th), ``val`` (those), ``heldout`` (held-out prompts of at least 2 tokens), and
+    ``skip`` (the special token ids), with the capabilities, their descriptions and token / prompt counts."""
+    score = encode(tokenizer, [p.text for p in capset.score], max_tokens)
+    held = encode(tokenizer, [p.text for p in capset.heldout], max_tokens)
+    val = [t for i, t in enumerate(score) if i % val_every == val_every - 1]
+    train = [t for i, t in enumerate(score) if i % val_every != val_every - 1]
+    held = [t for t in held if len(t) >= 2]
+    return {"train": train, "val": val, "heldout": held, "skip": special_ids(tokenizer),
+            "capabilities": capset.capabilities, "descriptions": capset.description,
+            "tokens": {"train": sum(map(len, train)), "val": sum(map(len, val)), "heldout": sum(map(len, held))},
+            "prompts": {"train": len(train), "val": len(val), "heldout": len(held)}}
+
+
 def real_tokens(ids: torch.Tensor, valid: torch.Tensor, skip_ids: set[int]) -> torch.Tensor:
     """``valid`` without the positions holding one of ``skip_ids`` (special tokens such as <bos>)."""
     if not skip_ids:
@@ -73,7 +89,7 @@ def real_tokens(ids: torch.Tensor, valid: torch.Tensor, skip_ids: set[int]) -> t
     return valid & ~torch.isin(ids, torch.tensor(sorted(skip_ids)))
 
 
-def progress(iterable: Iterable, total: int | None, desc: str, enabled: bool) -> Iterable:
+def progress_bar(iterable: Iterable, total: int | None, desc: str, enabled: bool) -> Iterable:
     """``iterable`` with a tqdm bar when ``enabled``."""
     if not enabled:
         return iterable

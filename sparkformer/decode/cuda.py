@@ -304,13 +304,18 @@ class CudaEngine(Engine):
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
-        """Feed the prompt (one decode step per token, exact); return the last logits (fp32, on the device)."""
+        """Feed the prompt (one decode step per token, exact); return the last logits (fp32, on the device).
+        ``stats`` count decoded tokens only, as on every engine."""
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         self._check_room(ids.numel())
         dev_ids = ids.to(self.device)
-        for i in range(ids.numel()):
-            self.tok.copy_(dev_ids[i:i + 1])
-            self._run_step()
+        track, self.track_stats = self.track_stats, False
+        try:
+            for i in range(ids.numel()):
+                self.tok.copy_(dev_ids[i:i + 1])
+                self._run_step()
+        finally:
+            self.track_stats = track
         return self.logits.clone()
 
     # ---- benchmarking helpers -----------------------------------------------------------------------------------

@@ -18,16 +18,19 @@ tested against it) means this function. Its numerics:
 
 - statistics in fp32 (fp64 for fp64 input), whatever x's dtype; z rounded to that dtype; population std;
 - one pass of two reductions, sum(x) and sum(x^2) (``var_mean`` is ~10x slower on CPU), var = E[x^2] - mean^2
-  clamped at 0, so a constant row gets theta = its value and nothing is above it (as in the kernels and gemma3n);
+  clamped at 0 and no floor, so a constant row whose squares are exact (zeros, say) gets theta = its value and
+  nothing is above it (as in the C++ and Triton kernels and gemma3n);
 - the cancellation in E[x^2] - mean^2 grows as (mean / std)^2: against a float64 two-pass theta the error is
   ~1e-6 * std for |mean| <= std, ~6e-5 * std at |mean| = 10 std, ~2e-4 * std at 30 std (``test_stat_topk``).
   So it is exact enough (inside the kernel tests' 1e-4 * std boundary tolerance) while |mean| <= ~10 std; a row
-  with a larger common offset loses digits and should be centred first.
+  with a larger common offset loses digits and should be centred first. At the far end, a constant row whose
+  squares round leaves a std of ~3e-4 * |value| (so theta = value +- that * |z|).
 - 1-D unmasked input (the batch-1 decode hot path) takes a shortcut with the same two reductions and no tensor
   bookkeeping (z cached per fraction); it returns the same bits (tested).
 
 The kernels that compute theta themselves, each tested against ``stat_threshold`` (selections equal except for
-entries within 1e-4 * std of theta; the C++ theta itself to ``THETA_TOL`` * std):
+entries within 1e-4 * std of theta; the C++ theta itself, through a test hook, to ``THETA_TOL`` * std on rows with
+|mean| <= 2 std):
 
 - C++ (``csrc/ops.cpp``, every ISA): FFN decode, FFN prefill and attention over the plain key layout (or split
   across threads): two passes about the mean, fp32 lanes flushed into double every 1024 entries, theta in double
@@ -53,8 +56,8 @@ _VAR_FLOOR = 1e-30
 # 1 - f is clamped to [_P_CLAMP, 1 - _P_CLAMP] before ndtri: z stays finite for f -> 0 and f -> 1.
 _P_CLAMP = 1e-12
 # How far (in units of the row's std) a kernel's theta may sit from ``stat_threshold`` on rows with
-# |mean| <= 3 std: the tolerance the C++ threshold is tested to.
-THETA_TOL = 1e-5
+# |mean| <= 2 std: the tolerance the C++ threshold is tested to (both forms, every ISA; measured <= 6e-6).
+THETA_TOL = 2e-5
 
 
 @functools.lru_cache(maxsize=4096)
@@ -122,7 +125,7 @@ def _row_stats(x: torch.Tensor, mask: torch.Tensor | None):
 
 def _theta(mean, var, n, k):
     """theta = mean + std * z; -inf where the target keeps every valid entry. Also returns z and the std floored
-    for division (the backward's; theta itself uses the exact std, so a constant row's theta is its value)."""
+    for division (the backward's; theta uses the unfloored std, so a row with var = 0 gets theta = its mean)."""
     frac = _target_fraction(k, n)
     z = torch.special.ndtri((1.0 - frac).clamp(_P_CLAMP, 1.0 - _P_CLAMP)).to(mean.dtype)  # = stat_z per row
     theta = torch.where(frac >= 1.0, torch.full_like(mean, float("-inf")), mean + var.sqrt() * z)

@@ -1,0 +1,69 @@
+// Which kernel table the ops call: the best instruction set the CPU supports (AVX-512, AVX2 + FMA, plain
+// C++), narrowed by SPARKFORMER_ISA at load time or by torch.ops.sparkformer._set_isa (tests, benchmarks).
+// Included by ops.cpp only.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "kernels.h"
+
+namespace spk {
+
+// ------------------------------------------------------------------------------------------------
+// Kernel table selection
+// ------------------------------------------------------------------------------------------------
+inline int isa_rank(const std::string& name) {
+  if (name == "avx512") return 2;
+  if (name == "avx2") return 1;
+  if (name == "scalar") return 0;
+  return -1;
+}
+
+inline int cpu_isa_rank() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
+}
+
+inline const Kernels* kernels_for(int rank) {
+  if (rank >= 2 && kernels_avx512()) return kernels_avx512();
+  if (rank >= 1 && kernels_avx2()) return kernels_avx2();
+  return kernels_scalar();
+}
+
+inline const Kernels*& active() {
+  static const Kernels* k = [] {
+    int rank = cpu_isa_rank();
+    if (const char* env = std::getenv("SPARKFORMER_ISA")) {  // may only narrow what the CPU has
+      int want = isa_rank(env);
+      if (want >= 0 && want < rank) rank = want;
+    }
+    return kernels_for(rank);
+  }();
+  return k;
+}
+
+inline const Kernels* K() { return active(); }
+
+// torch.ops.sparkformer._set_isa("avx512" | "avx2" | "scalar" | "auto") -> name now active.
+// Asking for more than the CPU has is an error; "" just reports.
+inline std::string set_isa(std::string name) {
+  if (!name.empty()) {
+    int have = cpu_isa_rank();
+    int want = name == "auto" ? have : isa_rank(name);
+    TORCH_CHECK(want >= 0, "sparkformer: unknown ISA '", name, "' (avx512 | avx2 | scalar | auto)");
+    TORCH_CHECK(want <= have, "sparkformer: this CPU does not support ", name);
+    active() = kernels_for(want);
+  }
+  return K()->name;
+}
+
+}  // namespace spk
