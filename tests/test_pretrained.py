@@ -123,11 +123,11 @@ def test_smollm2_loads_converts_once_and_answers():
 @pytest.mark.real_model
 @needs_smollm2
 def test_smollm2_bricks_analyze_small(tmp_path):
-    from sparkformer.bricks.cli import run_analyze
+    from sparkformer.bricks.analysis import AnalyzeRun, run_analyze
 
-    path = run_analyze(["smollm2-135m"], tmp_path, capabilities="arithmetic,reference,drama",
-                       prompts_per_capability=4, heldout_per_capability=2, max_tokens=48,
-                       mask_fractions=(0.0, 0.5), progress=False)
+    path = run_analyze(AnalyzeRun(model=["smollm2-135m"], out=str(tmp_path), capabilities="arithmetic,reference,drama",
+                                  prompts_per_capability=4, heldout_per_capability=2, max_tokens=48,
+                                  mask_fractions=(0.0, 0.5), progress=False))["report"]
     res = json.loads((tmp_path / "smollm2-135m" / "results.json").read_text())
     assert res["model"]["n_neurons"] == [1536] * 30
     assert res["sparsity"]["frac_below_threshold_all_layers"]["activation"] > 0.5

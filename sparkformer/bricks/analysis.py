@@ -437,14 +437,14 @@ class AnalyzeRun(PromptRun):
     mask_fractions: tuple[float, ...] = arg(AnalysisConfig.mask_fractions, "comma list of fractions of the lowest "
                                             "neurons to zero per token", parse=mask_fractions)
     top_fraction: float = arg(AnalysisConfig.top_fraction, "size of a capability's neuron set (paper: 0.05)")
-    progress: bool = arg(True, "progress bars")
+    progress: bool = arg(True, "show progress bars (--no-progress: none)")
 
 
 def run_analyze(run: AnalyzeRun, model: torch.nn.Module | None = None, tokenizer: Any = None,
                 capset: CapabilitySet | None = None, log: Callable[[str], None] = log) -> dict[str, Any]:
-    """Python API of ``sparkformer bricks analyze``: the three studies on every model of ``run.model`` (or on the
-    ``model`` object given) with the same prompts, written under ``run.out`` by :func:`~sparkformer.bricks.report.
-    write_report`. Returns ``{"report": path of report.md, "results": [results of each model]}``."""
+    """Python API of ``sparkformer bricks analyze``: the three studies on every model of ``run.model`` (or on a model
+    object given to this function) with the same prompts, written under ``run.out`` (report.md; per model results.json,
+    neuron_scores.safetensors, PNG plots). Returns ``{"report": path of report.md, "results": [per model]}``."""
     start(run)
     cfg = AnalysisConfig(max_tokens=run.max_tokens, batch_size=run.batch_size,
                          mask_fractions=tuple(run.mask_fractions), top_fraction=run.top_fraction, seed=run.seed)
@@ -472,7 +472,4 @@ def run_analyze(run: AnalyzeRun, model: torch.nn.Module | None = None, tokenizer
 def add_cli(subparsers) -> None:
     add_command(subparsers, "analyze", AnalyzeRun, run_analyze,
                 help="FFN neuron sparsity, specialisation and partition (paper section 4) -> JSON, PNG, Markdown",
-                description="Measure activation sparsity, neuron specialisation and partition of FFN neurons per "
-                            "capability and write results.json, neuron_scores.safetensors, PNG plots and report.md "
-                            "under --out.",
                 summary=lambda res: (f"wrote {res['report']}", None))

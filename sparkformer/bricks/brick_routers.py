@@ -64,7 +64,7 @@ def fit_brick_router(layer, X: torch.Tensor, groups: torch.Tensor, hidden: int =
 
 # ---- the experiment: `sparkformer bricks route` ---------------------------------------------------------------------
 @dataclass(kw_only=True)
-class RouteRun(RecordRun, Partitioning):
+class RouteRun(Partitioning, RecordRun):
     """Settings of ``sparkformer bricks route``; the partition settings apply when no ``partition`` file is given."""
 
     partition: str | None = arg(None, "partition file (default: compute one, see --n-bricks / --method)")
@@ -80,9 +80,10 @@ class RouteRun(RecordRun, Partitioning):
 
 def run_route(run: RouteRun, model: torch.nn.Module | None = None, tokenizer: Any = None, capset=None,
               log: Callable[[str], None] = log) -> dict[str, Any]:
-    """Python API of ``sparkformer bricks route``: brick routers per layer, recall and perplexity vs active bricks.
-    Writes ``results.json``, the routers (``brick_routers.safetensors`` + ``.json``), the partition when computed,
-    and ``route_ppl.png`` / ``route_recall.png`` under ``run.out``."""
+    """Python API of ``sparkformer bricks route``: train a brick router per layer on recorded FFN inputs (target:
+    each brick's share of the output energy), then measure recall and perplexity with the top bricks per token,
+    against oracle and random routing. Writes ``results.json``, the routers (``brick_routers.safetensors`` +
+    ``.json``), the partition when computed, and ``route_ppl.png`` / ``route_recall.png`` under ``run.out``."""
     t0 = start(run)
     out = Path(run.out)
     fractions = list(fraction_list(run.fractions))
@@ -99,10 +100,8 @@ def run_route(run: RouteRun, model: torch.nn.Module | None = None, tokenizer: An
         part.save(out / "partition.safetensors")
     timings["partition"] = time.time() - t
     t = time.time()
-    Xtr, Xva = recorded_inputs(model, view, d, run.batch_size, run.record_cache)
+    Xtr, Xva = recorded_inputs(model, view, d, run.batch_size, run.record_cache, log)
     timings["record"] = time.time() - t
-    log(f"recorded FFN inputs: {Xtr[0].shape[0]} train + {Xva[0].shape[0]} val tokens x {len(Xtr)} layers "
-        f"({timings['record']:.0f} s)")
     t = time.time()
     routers, fit_log = [], []
     for i, layer in enumerate(view):
@@ -182,6 +181,4 @@ def route_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "route", RouteRun, run_route,
                 help="learned brick routers vs oracle and random: recall, perplexity vs bricks",
-                description="Train a router per layer on recorded FFN inputs (target: each brick's share of the "
-                            "output energy), then measure perplexity with the top bricks per token.",
                 summary=route_summary)

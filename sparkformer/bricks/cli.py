@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 BRICKS_COMMAND_MODULES = [
     "sparkformer.bricks.analysis",  # analyze
@@ -35,15 +34,6 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     for name in BRICKS_COMMAND_MODULES:
         importlib.import_module(name).add_cli(sub)
-
-
-def run_analyze(models: list[str], out: str | Path, **settings) -> Path:
-    """``analysis.run_analyze(AnalyzeRun(model=models, out=out, **settings))``; returns the path of report.md.
-    Kept for callers of the earlier keyword API."""
-    from sparkformer.bricks.analysis import AnalyzeRun
-    from sparkformer.bricks.analysis import run_analyze as run
-
-    return run(AnalyzeRun(model=list(models), out=str(out), **settings))["report"]
 
 
 def main(argv: list[str] | None = None) -> int:

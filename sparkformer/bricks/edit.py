@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from sparkformer.bricks.adapter import forward_logits
 from sparkformer.bricks.capabilities import capability_set
 from sparkformer.bricks.experiment import (ModelRun, add_command, arg, command_line, csv, load_model, log, md_table,
-                                           pyplot, start, write_results)
+                                           pyplot, save_figure, start, write_results)
 from sparkformer.bricks.facts import (HELDOUT_ENTITIES, Fact, builtin_facts, correct_facts, edit_metrics, load_facts,
                                       next_token, relation_context_texts, subject_last_index, target_ids, token_ids)
 from sparkformer.bricks.lm import frozen
@@ -530,10 +530,7 @@ def _plot_edit(res: dict[str, Any], path: Path) -> None:
         ax[1].plot(res["trace"]["indirect_effect"], marker="o")
         ax[1].set_xlabel("layer (window centre)")
         ax[1].set_ylabel("indirect effect on P(true)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def edit_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -548,4 +545,4 @@ def edit_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "edit", EditRun, run_edit,
                 help="ROME rank-one edits vs fine-tuning: efficacy, paraphrase, locality",
-                description=run_edit.__doc__, summary=edit_summary)
+                summary=edit_summary)

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import shlex
 import sys
 import time
@@ -157,15 +158,22 @@ def _element_parser(hint: Any, meta: dict) -> Callable[[str], Any]:
     return base
 
 
+def _cli_fields(settings) -> list[dataclasses.Field]:
+    """The fields a command exposes, the model first and the output last."""
+    order = {"model": 0, "out": 2}
+    return sorted((f for f in fields(settings) if f.metadata.get("cli", True)), key=lambda f: order.get(f.name, 1))
+
+
 def add_arguments(parser: argparse.ArgumentParser, settings: type) -> None:
     """One argument per field of the dataclass ``settings`` (see the module docstring)."""
     hints = typing.get_type_hints(settings)
-    for f in fields(settings):
+    for f in _cli_fields(settings):
         meta = f.metadata
-        if not meta.get("cli", True):
-            continue
         hint, default = hints[f.name], _default(f)
-        kw: dict[str, Any] = {"help": meta.get("help") or " "}
+        required = meta.get("required", False) or default is MISSING
+        shown = "" if required or default in (None, "", [], ()) or isinstance(default, bool) else \
+            f" (default: {_text(default)})"
+        kw: dict[str, Any] = {"help": (meta.get("help", "") + shown).replace("%", "%%")}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         if meta.get("positional"):
@@ -179,17 +187,16 @@ def add_arguments(parser: argparse.ArgumentParser, settings: type) -> None:
                 parser.add_argument(flag, dest=f.name, action="store_true", **kw)
         elif typing.get_origin(_unwrap(hint)) is list:
             elem = typing.get_args(_unwrap(hint))[0]
-            parser.add_argument(flag, dest=f.name, action="append", type=elem, required=meta.get("required", False),
-                                default=None if meta.get("required") else default, **kw)
+            parser.add_argument(flag, dest=f.name, action="append", type=elem, required=required,
+                                default=None if required else default, **kw)
         else:
-            parser.add_argument(flag, dest=f.name, type=_element_parser(hint, meta),
-                                required=meta.get("required", False) or default is MISSING,
+            parser.add_argument(flag, dest=f.name, type=_element_parser(hint, meta), required=required,
                                 default=None if default is MISSING else default, **kw)
 
 
 def from_arguments(settings: type, args: argparse.Namespace) -> Any:
     """The dataclass ``settings`` from parsed arguments (fields the command does not expose keep their default)."""
-    return settings(**{f.name: getattr(args, f.name) for f in fields(settings) if f.metadata.get("cli", True)})
+    return settings(**{f.name: getattr(args, f.name) for f in _cli_fields(settings)})
 
 
 def _text(v: Any) -> str:
@@ -205,13 +212,12 @@ def command_line(command: str, run: Any) -> str:
     """``sparkformer bricks <command> ...`` that reproduces ``run``: the model first, the output last, and in
     between every option that is not at its default."""
     parts = ["sparkformer", "bricks", command]
-    order = {"model": 0, "out": 2}
-    for f in sorted((f for f in fields(run) if f.metadata.get("cli", True)), key=lambda f: order.get(f.name, 1)):
+    for f in _cli_fields(run):
         v = getattr(run, f.name)
         flag = "--" + f.name.replace("_", "-")
         if f.metadata.get("positional"):
             parts.append(_text(v))
-        elif f.name not in order and (v is None or v == _default(f)):
+        elif f.name not in ("model", "out") and (v is None or v == _default(f)):
             continue
         elif isinstance(v, bool):
             parts.append(flag if v else "--no-" + flag[2:])
@@ -223,13 +229,23 @@ def command_line(command: str, run: Any) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
+def _description(doc: str, settings: type) -> str:
+    """A run function's docstring as command help: without its first words, Sphinx roles and literal quotes, and
+    with the settings' fields spelled as the options."""
+    doc = re.sub(r"^Python API of ``[^`]*``: ", "", " ".join(doc.split()))
+    for f in fields(settings):
+        for spelled in (f"``{f.name}``", f"``run.{f.name}``"):
+            doc = doc.replace(spelled, "--" + f.name.replace("_", "-"))
+    doc = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", doc).replace("``", "")
+    return doc[:1].upper() + doc[1:]
+
+
 def add_command(subparsers, name: str, settings: type, run: Callable[[Any], Any], *, help: str,
-                description: str | None = None,
                 summary: Callable[[Any], tuple[str, dict | None]] | None = None) -> argparse.ArgumentParser:
-    """The sub-command ``name``: its options from ``settings``; it calls ``run(settings)`` and prints
-    ``summary(result)``: a text (a table) and, unless None, one JSON line of headline numbers."""
-    p = subparsers.add_parser(name, help=help, description=description or help,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The sub-command ``name``: its options from ``settings``, its description from ``run``'s docstring; it calls
+    ``run(settings)`` and prints ``summary(result)``: a text (a table) and, unless None, one JSON line of headline
+    numbers."""
+    p = subparsers.add_parser(name, help=help, description=_description(run.__doc__ or help, settings))
     add_arguments(p, settings)
 
     def func(args: argparse.Namespace) -> int:
@@ -351,3 +367,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Lay out, write (110 dpi) and close a figure."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -74,11 +75,21 @@ def record_ffn_inputs(model: nn.Module, view, token_lists: Sequence[Sequence[int
     return [torch.cat(o) if o else torch.zeros(0, 0, dtype=dtype) for o in out]
 
 
-def recorded_inputs(model: nn.Module, view, d: dict[str, Any], batch_size: int, cache: str | Path | None = None
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def recorded_inputs(model: nn.Module, view, d: dict[str, Any], batch_size: int, cache: str | Path | None = None,
+                    log: Callable[[str], None] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Recorded FFN inputs of the ``train`` and ``val`` token lists of ``d`` (:func:`~sparkformer.bricks.tokens.
     capability_tokens`); ``cache`` (a .safetensors path) is read when it holds the same token counts, else written
     (re-running on the same model and data then skips the forward passes)."""
+    t = time.time()
+    Xtr, Xva = _recorded(model, view, d, batch_size, cache)
+    if log:
+        log(f"recorded FFN inputs: {Xtr[0].shape[0]} train + {Xva[0].shape[0]} val tokens x {len(Xtr)} layers "
+            f"({time.time() - t:.0f} s)")
+    return Xtr, Xva
+
+
+def _recorded(model: nn.Module, view, d: dict[str, Any], batch_size: int, cache: str | Path | None
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     n_tr = sum(1 for tl in d["train"] for t in tl if t not in d["skip"])
     n_va = sum(1 for tl in d["val"] for t in tl if t not in d["skip"])
     if cache is not None and Path(cache).is_file():

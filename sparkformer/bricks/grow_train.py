@@ -20,7 +20,7 @@ import torch.nn as nn
 from sparkformer.bricks.adapter import forward_logits
 from sparkformer.bricks.capabilities import capability_set
 from sparkformer.bricks.experiment import (ModelRun, add_command, arg, command_line, csv, load_model, log, md_table,
-                                           pyplot, start, write_results)
+                                           pyplot, save_figure, start, write_results)
 from sparkformer.bricks.grow import (GROWTH_METHODS, Growth, GrowthConfig, apply_growth, bricks_detached,
                                      router_load)
 from sparkformer.bricks.lm import perplexity_from, sequence_nll, train_parameters
@@ -247,10 +247,7 @@ def _plot_grow(res: dict[str, Any], path: Path) -> None:
     ax[1].set_xlabel("step")
     ax[1].set_ylabel("train loss")
     ax[1].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def grow_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -284,4 +281,4 @@ def grow_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "grow", GrowRun, run_grow,
                 help="width / depth / upcycling growth; train the new bricks on a new capability",
-                description=run_grow.__doc__, summary=grow_summary)
+                summary=grow_summary)

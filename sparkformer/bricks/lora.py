@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from sparkformer.bricks.adapter import architecture, forward_logits, model_fingerprint
 from sparkformer.bricks.experiment import (TextRun, add_command, arg, command_line, load_model, log, md_table, pyplot,
-                                           start, write_json, write_results)
+                                           save_figure, start, write_json, write_results)
 from sparkformer.bricks.lm import TrainLog, perplexity, train_parameters
 from sparkformer.bricks.tokens import encode, token_windows, tokenizer_fingerprint
 
@@ -569,9 +569,7 @@ def _plot_lora(res: dict[str, Any], curves: dict[str, list[float]], path: Path) 
     ax[1].set_xticks(list(x), caps, rotation=20)
     ax[1].set_ylabel("held-out perplexity")
     ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def lora_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -591,4 +589,4 @@ def lora_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "lora", LoraRun, run_lora,
                 help="train one LoRA brick per capability (base frozen), save in PEFT format",
-                description=run_lora.__doc__, summary=lora_summary)
+                summary=lora_summary)

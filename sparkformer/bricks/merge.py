@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from sparkformer.bricks.adapter import architecture, model_fingerprint
 from sparkformer.bricks.experiment import (ModelRun, add_command, arg, command_line, csv, load_model, log, md_table,
-                                           pyplot, start, write_results)
+                                           pyplot, save_figure, start, write_results)
 from sparkformer.bricks.lm import perplexity_from, sequence_nll
 from sparkformer.bricks.lora import LoRABrick, LoRAConfig, load_lora_run
 from sparkformer.bricks.tokens import encode, tokenizer_fingerprint
@@ -489,10 +489,7 @@ def _plot_merge(table_rows: dict[str, dict[str, float]], caps: list[str], path: 
         for b in range(len(caps)):
             ax.text(b, a, f"{float(mat[a, b]):.2f}", ha="center", va="center", fontsize=8)
     ax.set_title("held-out perplexity / base")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def merge_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -507,4 +504,4 @@ def merge_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "merge", MergeRun, run_merge,
                 help="merge LoRA bricks (linear, task arithmetic, TIES, DARE); perplexity table",
-                description=run_merge.__doc__, summary=merge_summary)
+                summary=merge_summary)

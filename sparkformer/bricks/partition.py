@@ -321,7 +321,7 @@ class Partitioning:
 
 
 @dataclass(kw_only=True)
-class PartitionRun(RecordRun, Partitioning):
+class PartitionRun(Partitioning, RecordRun):
     """Settings of ``sparkformer bricks partition``."""
 
     out: str = arg(help="partition file (.safetensors); a summary goes beside it (.json)", required=True)
@@ -331,7 +331,8 @@ class PartitionRun(RecordRun, Partitioning):
 
 def run_partition(run: PartitionRun, model: torch.nn.Module | None = None, tokenizer: Any = None, capset=None,
                   log: Callable[[str], None] = log) -> dict[str, Any]:
-    """Python API of ``sparkformer bricks partition``: writes the partition file and ``<file>.json`` (the summary
+    """Python API of ``sparkformer bricks partition``: balanced k-means on neuron weight vectors, or co-activation
+    clustering on the capability prompts; writes the small .safetensors partition and ``<file>.json`` (the summary
     returned, plus the command that reproduces it)."""
     t0 = start(run)
     model, tokenizer, name, _ = load_model(run.model, model, tokenizer, run.dtype, log=log)
@@ -363,6 +364,4 @@ def run_partition(run: PartitionRun, model: torch.nn.Module | None = None, token
 def add_cli(subparsers) -> None:
     add_command(subparsers, "partition", PartitionRun, run_partition,
                 help="split each FFN layer's neurons into equal bricks (MoEfication) -> file",
-                description="Balanced k-means on neuron weight vectors, or co-activation clustering on corpus text; "
-                            "writes a small .safetensors partition (+ .json summary).",
                 summary=lambda res: ("", res))

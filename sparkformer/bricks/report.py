@@ -390,7 +390,8 @@ class RenderRun:
 
 
 def run_render(run: RenderRun) -> Path:
-    """Python API of ``sparkformer bricks report``: :func:`render` an analyze folder; returns report.md's path."""
+    """Python API of ``sparkformer bricks report``: re-render an analyze output folder (plots + report.md) from its
+    results.json files, without the model; returns the path of report.md."""
     if not (Path(run.out) / "index.json").is_file():
         raise FileNotFoundError(f"{run.out}: no index.json; give the --out folder of `sparkformer bricks analyze`")
     return render(run.out)
@@ -399,5 +400,4 @@ def run_render(run: RenderRun) -> Path:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "report", RenderRun, run_render,
                 help="redraw the plots and report.md of an analyze folder from its results.json",
-                description="Re-render an analyze output folder (plots + report.md) without the model.",
                 summary=lambda path: (f"wrote {path}", None))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from sparkformer.bricks.adapter import final_norm, forward_logits
 from sparkformer.bricks.experiment import (ModelRun, add_command, arg, command_line, csv, load_model, log, md_table,
-                                           pyplot, start, write_results)
+                                           pyplot, save_figure, start, write_results)
 from sparkformer.bricks.lm import perplexity_from, sequence_nll
 from sparkformer.bricks.lora import LoRABrick, load_lora_run
 from sparkformer.bricks.tokens import batches, encode
@@ -390,10 +390,7 @@ def _plot_confusion(res: dict[str, Any], caps: list[str], path: Path) -> None:
         ax.set_title(f"{e}: accuracy {ev['accuracy']:.2f}")
         ax.set_xlabel("retrieved")
         ax.set_ylabel("true")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def retrieve_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -417,4 +414,4 @@ def retrieve_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "retrieve", RetrieveRun, run_retrieve,
                 help="pick LoRA bricks per input by embedding similarity; accuracy + perplexity",
-                description=run_retrieve.__doc__, summary=retrieve_summary)
+                summary=retrieve_summary)

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparkformer.ops.stat_topk import exact_topk, stat_threshold, stat_topk, stat_z
+from sparkformer.ops.stat_topk import exact_topk, stat_threshold, stat_topk
 
 SELECT_METHODS = ("topk", "stat")
 UNITS = ("neuron", "brick")
@@ -352,16 +352,16 @@ class LowRankPredictor(Router):
         return (self.rank * d_model if self.A is not None else 0) + self.B.numel()
 
     def decode_form(self, dtype: torch.dtype) -> tuple | None:
-        """``(A, B, n_neurons, z, act)`` (A, B contiguous in ``dtype``) for a neuron-level 'gate_up' predictor with
+        """``(A, B, n_neurons, f, act)`` (A, B contiguous in ``dtype``) for a neuron-level 'gate_up' predictor with
         an input map A, no bias and statistical selection of a fraction below 1: the engine scores
-        ``s = |act(g) * u|, [g; u] = B (A x)`` and keeps ``s > mean(s) + z * std(s)``, ``z = ndtri(1 - f)`` with f
-        the calibrated ``stat_fraction`` (else ``fraction``). None for every other configuration."""
+        ``s = |act(g) * u|, [g; u] = B (A x)`` and keeps ``s > stat_threshold(s, f)``, as :func:`select_units`
+        does, with f the calibrated ``stat_fraction`` (else ``fraction``). None for every other configuration."""
         if not (type(self) is LowRankPredictor and self.groups is None and self.A is not None and self.bias is None
                 and self.output == "gate_up" and self.method == "stat" and self.fraction < 1.0):
             return None
         f = min(1.0, self.stat_fraction if self.stat_fraction is not None else self.fraction)
-        return (self.A.detach().to(dtype).contiguous(), self.B.detach().to(dtype).contiguous(), self.n_neurons,
-                stat_z(f), ACTS[self.act])
+        return (self.A.detach().to(dtype).contiguous(), self.B.detach().to(dtype).contiguous(), self.n_neurons, f,
+                ACTS[self.act])
 
     def config(self):
         return {**super().config(), "input": self.input, "output": self.output, "act": self.act, "rank": self.rank,

@@ -277,9 +277,11 @@ def _ablation(view, Xtr, Xva, cfg: SparkifyConfig, log, layers: Sequence[int] | 
 
 def run_sparkify(run: SparkifyRun, model: torch.nn.Module | None = None, tokenizer: Any = None, capset=None,
                  log: Callable[[str], None] = log) -> dict[str, Any]:
-    """Python API of ``sparkformer bricks sparkify``: predictors, recall, perplexity vs active fraction, optional
-    continued training. Writes ``predictor.safetensors`` + ``predictor.json`` (see :mod:`sparkformer.bricks.routing`
-    for the tensors), ``results.json`` and plots under ``run.out``."""
+    """Python API of ``sparkformer bricks sparkify``: fit a low-rank neuron predictor per layer (truncated SVD /
+    Spark split, least squares on recorded FFN inputs), calibrate statistical top-k, measure recall and perplexity
+    vs active fraction (predictor, oracle, random); optional short continued training. Writes
+    ``predictor.safetensors`` + ``predictor.json`` (see :mod:`sparkformer.bricks.routing` for the tensors),
+    ``results.json`` and plots under ``run.out``."""
     t0 = start(run)
     out = Path(run.out)
     cfg = run.predictor_config()
@@ -292,10 +294,8 @@ def run_sparkify(run: SparkifyRun, model: torch.nn.Module | None = None, tokeniz
     d = capability_tokens(tokenizer, capset or run.prompts(), run.max_tokens)
     timings: dict[str, float] = {}
     t = time.time()
-    Xtr, Xva = recorded_inputs(model, view, d, run.batch_size, run.record_cache)
+    Xtr, Xva = recorded_inputs(model, view, d, run.batch_size, run.record_cache, log)
     timings["record"] = time.time() - t
-    log(f"recorded FFN inputs: {Xtr[0].shape[0]} train + {Xva[0].shape[0]} val tokens x {len(Xtr)} layers "
-        f"({timings['record']:.0f} s)")
     t = time.time()
     if run.predictor is not None:  # re-evaluate a saved predictor (its fraction/stat_fraction are re-calibrated)
         preds, _ = load_routers(run.predictor)
@@ -424,7 +424,4 @@ def sparkify_summary(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "sparkify", SparkifyRun, run_sparkify,
                 help="Spark-style sparse inference for a gated-FFN model: predictor + stat top-k",
-                description="Fit a low-rank neuron predictor per layer (truncated SVD / Spark split, least squares "
-                            "on recorded pre-activations), calibrate statistical top-k, report recall and perplexity "
-                            "vs active fraction (oracle, predictor, random); optional short continued training.",
                 summary=sparkify_summary)

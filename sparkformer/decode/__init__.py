@@ -35,10 +35,10 @@ def _device_type(device: str | torch.device) -> str:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} needs a CUDA GPU, and none is visible; use device='cpu'")
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            raise ValueError("the CUDA engine needs triton: pip install 'sparkformer[gpu]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("the CUDA engine needs triton: pip install 'sparkformer[gpu]'")
     return kind
 
 
@@ -49,7 +49,7 @@ def _check_options(kind: str, options: dict) -> dict:
     if wrong:
         other = {k for dev, keys in DEVICE_OPTIONS.items() if dev != kind for k in keys}
         raise ValueError(f"option(s) {wrong} do not apply to the {kind} engine"
-                         + (f" (they are for another device's engine)" if set(wrong) <= other else "")
+                         + (" (they are for another device's engine)" if set(wrong) <= other else "")
                          + f"; the {kind} engine takes: {', '.join(DEVICE_OPTIONS[kind])}")
     return given
 

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from sparkformer.decode.layout import ModelLayout
 from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
 from sparkformer.decode.routed import routed_ffn_decode, routed_prefill_mask
-from sparkformer.model import ACTIVATIONS, apply_rope, gelu_tanh, rope_tables, softcap
 from sparkformer.ops import _extension
+from sparkformer.ops.activations import ACTIVATIONS, gelu_tanh, softcap
 from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
 from sparkformer.ops.dense_decode import dense_attn_decode, dense_cache_keys, dense_cache_write, geglu_decode, matvec, \
     new_dense_cache
+from sparkformer.ops.rope import apply_rope, rope_tables
 from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_attn_decode, spark_cache_write
 from sparkformer.ops.spark_ffn_decode import spark_ffn_decode
 from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill

@@ -30,7 +30,8 @@ import torch
 from sparkformer.decode.layout import DecodeLayer, ModelLayout
 from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
 from sparkformer.decode.routed import routed_ffn_decode
-from sparkformer.model import ACTIVATIONS, rope_tables
+from sparkformer.ops.activations import ACTIVATIONS
+from sparkformer.ops.rope import rope_tables
 from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference
 from sparkformer.ops.triton_decode import DenseAttnPlan, embed_norm, geglu_act, residual_norm, rope_cache
 from sparkformer.ops.triton_spark_attn import SparkAttnPlan

@@ -1,9 +1,10 @@
 """Routed FFN layers in the decode engines: a pretrained dense gated FFN whose neurons a router picks per token.
 
 A router is any object with ``n_neurons``, ``to(dtype)``, ``eval()``, ``neuron_mask(x) -> (T, n) bool`` and, where
-it has a cheap decode form, ``decode_form(dtype) -> (A, B, n, z, act) | None``: scores ``act(y[:n]) * y[n:]`` with
-``y = B (A x)``, neurons kept where ``|score| > mean + std * z`` (``sparkformer.bricks.routing.LowRankPredictor``, the
-predictor of ``bricks sparkify``). The engines depend only on this protocol, not on the bricks package.
+it has a cheap decode form, ``decode_form(dtype) -> (A, B, n, f, act) | None``: scores ``s = |act(y[:n]) * y[n:]|``
+with ``y = B (A x)``, neurons kept where ``s > stat_threshold(s, f)`` (``sparkformer.bricks.routing.LowRankPredictor``,
+the predictor of ``bricks sparkify``, whose training-form selection is the same threshold). The engines depend only on
+this protocol, not on the bricks package.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from typing import Any, Callable
 
 import torch
 
+from sparkformer.ops.stat_topk import stat_threshold
+
 
 @dataclass
 class RoutedFFN:
     router: Any  # the router, copied into the engine's dtype
     gate_up: torch.Tensor  # (m, 2, d): each neuron's gate and up rows side by side
     w_down_t: torch.Tensor  # (m, d)
-    fast: tuple | None  # router.decode_form(dtype): (A, B, n, z, act) or None
+    fast: tuple | None  # router.decode_form(dtype): (A, B, n, f, act) or None
 
     def to(self, device: torch.device) -> "RoutedFFN":
         fast = None if self.fast is None else (self.fast[0].to(device), self.fast[1].to(device), *self.fast[2:])
@@ -45,11 +48,10 @@ def attach_router(layer, router, w_gate: torch.Tensor, w_up: torch.Tensor, index
 def routed_neurons(rf: RoutedFFN, x: torch.Tensor, mv: Callable) -> torch.Tensor:
     """Indices of the neurons ``rf``'s router keeps for one token ``x`` (d,) in the engine's dtype."""
     if rf.fast is not None:  # a low-rank predictor with statistical selection: its scores and threshold in a few ops
-        A, B, n, z, score_act = rf.fast
+        A, B, n, f, score_act = rf.fast
         y = mv(B, mv(A, x).to(x.dtype)).float()
         s = (score_act(y[:n]) * y[n:]).abs_()
-        var, mean = torch.var_mean(s, correction=0)
-        return (s > mean + var.sqrt() * z).nonzero().squeeze(1)
+        return (s > stat_threshold(s, f)).nonzero().squeeze(1)
     return rf.router.neuron_mask(x[None])[0].nonzero().squeeze(1)
 
 
