@@ -162,7 +162,6 @@ def prefill(T: int = 2048) -> dict:
         out[name] = {p: t * 1e3 for p, t in interleaved_medians(parts, 3).items()}
         print(f"{name}, one layer, T = {T} (ms): " + ", ".join(f"{p} {v:.0f}" for p, v in out[name].items()),
               flush=True)
-        del wg, wu, wd, k1, k2, vw, packed, cache
     return out
 
 
@@ -231,6 +230,13 @@ def print_table(result: dict) -> None:
         print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
 
 
+def extension_state() -> dict:
+    """Whether the C++ kernels were loaded (thp, prefill and attn time them; without them the torch paths run)."""
+    from sparkformer.ops import _extension
+
+    return {"available": _extension.available(), "isa": _extension.isa(), "error": _extension.error()}
+
+
 def git_state() -> dict:
     """The commit measured and the files that differed from it (a shared working tree can be mid-change)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
            "command": "python benchmarks/side_checks.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "started_utc": started.isoformat(timespec="seconds"), "wall_s": round(time.perf_counter() - t0, 1),
            "load_average_before": load_before, "load_average_after": load_average(),
-           "env": env_info(DTYPES[args.check]), "git": git_state(), "result": result}
+           "env": env_info(DTYPES[args.check]), "extension": extension_state(), "git": git_state(),
+           "result": result}
     print_table(result)
     if not args.no_save:
         print(f"wrote {write_result(f'side_checks_{args.check}', res, args.out)}")

@@ -54,7 +54,7 @@ def test_a_cell_edited_by_hand_is_reported(doc, load):
     speed = cells[4]
     assert re.fullmatch(r"\*\*\d+\.\d\d\*\*", speed)
     cells[4] = f"**{float(speed.strip('*')) + 0.01:.2f}**"
-    lines[start + 2] = "| " + " | ".join(cells) + " |"
+    lines[start + 2] = R.row_line(cells)
     edited = "\n".join(lines) + "\n"
     problems = R.check_text(edited, load)
     assert len(problems) == 1 and "decode_main" in problems[0] and "column 4" in problems[0], problems
