@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench clean llamacpp
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 
 test-all: setup
 	$(VPY) -m pytest -m ''
+
+# llama.cpp's llama-bench + llama-quantize from the llama-cpp-python source package, into the cache dir (~10 min on
+# 2 cores; the anchor of `sparkformer bench decode --llamacpp auto`). Not part of test or demo.
+llamacpp: setup
+	$(VPY) -m sparkformer.bench.llamacpp_build
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -6,12 +6,16 @@ The dense baseline and the Spark model come from the same config and differ only
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import json
 import math
+import numbers
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Union, get_args, get_origin, get_type_hints
 
 FFN_KINDS = ("geglu", "spark", "topk")
 ATTENTION_KINDS = ("dense", "spark")
@@ -70,6 +74,7 @@ class ModelConfig:
 
     # ---- derived -------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        coerce_fields(self, "ModelConfig.")
         if self.spark_ffn_dim is None:
             self.spark_ffn_dim = 3 * self.ffn_dim // 2
         if self.spark_ffn_rank is None:
@@ -200,40 +205,149 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # ---- files and key=value overrides -----------------------------------------------------------------------------
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON file into a dict."""
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; a missing file or one that is not UTF-8 is an error naming the file."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); is it the right "
+                         "file?") from None
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Parse a JSON file; malformed JSON is an error naming the file, line and column."""
+    path = Path(path)
+    try:
+        return json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file into a dict; every error names the file."""
+    path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        text = read_text(path, "config file")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") from None
     else:
-        data = json.loads(text)
+        data = read_json(path, "config file")
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
     return data
 
 
-def _parse_value(raw: str, typ: Any) -> Any:
-    import yaml
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_NONE = ("none", "null", "~")
 
-    val = yaml.safe_load(raw)  # numbers, bools, null, lists
-    if val is None:
-        return None
+
+def _expected(cands: tuple) -> str:
+    names = [{bool: "a boolean (true or false)", int: "an integer", float: "a finite number", str: "a string",
+              list: "a list"}.get(c, getattr(c, "__name__", str(c))) for c in cands if c is not type(None)]
+    if type(None) in cands:
+        names.append("none")
+    return " or ".join(names)
+
+
+def parse_field(name: str, value: Any, typ: Any) -> Any:
+    """``value`` (a ``key=value`` string or a YAML/JSON value) as the declared type ``typ`` of field ``name``.
+
+    Strict: a boolean is true/false (also yes/no, on/off, 1/0), a number is finite, an integer is whole (``1e6`` is
+    one), ``none``/``null`` only where the field allows None; anything else is a ``ValueError`` naming the field and
+    the value."""
+    if typ is Any:
+        return value
     origin = get_origin(typ)
-    cands = get_args(typ) if origin is Union or str(origin) == "types.UnionType" else (typ,)
-    if float in cands and isinstance(val, int) and not isinstance(val, bool):
-        return float(val)
-    if str in cands and not isinstance(val, (str, list)):
-        return str(raw)
-    return val
+    cands = get_args(typ) if origin is Union or origin is getattr(types, "UnionType", Union) else (typ,)
+    cands = tuple(get_origin(c) or c for c in cands)
+
+    def bad(why: str = "") -> ValueError:
+        return ValueError(f"{name}={value!r}: expected {_expected(cands)}{why}")
+
+    if value is None:
+        if type(None) in cands:
+            return None
+        raise bad()
+    if isinstance(value, str):
+        s = value.strip()
+        if type(None) in cands and s.lower() in _NONE:
+            return None
+        if bool in cands and s.lower() in _TRUE + _FALSE:
+            return s.lower() in _TRUE
+        if int in cands or float in cands:
+            try:
+                x: Any = int(s)
+            except ValueError:
+                try:
+                    x = float(s)
+                except ValueError:
+                    x = None
+            if x is not None:
+                return parse_field(name, x, typ)
+        if list in cands and s.startswith("["):
+            import yaml
+
+            try:
+                v = yaml.safe_load(s)
+            except yaml.YAMLError:
+                raise bad(" (a list like [a, b])") from None
+            if isinstance(v, list):
+                return v
+        if str in cands:
+            return value
+        raise bad()
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        if bool in cands:
+            return bool(value)
+        raise bad()
+    if isinstance(value, numbers.Integral):
+        if int in cands:
+            return int(value)
+        if float in cands:
+            return float(value)
+    elif isinstance(value, numbers.Real):
+        x = float(value)
+        if not math.isfinite(x) and (int in cands or float in cands):
+            raise bad(" (not nan or inf)")
+        if float in cands:
+            return x
+        if int in cands and x.is_integer():
+            return int(x)
+    elif isinstance(value, (list, tuple)) and list in cands:
+        return list(value)
+    if str in cands and isinstance(value, numbers.Real):
+        return str(value)
+    raise bad()
 
 
-def apply_overrides(obj: Any, overrides: list[str] | dict[str, Any]) -> Any:
-    """Return a copy of dataclass ``obj`` with ``key=value`` strings (or a dict) applied; unknown keys are errors."""
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def coerce_fields(obj: Any, prefix: str = "") -> None:
+    """Every field of dataclass ``obj`` to its declared type with :func:`parse_field` (in place)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        new = parse_field(prefix + f.name, v, hints[f.name])
+        if new is not v:
+            setattr(obj, f.name, new)
+
+
+def apply_overrides(obj: Any, overrides: list[str] | dict[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``key=value`` strings (or a dict) applied; unknown keys are errors,
+    and each value is parsed as its field's type (:func:`parse_field`)."""
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
@@ -248,10 +362,43 @@ def apply_overrides(obj: Any, overrides: list[str] | dict[str, Any]) -> Any:
     for k, v in items:
         if k not in hints:
             raise ValueError(f"unknown field {k!r} for {type(obj).__name__}; known: {sorted(hints)}")
-        kw[k] = _parse_value(v, hints[k]) if isinstance(v, str) else v
+        kw[k] = parse_field(prefix + k, v, hints[k])
     if hasattr(obj, "replace"):
         return obj.replace(**kw)
     return dataclasses.replace(obj, **kw)
+
+
+# ---- command-line values (argparse ``type=``) --------------------------------------------------------------------
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``lo``."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def number_in(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+        if not ok:
+            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi < math.inf else f"{'>' if lo_open else '>='} {lo:g}"
+            raise argparse.ArgumentTypeError(f"{s} must be a finite number {'in ' if hi < math.inf else ''}{rng}")
+        return v
+
+    parse.__name__ = "number"
+    return parse
 
 
 def parameter_count_ffn(cfg: ModelConfig, layer: int = 0) -> int:

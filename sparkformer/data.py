@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,10 @@ from typing import Sequence
 
 import numpy as np
 
-from sparkformer.corpora import DEFAULT_SOURCES, Document, load_documents, split_documents
+from sparkformer.config import int_at_least, number_in, read_json
+from sparkformer.corpora import DEFAULT_SOURCES, Document, check_encoding, load_documents, split_documents
 from sparkformer.paths import cache_dir
-from sparkformer.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_bpe
+from sparkformer.tokenizer import Tokenizer, check_vocab, check_vocab_size, load_tokenizer, train_bpe
 
 MANIFEST = "manifest.json"
 FORMAT = "sparkformer-tokens/1"
@@ -48,7 +51,7 @@ def _safe(domain: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", domain) or "text"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -82,22 +85,32 @@ def prepare(
     val_fraction: float = 0.05,
     force: bool = False,
     quiet: bool = False,
+    encoding: str = "utf-8",
 ) -> Path:
     """Read ``sources``, split by document, train (or load) the tokenizer, write token files; return the folder.
 
     ``tokenizer``: an existing tokenizer.json / HF tokenizer folder to use instead of training a BPE
     (then ``vocab_size`` is the tokenizer's). Reuses ``out`` when it already holds the same preparation.
+    ``encoding``: of the text files given by path (binary files are refused, or skipped inside a folder).
+    Every argument is checked before anything is written, and the files are built in a temporary folder and moved
+    into ``out`` at the end, so a refused or failed preparation leaves nothing behind. An empty train split, and
+    an empty validation split when ``val_fraction > 0``, are refused.
     """
     names = _parse_sources(sources)
     out = Path(out).expanduser() if out is not None else default_data_dir()
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if tokenizer is None:
+        check_vocab_size(vocab_size)
+    if max_bytes_per_source is not None and max_bytes_per_source < 1:
+        raise ValueError(f"max_bytes_per_source={max_bytes_per_source} must be >= 1 (or unset for everything)")
+    check_encoding(encoding)
     t0 = time.time()
 
     docs: list[Document] = []
     per_source = []
     for name in names:
-        ds = load_documents(name, max_bytes=max_bytes_per_source)
+        ds = load_documents(name, max_bytes=max_bytes_per_source, encoding=encoding)
         if not ds:
             raise ValueError(f"source {name!r} gave no documents")
         docs += ds
@@ -123,6 +136,8 @@ def prepare(
         "tokenizer_from": None if tokenizer is None else str(tokenizer),
         "corpus_sha256": corpus.hexdigest(),
     }
+    if encoding != "utf-8":
+        settings["encoding"] = encoding
     if tokenizer is not None:
         tok_in = load_tokenizer(tokenizer)
         settings["tokenizer_sha256_in"] = tok_in.sha256
@@ -138,15 +153,48 @@ def prepare(
         except (ValueError, OSError):
             pass
 
-    out.mkdir(parents=True, exist_ok=True)
-    if manifest_path.exists():
-        manifest_path.unlink()  # the folder is incomplete until the new manifest is written
-    for f in out.glob("*.bin"):
-        f.unlink()
-
     split = split_documents(docs, val_fraction)
     if not split["train"]:
         raise ValueError("no training documents after the split; give more text or a smaller val_fraction")
+    if val_fraction > 0 and not split["val"]:
+        doms = sorted({d.domain for d in docs})
+        raise ValueError(f"no validation documents: the sources give {len(docs)} document(s) in domain(s) "
+                         f"{', '.join(doms)}, and a domain needs at least 2 to hold one out; give more documents (a "
+                         "folder of files, or a .jsonl with one per line) or --val-fraction 0 to train without "
+                         "validation")
+    domains = sorted({d.domain for d in docs})
+    clash = {_safe(a) for a in domains if sum(_safe(a) == _safe(b) for b in domains) > 1}
+    if clash:
+        raise ValueError(f"domains {[a for a in domains if _safe(a) in clash]} map to the same file name; rename one")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
+    try:
+        manifest = _build(work, split, docs, per_source, settings, key, vocab_size, tokenizer, quiet)
+        _install(work, out, manifest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _log(f"prepared {out} in {time.time() - t0:.1f} s", quiet)
+    return out
+
+
+def _install(work: Path, out: Path, manifest: dict) -> None:
+    """Move the files built in ``work`` into ``out``: the old manifest goes first (the folder is incomplete until
+    the new one is written), then the old token files, then the new files, the manifest last."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for f in out.glob("*.bin"):
+        f.unlink()
+    for f in sorted(work.iterdir()):
+        if f.name != MANIFEST:
+            os.replace(f, out / f.name)
+    os.replace(work / MANIFEST, out / MANIFEST)
+
+
+def _build(out: Path, split: dict, docs: list[Document], per_source: list, settings: dict, key: str,
+           vocab_size: int, tokenizer: str | Path | None, quiet: bool) -> dict:
+    """Train (or load) the tokenizer and write the token files and the manifest into ``out``; returns the
+    manifest."""
 
     if tokenizer is None:
         _log(f"training byte-level BPE (vocab {vocab_size}) on {len(split['train'])} train documents ...", quiet)
@@ -154,14 +202,10 @@ def prepare(
         tok = train_bpe((d.text for d in split["train"]), vocab_size=vocab_size, length=len(split["train"]))
         _log(f"  tokenizer: {tok.vocab_size} tokens in {time.time() - t:.1f} s", quiet)
     else:
-        tok = tok_in
+        tok = load_tokenizer(tokenizer)
     tok.save(out / "tokenizer.json")
     dtype = _dtype_for(tok.vocab_size)
 
-    domains = sorted({d.domain for d in docs})
-    clash = {_safe(a) for a in domains if sum(_safe(a) == _safe(b) for b in domains) > 1}
-    if clash:
-        raise ValueError(f"domains {[a for a in domains if _safe(a) in clash]} map to the same file name; rename one")
     splits: dict[str, dict[str, dict]] = {}
     total_docs = sum(len(v) for v in split.values())
     progress = _progress(total_docs, quiet)
@@ -199,11 +243,8 @@ def prepare(
         "settings": settings,
         "settings_key": key,
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
-    _log(f"prepared {out} in {time.time() - t0:.1f} s", quiet)
-    return out
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def _progress(total: int, quiet: bool):
@@ -222,9 +263,10 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path.parent} holds no prepared data ({MANIFEST} missing); run "
                                 f"`sparkformer data prepare --out {path.parent}` first")
-    m = json.loads(path.read_text())
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {m.get('format')!r} (expected {FORMAT}); prepare the data again")
+    m = read_json(path)
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {m.get('format') if isinstance(m, dict) else m!r} (expected "
+                         f"{FORMAT}); prepare the data again")
     return m
 
 
@@ -233,7 +275,7 @@ def verify(data_dir: str | Path, quiet: bool = False) -> bool:
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
     item = np.dtype(m["dtype"]).itemsize
-    ok = _sha256_file(data_dir / m["tokenizer"]) == m["tokenizer_sha256"]
+    ok = sha256_file(data_dir / m["tokenizer"]) == m["tokenizer_sha256"]
     for s, doms in m["splits"].items():
         for domain, info in doms.items():
             f = data_dir / info["file"]

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 
 from sparkformer.config import ModelConfig, apply_overrides, get_preset, load_config_file
 
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1}
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1,
+               "q8_0": 34 / 32, "q4_0": 18 / 32}  # block-quantized: 32 weights + one fp16 scale per block
+KV_BYTES = {"q8_0": 2, "q4_0": 2}  # quantized engines keep the KV cache in bf16; other dtypes use DTYPE_BYTES
 
 
 @dataclass
@@ -48,15 +50,18 @@ class TokenCost:
         return self.attn_proj_bytes + self.kv_bytes + self.ffn_bytes + self.head_bytes
 
 
-def token_cost(cfg: ModelConfig, context: int, dtype_bytes: int = 2, ffn_fraction: float | None = None,
-               keys: int | None = None) -> TokenCost:
+def token_cost(cfg: ModelConfig, context: int, dtype_bytes: float = 2, ffn_fraction: float | None = None,
+               keys: int | None = None, kv_dtype_bytes: float | None = None) -> TokenCost:
     """Cost of decoding one token at position ``context`` (it attends over ``context`` cached keys).
 
-    ``ffn_fraction`` / ``keys`` override the targets with achieved values (e.g. measured by a benchmark)."""
+    ``dtype_bytes``: bytes per weight (fractional for block-quantized formats: ``WEIGHT_BYTES``); ``kv_dtype_bytes``:
+    bytes per cached key/value element (default: the same). ``ffn_fraction`` / ``keys`` override the targets with
+    achieved values (e.g. measured by a benchmark)."""
     if context < 1:
         raise ValueError(f"context={context} must be >= 1")
     c = TokenCost()
     d, H, KV, hd, b = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, dtype_bytes
+    kb = dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes
     proj = d * H * hd * 2 + d * KV * hd * 2  # q, o and k, v weights
     for i in range(cfg.n_layers):
         c.attn_proj_flops += 2 * proj
@@ -66,11 +71,11 @@ def token_cost(cfg: ModelConfig, context: int, dtype_bytes: int = 2, ffn_fractio
             r = cfg.spark_attn_rank
             k = min(L, keys if keys is not None else cfg.spark_attn_topk)
             c.attn_score_flops += H * (2 * r * L + 2 * (hd - r) * k + 2 * hd * k)
-            c.kv_bytes += (KV * r * L + H * k * (hd - r + hd)) * b
+            c.kv_bytes += (KV * r * L + H * k * (hd - r + hd)) * kb
             c.keys_per_query += k / cfg.n_layers
         else:
             c.attn_score_flops += H * 4 * hd * L
-            c.kv_bytes += KV * L * 2 * hd * b
+            c.kv_bytes += KV * L * 2 * hd * kb
             c.keys_per_query += L / cfg.n_layers
         if cfg.ffn_kind(i) == "spark":
             n, r = cfg.spark_ffn_dim, cfg.spark_ffn_rank
@@ -105,10 +110,10 @@ def compare(cfg: ModelConfig, context: int, dtype: str = "bf16", ffn_fraction: f
     """Dense vs Spark cost per token, with the ratios other tools read."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
-    b = DTYPE_BYTES[dtype]
+    b, kb = DTYPE_BYTES[dtype], KV_BYTES.get(dtype)
     dense_cfg, spark_cfg = dense_and_spark(cfg)
-    dense = token_cost(dense_cfg, context, b)
-    spark = token_cost(spark_cfg, context, b, ffn_fraction, keys)
+    dense = token_cost(dense_cfg, context, b, kv_dtype_bytes=kb)
+    spark = token_cost(spark_cfg, context, b, ffn_fraction, keys, kv_dtype_bytes=kb)
     return {
         "context": context,
         "dtype": dtype,

@@ -11,8 +11,11 @@ resumed run, and a run with a different number of processes, sees the same data.
 A run folder holds ``metrics.jsonl`` (one JSON object per logged step / evaluation) and ``checkpoints/step-NNNNNNN``
 folders: ``model.safetensors`` + ``config.json`` (model and train config) + ``tokenizer.json`` (loadable by
 ``sparkformer.pretrained.load_causal_lm``) + ``trainer_state.pt`` (optimizer, RNG) + ``state.json`` (step, tokens,
-data position). Each is written to a temporary folder and renamed into place; ``checkpoints/latest`` names the
-newest complete one.
+data position) + ``checksums.json``. Each is written to a temporary folder and renamed into place; ``checkpoints/latest``
+names the newest complete one (``sparkformer.checkpoint``). ``--resume`` continues from the newest *intact* one (a
+damaged newer one is named in a warning and skipped), so a process killed at any moment loses at most the steps since
+its last checkpoint, and the resumed run ends bit-identical to an uninterrupted one. One training process at a time
+holds a run folder (``checkpoints.RunLock``): a second is refused, naming the first one's pid.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ import numpy as np
 import torch
 
 from sparkformer.config import ModelConfig
-from sparkformer.checkpoint import CHECKPOINTS, latest_checkpoint, write_atomic
+from sparkformer.checkpoint import (CHECKPOINTS, CheckpointDamaged, RunLock, RunLocked, clean_partial,
+                                    commit_checkpoint, intact_checkpoint, latest_checkpoint, load_safetensors,
+                                    load_trainer_state, remove_tree, write_atomic)
+from sparkformer.config import read_json
 from sparkformer.data import BatchSampler, TokenData, default_data_dir, eval_windows, prepare
 from sparkformer.distributed import Dist, all_reduce, init_distributed
 from sparkformer.train_config import TrainConfig, TrainingDiverged, load_train_config, lr_at, resolve_model_config
@@ -44,11 +50,38 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.dist = init_distributed(cfg.device)
+        self.lock: RunLock | None = None
+        self.out = Path(cfg.out_dir).expanduser()
+        created = not self.out.exists()
         try:
+            self._take_lock()
             self._setup(resume)
         except BaseException:
+            self._release_lock()
+            if created and self.dist.main and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()  # a refused run leaves nothing behind
             _close_group(self.dist)
             raise
+
+    def _take_lock(self) -> None:
+        """Rank 0 locks the run folder; every rank fails when it cannot."""
+        err = None
+        if self.dist.main:
+            try:
+                self.lock = RunLock(self.out).acquire()
+            except RunLocked as e:
+                err = e
+        if self.dist.enabled:
+            failed = all_reduce(torch.tensor(float(err is not None), device=self.dist.device), self.dist).item() > 0
+            if failed and err is None:
+                raise RunLocked(f"{self.out} is in use by another training process (rank 0 says which)")
+        if err is not None:
+            raise err
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _setup(self, resume: bool) -> None:
         cfg, d = self.cfg, self.dist
@@ -56,7 +89,6 @@ class Trainer:
             raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum*processes = "
                              f"{cfg.grad_accum}*{d.world}; change batch_size or grad_accum")
         self.micro = cfg.batch_size // (cfg.grad_accum * d.world)
-        self.out = Path(cfg.out_dir).expanduser()
 
         # data (rank 0 prepares the default corpus if needed; the others wait)
         if cfg.data_dir is None:
@@ -67,18 +99,36 @@ class Trainer:
         else:
             self.data_dir = Path(cfg.data_dir).expanduser()
         self.data = TokenData(self.data_dir)
+        if d.main and not self.data.domains("val"):
+            print(f"warning: {self.data_dir} has no validation tokens; val_loss stays empty (prepare the data with "
+                  "--val-fraction > 0 and more than one document per domain)", file=sys.stderr)
         self.model_cfg = resolve_model_config(cfg.model, self.data.vocab_size, cfg.seq_len)
         self.sampler = BatchSampler(self.data, cfg.seq_len, cfg.batch_size, cfg.seed)
 
-        # resume or fresh start
-        self.resume_from = latest_checkpoint(self.out) if resume else None
+        # resume or fresh start (under the lock: what killed writers left half-done goes first)
+        if d.main:
+            clean_partial(self.out)
+        self._barrier()
+        self.resume_from = None
+        if resume:
+            try:
+                self.resume_from = intact_checkpoint(self.out, warn=print_main if d.main else None)
+            except CheckpointDamaged as e:
+                raise CheckpointDamaged(f"--resume: {e}; start afresh with overwrite=true or choose another "
+                                        "out_dir") from None
         if resume and self.resume_from is None and d.main:
             print(f"--resume: no checkpoint in {self.out}, starting from step 0", file=sys.stderr)
-        if not resume and latest_checkpoint(self.out) is not None and not cfg.overwrite:
-            raise ValueError(f"{self.out} already has checkpoints; pass --resume to continue that run, "
-                             "overwrite=true to start afresh there, or choose another out_dir")
+        if not resume and latest_checkpoint(self.out) is not None:
+            if not cfg.overwrite:
+                raise ValueError(f"{self.out} already has checkpoints; pass --resume to continue that run, "
+                                 "overwrite=true to start afresh there, or choose another out_dir")
+            if d.main:  # afresh: the old run's checkpoints go, so the two runs never mix
+                for p in sorted((self.out / CHECKPOINTS).glob("step-*")):
+                    remove_tree(p)
+                (self.out / CHECKPOINTS / "latest").unlink(missing_ok=True)
+            self._barrier()
         if self.resume_from is not None:
-            self._check_compatible(json.loads((self.resume_from / "config.json").read_text()))
+            self._check_compatible(read_json(self.resume_from / "config.json"))
 
         # model and optimizer
         from sparkformer.model import SparkLM
@@ -151,7 +201,7 @@ class Trainer:
         model_sd, optim_sd = self._state_dicts()
         final = self.out / CHECKPOINTS / f"step-{self.step:07d}"
         if self.dist.main:
-            tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+            tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")  # sealed and renamed by commit_checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
@@ -169,35 +219,26 @@ class Trainer:
                 "step": self.step, "tokens": self.tokens, "seed": self.cfg.seed, "world_size": self.dist.world,
                 "data_position": {"seed": self.cfg.seed, "next_step": self.step},
                 "time": time.time()}, indent=2) + "\n")
-            old = None
-            if final.exists():  # same step written twice: move the old one aside, never delete it first
-                old = final.with_name(final.name + f".old{os.getpid()}")
-                os.replace(final, old)
-            os.replace(tmp, final)
-            write_atomic(final.parent / "latest", final.name + "\n")
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            keep = sorted(p for p in final.parent.glob("step-*") if "." not in p.name)
-            for p in keep[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(p, ignore_errors=True)
+            commit_checkpoint(tmp, final, self.cfg.keep_checkpoints)
         self._barrier()
         self.last_good = final
         return final
 
     def _load(self, path: Path) -> None:
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        model_sd = load_file(str(path / "model.safetensors"))
-        extra = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        model_sd = load_safetensors(path / "model.safetensors")
+        extra = load_trainer_state(path / "trainer_state.pt")
         set_state_dict(self.raw_model, self.optimizer, model_state_dict=model_sd,
                        optim_state_dict=extra["optimizer"], options=StateDictOptions(full_state_dict=True))
         torch.set_rng_state(extra["rng"]["torch"])
         if "cuda" in extra["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
-        state = json.loads((path / "state.json").read_text())
+        state = read_json(path / "state.json")
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.last_good = path
+        if self.dist.main:
+            print(f"--resume: continuing from step {self.step} ({path})", file=sys.stderr)
 
     # -- one optimizer step --
     def forward_backward(self, step: int) -> torch.Tensor:
@@ -298,8 +339,7 @@ class Trainer:
             if self.resume_from is None:
                 mp.unlink(missing_ok=True)
             elif mp.exists():  # drop what was logged after the checkpoint (the resumed run logs it again)
-                keep = [ln for ln in mp.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                write_atomic(mp, "".join(ln + "\n" for ln in keep))
+                write_atomic(mp, "".join(ln + "\n" for ln in _records_up_to(mp, self.step)))
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -311,7 +351,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        result: dict[str, Any] = {"out_dir": str(self.out), "interrupted": False}
+        result: dict[str, Any] = {"out_dir": str(self.out), "interrupted": False,
+                                  "resumed_from": self.step if self.resume_from is not None else None}
         val: dict[str, float] = {}
         loss_v = float("nan")
         t_run, tok_run = time.time(), 0
@@ -393,7 +434,25 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        self._release_lock()
         _close_group(self.dist)
+
+
+def print_main(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to ``step``; a line cut short by a killed process is dropped."""
+    keep = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(ln)
+    return keep
 
 
 def _close_group(dist: Dist) -> None:
@@ -429,7 +488,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: res[k] for k in ("step", "tokens", "train_loss", "val_loss", "tokens_per_s",
-                                              "checkpoint", "interrupted")}))
+                                              "checkpoint", "interrupted", "resumed_from")}))
     return 0
 
 

@@ -7,9 +7,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_type_hints
 
-from sparkformer.config import ModelConfig, PRESETS, _parse_value, apply_overrides, get_preset, load_config_file
+from sparkformer.config import (ModelConfig, PRESETS, apply_overrides, coerce_fields, get_preset, load_config_file,
+                                parse_field)
 
 
 @dataclass
@@ -54,25 +55,8 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an out_dir that already has checkpoints
     progress: bool = True  # tqdm bar (rank 0)
 
-    def _coerce_numbers(self) -> None:
-        """YAML 1.1 reads ``3e-4`` as a string and ``1.0e8`` as a float: turn such values into the field's type."""
-        hints = get_type_hints(TrainConfig)
-        for f in dataclasses.fields(self):
-            v, typ = getattr(self, f.name), hints[f.name]
-            kinds = set(get_args(typ)) if get_args(typ) else {typ}
-            if isinstance(v, bool) or not isinstance(v, (str, float)) or not kinds & {int, float}:
-                continue
-            try:
-                x = float(v)
-            except ValueError:
-                continue
-            if int in kinds and x.is_integer():
-                setattr(self, f.name, int(x))
-            elif float in kinds:
-                setattr(self, f.name, x)
-
     def validate(self) -> None:
-        self._coerce_numbers()
+        coerce_fields(self)  # each value as its field's type (YAML 1.1 reads 3e-4 as a string); strict booleans
 
         def need(ok: bool, fld: str, msg: str) -> None:
             if not ok:
@@ -147,7 +131,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
             hints = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
             if name not in hints:
                 raise ValueError(f"unknown model field {name!r}; known: preset, {', '.join(sorted(hints))}")
-            model_ovr[name] = _parse_value(v, get_type_hints(ModelConfig)[name])
+            model_ovr[name] = parse_field(k, v, get_type_hints(ModelConfig)[name])
         else:
             train_ovr.append(s)
     cfg = apply_overrides(cfg, train_ovr)

@@ -109,7 +109,7 @@ def test_train_metrics_checkpoint_eval(tmp_path, data_dir):
 
     ck = latest_checkpoint(out)
     assert ck.name == "step-0000008" and res["checkpoint"] == str(ck)
-    assert sorted(p.name for p in ck.iterdir()) == ["config.json", "model.safetensors", "state.json",
+    assert sorted(p.name for p in ck.iterdir()) == ["checksums.json", "config.json", "model.safetensors", "state.json",
                                                     "tokenizer.json", "trainer_state.pt"]
     assert not list((out / "checkpoints").glob("*.tmp*"))
     model, info = load_checkpoint(out)

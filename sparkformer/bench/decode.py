@@ -38,8 +38,8 @@ import torch
 
 from sparkformer.bench.common import OUT_HELP, env_info, summary, write_result
 from sparkformer.config import ModelConfig, get_preset
-from sparkformer.decode import Engine, make_random_engine, resolve_dtype
-from sparkformer.flops import token_cost
+from sparkformer.decode import QUANT_FORMATS, Engine, make_random_engine, resolve_dtype
+from sparkformer.flops import DTYPE_BYTES, KV_BYTES, token_cost
 
 DEVICE_DEFAULTS = {"cpu": {"context": "512,2048,4096", "dtype": "bf16,fp32", "tokens": 8},
                    "cuda": {"context": "512,4096", "dtype": "bf16", "tokens": 32}}
@@ -180,11 +180,11 @@ def comparison(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, rep
     seconds per token: ms, measured and byte-ideal ratios, bytes and achieved GB/s (CPU and CUDA benchmarks alike).
     ``pairs``: dense/Spark time ratios of paired measurements (per run, or per token in lockstep runs); their median
     is ``paired_speedup``, which a drifting host disturbs less than the ratio of the two medians."""
-    b = 4 if dtype_name in ("fp32", "float32") else 2
-    dcost = token_cost(cfg.replace(ffn="geglu", attention="dense"), context, b)
+    b, kb = DTYPE_BYTES[dtype_name], KV_BYTES.get(dtype_name)
+    dcost = token_cost(cfg.replace(ffn="geglu", attention="dense"), context, b, kv_dtype_bytes=kb)
     scost = token_cost(cfg.replace(ffn="spark", attention="spark"), context, b,
                        ffn_fraction=achieved.get("ffn_activity"),
-                       keys=round(achieved.get("keys_per_query", cfg.spark_attn_topk)))
+                       keys=round(achieved.get("keys_per_query", cfg.spark_attn_topk)), kv_dtype_bytes=kb)
     dm, sm = statistics.median(d_t), statistics.median(s_t)
     res = {
         "dtype": dtype_name, "context": context, "layers": cfg.n_layers, "tokens": tokens, "repeats": repeats,
@@ -218,7 +218,7 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
               hf: bool, prefill: int = 0, prefill_repeats: int = 2, interleave: str = "run", device: str = "cpu",
               peak: float | None = None) -> dict:
     """One (dtype, context) of the Spark vs dense comparison on ``device``."""
-    dtype = resolve_dtype(dtype_name)
+    dtype = dtype_name if dtype_name in QUANT_FORMATS else resolve_dtype(dtype_name)
     max_len = max(context + 2 * tokens + 16, prefill)  # timed runs restart at context; CUDA components run `tokens`
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
     dense, spark = build_pair(cfg, dtype, max_len, impl, device)
@@ -260,7 +260,7 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
             res[f"{side}_ffn_gb_per_s"] = res[f"{side}_ffn_bytes_per_token"] / comp["ffn"] / 1e9
             res[f"{side}_attention_gb_per_s"] = res[f"{side}_kv_bytes_per_token"] / comp["attention"] / 1e9
     res["hf_ms_per_token"] = None
-    if hf:
+    if hf and dtype_name not in QUANT_FORMATS:  # HF transformers has no such CPU format
         try:  # HF is a reference point, not the measurement: keep the run if it fails
             h = (hf_ms_per_token(cfg, dtype, context, max(2, tokens // 2), max(1, repeats // 2)) if device == "cpu"
                  else hf_ms_per_token(cfg, dtype, context, max(4, tokens // 4), 2, device=device, warmup=1))
@@ -276,7 +276,7 @@ def print_table(runs: list[dict], ms_digits: int = 1, gb_digits: int = 1) -> Non
     hdr = (f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'spark ms':>9s} {'speedup':>8s} {'paired':>7s} {'ideal':>6s} "
            f"{'meas/ideal':>10s} "
            f"{'FFN x':>6s} {'attn x':>6s} {'dense GB/s':>10s} {'spark GB/s':>10s} {'HF ms':>8s} {'neurons/tok':>11s} "
-           f"{'keys/q':>7s} {'cap':>5s}")
+           f"{'keys/q':>7s} {'cap':>5s} {'llama.cpp ms':>12s}")
     print(hdr)
     for r in runs:
         a = r["achieved"]
@@ -286,7 +286,7 @@ def print_table(runs: list[dict], ms_digits: int = 1, gb_digits: int = 1) -> Non
               f"{r['measured_over_ideal']:10.2f} {r['ffn_speedup']:6.2f} "
               f"{r['attention_speedup']:6.2f} {r['dense_gb_per_s']:10.{gd}f} {r['spark_gb_per_s']:10.{gd}f} {hf} "
               f"{a.get('ffn_neurons_per_layer', 0):11.0f} {a.get('keys_per_query', 0):7.1f} "
-              f"{a.get('cap_fired_fraction', 0):5.2f}")
+              f"{a.get('cap_fired_fraction', 0):5.2f} {_ms(r.get('llamacpp_ms_per_token'), md, 12)}")
     for r in runs:
         if r.get("prefill"):
             p = r["prefill"]
@@ -297,6 +297,10 @@ def print_table(runs: list[dict], ms_digits: int = 1, gb_digits: int = 1) -> Non
         d, s = r["dense_components_ms"], r["spark_components_ms"]
         print(f"  {r['dtype']} ctx {r['context']}: " + ", ".join(
             f"{k} {d.get(k, 0):.{md}f} | {s.get(k, 0):.{md}f}" for k in ("attn_proj", "attention", "ffn", "lm_head")))
+
+
+def _ms(v: float | None, digits: int, width: int) -> str:
+    return f"{v:{width}.{digits}f}" if v else f"{'-':>{width}s}"
 
 
 def _bench_one_in_child(threads: int, *args) -> dict:
@@ -346,6 +350,12 @@ def run(args: argparse.Namespace, on_result=None) -> dict:
         overrides["n_layers"] = args.layers
     cfg = get_preset(args.preset, **overrides)
     cuda = args.device != "cpu"
+    if getattr(args, "llamacpp", None):  # llama.cpp's CPU decode beside each row (sparkformer.bench.llamacpp)
+        if cuda:
+            raise ValueError("--llamacpp measures llama.cpp's CPU build: drop it with --device cuda")
+        from sparkformer.bench.llamacpp import check_binary, random_model_row
+
+        check_binary(args.llamacpp)
     peak = None
     if cuda:
         from sparkformer.decode.cuda import copy_bandwidth
@@ -365,6 +375,9 @@ def run(args: argparse.Namespace, on_result=None) -> dict:
             else:
                 with ProcessPoolExecutor(max_workers=1, mp_context=ctx_mp) as pool:
                     r = pool.submit(_bench_one_in_child, torch.get_num_threads(), *job).result()
+            if getattr(args, "llamacpp", None):  # after this row's engines are freed (its process has ended)
+                r.update(random_model_row(cfg, dtype, ctx, torch.get_num_threads(), args.tokens, args.repeats,
+                                          args.llamacpp))
             runs.append(r)
             print(f"done {dtype} ctx {ctx}: {r['dense_ms_per_token']:.3f} -> {r['spark_ms_per_token']:.3f} ms/token "
                   f"({r['speedup']:.2f}x; FFN {r['ffn_speedup']:.2f}x)", flush=True)
@@ -429,6 +442,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--impl", default=None, choices=["auto", "ext", "torch"], help="CPU kernels (default auto)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--llamacpp", default=None, metavar="PATH|auto",
+                   help="also time llama.cpp's llama-bench (auto: the one `make llamacpp` built) on the same weights "
+                        "as GGUF, same depth, threads and format (bf16, q8_0, q4_0): llamacpp_ms_per_token per row")
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N: Triton kernels + CUDA graphs")
     p.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (0: off)")
     p.add_argument("--prefill-repeats", type=int, default=2)

@@ -147,30 +147,48 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    llama = getattr(args, "llamacpp", None)  # llama.cpp on the same model's GGUF (sparkformer.bench.llamacpp)
+    if llama:
+        from sparkformer.bench.llamacpp import check_binary, model_row
+
+        check_binary(llama)
     loaded = load_model(args.model, routers=args.routers)
     device = getattr(args, "device", "cpu")
-    runs = [bench_dtype(loaded, dt, args.context, args.tokens, args.repeats, not args.no_hf, device)
-            for dt in args.dtype.split(",")]
+    if llama and device != "cpu":
+        raise ValueError("--llamacpp measures llama.cpp's CPU build: drop it with --device cuda")
+    runs = []
+    for dt in args.dtype.split(","):
+        r = bench_dtype(loaded, dt, args.context, args.tokens, args.repeats, not args.no_hf, device)
+        if llama:  # after this row's engines are freed; routers: llama.cpp runs the dense base model
+            base = loaded.info.get("routers", {}).get("model") or args.model
+            r.update(model_row(base, dt, args.context, torch.get_num_threads(), args.tokens, args.repeats, llama))
+        runs.append(r)
     return {"benchmark": "routed-decode" if loaded.routers is not None else "model-decode", "model": args.model,
             "routers": args.routers, "loaded": describe(loaded), "env": env_info(args.dtype), "runs": runs}
 
 
+def _llama_ms(r: dict) -> str:
+    v = r.get("llamacpp_ms_per_token")
+    return f"{v:12.2f}" if v else f"{'-':>12s}"
+
+
 def print_table(runs: list[dict]) -> None:
     if "routed_ms_per_token" not in runs[0]:
-        print(f"{'dtype':5s} {'ctx':>5s} {'ms/token':>9s} {'GB/s':>6s} {'HF ms':>7s} {'FFN active':>10s}")
+        print(f"{'dtype':5s} {'ctx':>5s} {'ms/token':>9s} {'GB/s':>6s} {'HF ms':>7s} {'FFN active':>10s} "
+              f"{'llama.cpp ms':>12s}")
         for r in runs:
             hf = f"{r['hf_ms_per_token']:7.1f}" if r["hf_ms_per_token"] else f"{'-':>7s}"
             act = r["dense_sparsity"].get("ffn_activity")
             print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.2f} {r['dense_gb_per_s']:6.1f} {hf} "
-                  + (f"{act:10.3f}" if act is not None else f"{'-':>10s}"))
+                  + (f"{act:10.3f}" if act is not None else f"{'-':>10s}") + f" {_llama_ms(r)}")
         return
     print(f"{'dtype':5s} {'ctx':>5s} {'dense ms':>9s} {'routed ms':>9s} {'speedup':>8s} {'ideal':>6s} "
-          f"{'meas/ideal':>10s} {'HF ms':>7s} {'FFN active':>10s} {'greedy agree':>12s}")
+          f"{'meas/ideal':>10s} {'HF ms':>7s} {'FFN active':>10s} {'greedy agree':>12s} {'llama.cpp ms':>12s}")
     for r in runs:
         hf = f"{r['hf_ms_per_token']:7.1f}" if r["hf_ms_per_token"] else f"{'-':>7s}"
         print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.2f} {r['routed_ms_per_token']:9.2f} "
               f"{r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['measured_over_ideal']:10.2f} {hf} "
-              f"{r['ffn_activity']:10.3f} {r['greedy_agreement']:12.2f}")
+              f"{r['ffn_activity']:10.3f} {r['greedy_agreement']:12.2f} {_llama_ms(r)}")
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -189,6 +207,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    p.add_argument("--llamacpp", default=None, metavar="PATH|auto",
+                   help="also time llama.cpp's llama-bench on the base model's GGUF in each dtype's format")
     p.add_argument("--name", default="routed_decode", help="result file name")
     p.add_argument("--out", default=None, help=OUT_HELP)
     p.add_argument("--no-save", action="store_true")

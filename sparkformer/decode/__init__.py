@@ -19,8 +19,9 @@ import torch
 
 from sparkformer.config import ModelConfig
 from sparkformer.decode.cpu import IMPLS, CpuEngine
-from sparkformer.decode.layout import DecodeLayer, ModelLayout, model_layout, random_layout
-from sparkformer.decode.protocol import DecodeStats, Engine, generate_tokens, resolve_dtype, stop_on_strings
+from sparkformer.decode.layout import DecodeLayer, ModelLayout, model_layout, quantize_layout, random_layout
+from sparkformer.decode.protocol import QUANT_FORMATS, DecodeStats, Engine, generate_tokens, resolve_dtype, \
+    resolve_weights, stop_on_strings
 
 DEVICE_OPTIONS = {"cpu": ("impl",), "cuda": ("graph", "track_stats")}
 
@@ -54,7 +55,11 @@ def _check_options(kind: str, options: dict) -> dict:
     return given
 
 
-def _build(layout: ModelLayout, max_len: int | None, kind: str, device, options: dict) -> Engine:
+def _build(layout: ModelLayout, max_len: int | None, kind: str, device, options: dict, fmt: str | None) -> Engine:
+    if fmt is not None:
+        if kind == "cuda":
+            raise ValueError(f"{fmt} weights run on the CPU engine; the CUDA engine takes fp32 or bf16")
+        layout = quantize_layout(layout, fmt)
     if kind == "cuda":
         from sparkformer.decode.cuda import CudaEngine  # lazy: CPU-only installs never import triton
 
@@ -69,12 +74,17 @@ def make_engine(model, dtype: str | torch.dtype = torch.float32, max_len: int | 
     kernels + CUDA graphs) on CUDA, both behind the ``Engine`` protocol.
 
     ``routers``: per-layer routers for dense gated FFN layers (see ``sparkformer.decode.routed``), on every device.
+    ``dtype``: fp32, bf16, or block-quantized weights q8_0 / q4_0 (CPU; quantized once here, bf16 activations).
     Device options: ``impl`` (CPU: auto | ext | torch | reference), ``graph`` and ``track_stats`` (CUDA). An option
     the chosen engine does not take is refused, never ignored."""
     kind = _device_type(device)
     options = _check_options(kind, {"impl": impl, "graph": graph, "track_stats": track_stats})
-    layout = model_layout(model, resolve_dtype(dtype), routers)
-    return _build(layout, max_len, kind, device, options)
+    float_dtype, fmt = resolve_weights(dtype)
+    if fmt is not None and routers is not None:
+        raise ValueError(f"routed (sparkified) FFN layers do not run in {fmt} yet; use dtype bf16 or fp32 with routers")
+    # quantized formats are quantized from fp32 weights (then the float copy is dropped), not from a bf16 rounding
+    layout = model_layout(model, torch.float32 if fmt is not None else float_dtype, routers)
+    return _build(layout, max_len, kind, device, options, fmt)
 
 
 def make_random_engine(cfg: ModelConfig, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
@@ -85,11 +95,13 @@ def make_random_engine(cfg: ModelConfig, dtype: str | torch.dtype = torch.float3
     ``share``: reuse that engine's embedding / LM head and attention projections (same shapes)."""
     kind = _device_type(device)
     options = _check_options(kind, {"impl": impl, "graph": graph, "track_stats": track_stats})
+    float_dtype, fmt = resolve_weights(dtype)
     shared = None if share is None else ModelLayout(share.cfg, share.embed, share.head, share.final_norm,
-                                                    share.layers)
-    layout = random_layout(cfg, resolve_dtype(dtype), seed, shared, device)
-    return _build(layout, max_len, kind, device, options)
+                                                    share.layers, share.dtype)
+    layout = random_layout(cfg, float_dtype, seed, shared, device)
+    return _build(layout, max_len, kind, device, options, fmt)
 
 
-__all__ = ["CpuEngine", "DecodeLayer", "DecodeStats", "Engine", "IMPLS", "ModelLayout", "generate_tokens",
+__all__ = ["CpuEngine", "DecodeLayer", "DecodeStats", "Engine", "IMPLS", "ModelLayout", "QUANT_FORMATS",
+           "generate_tokens", "quantize_layout", "resolve_weights",
            "make_engine", "make_random_engine", "model_layout", "random_layout", "resolve_dtype", "stop_on_strings"]

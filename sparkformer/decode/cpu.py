@@ -26,17 +26,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparkformer.decode.layout import ModelLayout
+from sparkformer.decode.layout import DecodeLayer, ModelLayout
 from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
 from sparkformer.decode.routed import routed_ffn_decode, routed_prefill_mask
 from sparkformer.ops import _extension
 from sparkformer.ops.activations import ACTIVATIONS, gelu_tanh, softcap
 from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
-from sparkformer.ops.dense_decode import dense_attn_decode, dense_cache_keys, dense_cache_write, geglu_decode, matvec, \
+from sparkformer.ops.quant import QuantGeglu, QuantMatrix, QuantSparkFFN, dequantize, geglu_decode_quant, \
+    quant_ffn_rows, quant_matvec, spark_ffn_decode_quant
+from sparkformer.ops.dense_decode import GegluWeights, dense_attn_decode, dense_cache_keys, dense_cache_write, geglu_decode, matvec, \
     new_dense_cache
 from sparkformer.ops.rope import apply_rope, rope_tables
 from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_attn_decode, spark_cache_write
-from sparkformer.ops.spark_ffn_decode import spark_ffn_decode
+from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, spark_ffn_decode
 from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill
 from sparkformer.ops.stat_topk import stat_threshold, stat_topk
 
@@ -55,7 +57,9 @@ class CpuEngine(Engine):
         self.final_norm = layout.final_norm
         # the fused kernels implement gelu_tanh; other activations run the pure-torch decode path below
         self._act = None if cfg.ffn_activation == "gelu_tanh" else ACTIVATIONS[cfg.ffn_activation]
-        self.dtype = layout.dtype
+        self.dtype = layout.dtype  # activations and KV cache
+        self.weight_format = layout.weight_format
+        self.weight_bytes = layout.weight_bytes()
         self.max_len = check_max_len(cfg, max_len)
         self.impl = impl
         self.pos = 0
@@ -133,10 +137,10 @@ class CpuEngine(Engine):
         H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         impl, prof = self.impl, self.timers is not None
         t = time.perf_counter() if prof else 0.0
-        h = self.embed[token].float() * self._embed_scale
+        h = self._embed_rows(torch.tensor([token]))[0] * self._embed_scale
         for st in self.layers:
             xn = self._rms(h, st.norms[0])
-            qkv = matvec(st.w_qkv, xn, impl=impl)
+            qkv = self._mv(st.w_qkv, xn)
             qk = self._rope_qk(qkv[: (H + KV) * hd].view(H + KV, hd), pos, r if st.attn_kind == "spark" else None)
             q, k = qk[:H], qk[H:]
             v = qkv[(H + KV) * hd:].view(KV, hd)
@@ -158,12 +162,18 @@ class CpuEngine(Engine):
                                         cfg.attn_logit_softcap, impl=impl)
             if prof:
                 t = self._tick("attention", t)
-            o = matvec(st.w_o, out.reshape(-1).float(), impl=impl)
+            o = self._mv(st.w_o, out.reshape(-1).float())
             h = h + (self._rms(o, st.norms[1]) if self._post else o)
             xn = self._rms(h, st.norms[2])
             if prof:
                 t = self._tick("attn_proj", t)
-            if st.ffn_kind == "spark":
+            if isinstance(st.ffn, QuantSparkFFN):
+                y, n_sel = spark_ffn_decode_quant(xn, st.ffn, cfg.spark_ffn_fraction, self._act or gelu_tanh,
+                                                  self.impl)
+                self._count_ffn(n_sel, st.ffn.rows.shape[0])
+            elif isinstance(st.ffn, QuantGeglu):
+                y = geglu_decode_quant(xn, st.ffn, self._act or gelu_tanh, self.impl)
+            elif st.ffn_kind == "spark":
                 if self._act is None:
                     y, n_sel = spark_ffn_decode(xn, *st.ffn, cfg.spark_ffn_fraction, impl=impl)
                 else:
@@ -180,7 +190,7 @@ class CpuEngine(Engine):
                 t = self._tick("ffn", t)
             y = y.float()
             h = h + (self._rms(y, st.norms[3]) if self._post else y)
-        logits = matvec(self.head, self._rms(h, self.final_norm), impl=impl).float()
+        logits = self._mv(self.head, self._rms(h, self.final_norm)).float()
         logits = softcap(logits, cfg.final_logit_softcap)
         if prof:
             self._tick("lm_head", t)
@@ -207,8 +217,9 @@ class CpuEngine(Engine):
         dt = self.dtype
         act = self._act or gelu_tanh
         sparse = self._sparse_prefill()
-        x = self.embed[ids].float() * self._embed_scale  # (T, d), residual stream in fp32
-        for st in self.layers:
+        x = self._embed_rows(ids) * self._embed_scale  # (T, d), residual stream in fp32
+        for layer in self.layers:
+            st = self._float_weights(layer)  # quantized layers: this layer's weights dequantized for the GEMMs
             xn = self._rms(x, st.norms[0]).to(dt)
             qkv = (xn @ st.w_qkv.t()).float()
             q = qkv[:, : H * hd].view(T, H, hd).transpose(0, 1)
@@ -255,10 +266,38 @@ class CpuEngine(Engine):
             x = x + (self._rms(y, st.norms[3]) if self._post else y)
         self.pos = pos0 + T
         last = self._rms(x[-1], self.final_norm)
-        return softcap(matvec(self.head, last, impl=self.impl).float(), cfg.final_logit_softcap)
+        return softcap(self._mv(self.head, last).float(), cfg.final_logit_softcap)
 
-    def _mv(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _float_weights(self, st: DecodeLayer) -> DecodeLayer:
+        """A quantized layer's weights dequantized to the activation dtype (prefill runs GEMMs on them; the
+        copy lives for one layer), sharing the layer's cache; float layers as they are."""
+        if self.weight_format is None:
+            return st
+        dt = self.dtype
+
+        def fl(w):
+            return dequantize(w, dt)
+
+        if isinstance(st.ffn, QuantSparkFFN):
+            k2, v = quant_ffn_rows(st.ffn)
+            ffn = SparkFFNWeights(fl(st.ffn.k1), fl(k2), fl(v))
+        else:
+            gu, down = fl(st.ffn.gate_up), fl(st.ffn.down)
+            m = gu.shape[0] // 2
+            ffn = GegluWeights(gu[:m], gu[m:], down.t().contiguous())
+        return DecodeLayer(st.attn_kind, st.ffn_kind, st.window, fl(st.w_qkv), fl(st.w_o), st.norms, ffn,
+                           cache=st.cache)
+
+    def _mv(self, w: torch.Tensor | QuantMatrix, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(w, QuantMatrix):
+            return quant_matvec(w, x, self.impl)
         return matvec(w, x, impl=self.impl)
+
+    def _embed_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T, d) fp32 embedding rows (a quantized table dequantizes just the rows it is asked for)."""
+        if isinstance(self.embed, QuantMatrix):
+            return dequantize(self.embed.index_select(ids))
+        return self.embed[ids].float()
 
     def _count_ffn(self, n_sel: int, width: int) -> None:
         s = self._stats

@@ -26,6 +26,8 @@ from sparkformer.config import ModelConfig
 from sparkformer.decode.routed import RoutedFFN, attach_router
 from sparkformer.model import SparkLM
 from sparkformer.ops.dense_decode import GegluWeights, pack_geglu
+from sparkformer.ops.quant import FORMATS, QuantGeglu, QuantMatrix, QuantSparkFFN, quantize, quantize_geglu, \
+    quantize_spark_ffn
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn
 
 FFN_KINDS = ("geglu", "spark")
@@ -49,14 +51,40 @@ class DecodeLayer:
 @dataclass
 class ModelLayout:
     cfg: ModelConfig
-    embed: torch.Tensor  # (vocab, d)
-    head: torch.Tensor  # (vocab, d); the embedding itself when tied
+    embed: torch.Tensor | QuantMatrix  # (vocab, d)
+    head: torch.Tensor | QuantMatrix  # (vocab, d); the embedding itself when tied
     final_norm: torch.Tensor  # (d,) fp32 multiplier
     layers: list[DecodeLayer]
+    dtype: torch.dtype | None = None  # activations and KV cache (default: the weights' float dtype)
+    weight_format: str | None = None  # None (float weights) or a block-quantized format of sparkformer.ops.quant
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+    def __post_init__(self):
+        if self.dtype is None:
+            self.dtype = self.embed.dtype
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weight storage the layout holds (shared storage counted once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _weight_tensors(self)}
+        return sum(storages.values())
+
+
+def _weight_tensors(layout: ModelLayout):
+    def plain(w):
+        if isinstance(w, QuantMatrix):
+            return [w.data]
+        if isinstance(w, QuantSparkFFN):
+            return [w.k1.data, w.rows]
+        if isinstance(w, QuantGeglu):
+            return [w.gate_up.data, w.down.data]
+        return list(w) if isinstance(w, tuple) else [w]
+
+    for w in (layout.embed, layout.head):
+        yield from plain(w)
+    for st in layout.layers:
+        for w in (st.w_qkv, st.w_o, st.ffn):
+            yield from plain(w)
+        if st.routed is not None:
+            yield st.routed.gate_up
 
 
 def _norm_scale(norm, d: int) -> torch.Tensor:
@@ -134,4 +162,61 @@ def random_layout(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, share: Mo
         layers.append(DecodeLayer(cfg.attention_kind(i), cfg.ffn_kind(i), cfg.window(i), w_qkv, w_o,
                                   torch.ones(4, d, device=dev), ffn))
     embed = share.embed if share is not None else rnd(cfg.vocab_size, d)
-    return ModelLayout(cfg, embed, embed, torch.ones(d, device=dev), layers)
+    return ModelLayout(cfg, embed, embed, torch.ones(d, device=dev), layers, dtype)
+
+
+def quantize_layout(layout: ModelLayout, fmt: str) -> ModelLayout:
+    """Every matrix a decode step reads, in the block-quantized format ``fmt`` (q8_0, q4_0): the LM head (which
+    also serves embedding lookups: one row dequantized per token), q/k/v/o, the dense gate/up/down and the Spark
+    predictor K1, K2 and V (each neuron's K2 and V rows one quantized row). Activations and the KV cache stay in
+    bf16; norms in fp32. Matrices already in ``fmt`` (shared with another layout) are kept as they are."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantized format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if any(st.routed is not None for st in layout.layers):
+        raise ValueError(f"routed (sparkified) FFN layers do not run in {fmt} yet; use dtype bf16 or fp32 with routers")
+
+    def q(t):
+        return t if isinstance(t, QuantMatrix) else quantize(t, fmt)
+
+    layers = []
+    for st in layout.layers:
+        if isinstance(st.ffn, (QuantSparkFFN, QuantGeglu)):
+            ffn = st.ffn
+        elif st.ffn_kind == "spark":
+            ffn = quantize_spark_ffn(*st.ffn, fmt)
+        else:
+            ffn = quantize_geglu(*st.ffn, fmt)
+        layers.append(DecodeLayer(st.attn_kind, st.ffn_kind, st.window, q(st.w_qkv), q(st.w_o), st.norms, ffn))
+    head = q(layout.head)
+    embed = head if layout.embed is layout.head else q(layout.embed)
+    return ModelLayout(layout.cfg, embed, head, layout.final_norm, layers, torch.bfloat16, fmt)
+
+
+def quantized_model(model: SparkLM, fmt: str) -> SparkLM:
+    """A copy of ``model`` whose weights are what the quantized engine reads (each matrix quantized to ``fmt``
+    along the rows the engine's dot products run over, then dequantized): the training-form forward of it measures
+    the quality cost of the format (weights only; the engine also quantizes activations per token to int8)."""
+    import copy
+
+    from sparkformer.ops.quant import dequantize
+
+    def fq(w: torch.Tensor) -> torch.Tensor:  # rows along the input dimension, as the engine stores them
+        return dequantize(quantize(w.detach(), fmt), w.dtype)
+
+    out = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for blk in out.layers:
+            a, f = blk.attn, blk.ffn
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj):
+                lin.weight.copy_(fq(lin.weight))
+            if f.kind == "spark":  # K1 = predictor, K2 = up rows, V = down columns (one row per neuron)
+                f.predictor.weight.copy_(fq(f.predictor.weight))
+                f.up_proj.weight.copy_(fq(f.up_proj.weight))
+                f.down_proj.weight.copy_(fq(f.down_proj.weight.t()).t())
+            else:
+                for lin in (f.gate_proj, f.up_proj, f.down_proj):
+                    lin.weight.copy_(fq(lin.weight))
+        out.embed.weight.copy_(fq(out.embed.weight))
+        if out.lm_head is not None:
+            out.lm_head.weight.copy_(fq(out.lm_head.weight))
+    return out

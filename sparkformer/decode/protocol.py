@@ -30,15 +30,27 @@ ENGINE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.
 COMPONENTS = ("attn_proj", "attention", "ffn", "lm_head")
 
 
+QUANT_FORMATS = ("q8_0", "q4_0")  # block-quantized weights (sparkformer.ops.quant), bf16 activations and cache
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """An engine dtype from its name (fp32, bf16) or a torch dtype; anything else is refused with the choices."""
+    """An engine float dtype from its name (fp32, bf16) or a torch dtype; anything else is refused with the choices."""
     if isinstance(dtype, torch.dtype):
         if dtype not in ENGINE_DTYPES.values():
             raise ValueError(f"unsupported engine dtype {dtype}; supported: float32, bfloat16")
         return dtype
     if dtype not in ENGINE_DTYPES:
-        raise ValueError(f"unsupported engine dtype {dtype!r}; supported: {', '.join(ENGINE_DTYPES)}")
+        raise ValueError(f"unsupported engine dtype {dtype!r}; supported: {', '.join(ENGINE_DTYPES)}, "
+                         f"{', '.join(QUANT_FORMATS)}")
     return ENGINE_DTYPES[dtype]
+
+
+def resolve_weights(dtype: str | torch.dtype) -> tuple[torch.dtype, str | None]:
+    """(float dtype of activations and cache, quantized weight format or None) of an engine ``dtype``: fp32, bf16,
+    or a quantized format (q8_0, q4_0: bf16 activations and cache)."""
+    if isinstance(dtype, str) and dtype in QUANT_FORMATS:
+        return torch.bfloat16, dtype
+    return resolve_dtype(dtype), None
 
 
 def check_max_len(cfg: ModelConfig, max_len: int | None) -> int:

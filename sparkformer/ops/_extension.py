@@ -36,8 +36,9 @@ from sparkformer.paths import cache_dir
 
 NAME = "sparkformer_decode_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
-HEADERS = ("kernels.h", "kernels_common.h", "kernels_impl.h", "kernels_simd.h", "dispatch.h", "stats.h")
+SOURCES = ("ops.cpp", "quant_ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
+HEADERS = ("kernels.h", "kernels_common.h", "kernels_impl.h", "kernels_simd.h", "dispatch.h", "stats.h", "quant.h",
+           "quant_impl.h")
 # -fopenmp at compile time only: at::parallel_for is an OpenMP region in the header; the runtime is the
 # libgomp torch already loaded (linking another copy would give two thread pools).
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-function")

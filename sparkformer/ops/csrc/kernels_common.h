@@ -10,3 +10,4 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "quant.h"

@@ -5,5 +5,7 @@
 #define SPK_NS spk_scalar
 #define SPK_NAME "scalar"
 #include "kernels_impl.h"
+#include "quant_impl.h"
 
 const spk::Kernels* spk::kernels_scalar() { return &spk_scalar::table; }
+const spk::QuantKernels* spk::quant_kernels_scalar() { return &spk_scalar::qtable; }

@@ -1,0 +1,193 @@
+"""llama.cpp as the decode anchor: run ``llama-bench`` on a GGUF and read its decode speed.
+
+    res = run_llama_bench("model.gguf", depth=4096, threads=2, tokens=8, repetitions=5)   # binary="auto"
+    res["ms_per_token"], res["ms"], res["build_commit"]
+    row = random_model_row(cfg, "q8_0", context=4096, threads=2, tokens=8, repeats=5)     # bench decode --llamacpp
+    row = model_row("smollm2-135m", "bf16", context=512, threads=2, tokens=32, repeats=5)  # bench decode --model
+
+``llama-bench -m M -p 0 -n TOKENS -d DEPTH -t THREADS -r REPS -o json``: each repetition restores a KV cache of
+DEPTH tokens (filled once, untimed) and times TOKENS single-token decode steps; ms/token is each repetition's time
+over TOKENS, quoted as median and min-max as our engines are. The binary is the one ``make llamacpp`` built
+(``binary="auto"``, ``sparkformer.bench.llamacpp_build``) or any path; every figure carries the llama.cpp commit,
+build number, the build flags of ``build.json`` and llama-bench's own run settings (flash attention, KV type, repack).
+
+Formats: our engine dtype -> GGUF of the same weights (``gguf_export.DTYPE_FORMAT``). The random gemma2-shape
+model is written by ``gguf_export.random_gguf``; a pretrained model's GGUF (``smollm2-135m``: the packaged Q4_1
+file) is re-encoded by ``llama-quantize --allow-requantize --pure`` into BF16 / F32 / Q8_0 / Q4_0 (every matrix in
+the one format, as our engines hold it; cached). From Q4_1 that is the same function our engine runs (it loads the
+same file, dequantized), re-quantized once more for Q8_0 / Q4_0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from sparkformer.bench.llamacpp_build import build_info, built_binary
+from sparkformer.config import ModelConfig
+from sparkformer.paths import cache_dir
+
+MAKE_HINT = "build it with `make llamacpp` (python -m sparkformer.bench.llamacpp_build), or pass --llamacpp PATH"
+RUN_FIELDS = ("build_commit", "build_number", "cpu_info", "backends", "model_type", "model_size", "model_n_params",
+              "n_threads", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "repack", "n_gen", "n_depth",
+              "avg_ts", "stddev_ts")
+QUANTIZE_TYPES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+
+
+def resolve_binary(spec: str | Path | None = "auto", name: str = "llama-bench") -> Path:
+    """The llama.cpp tool ``name``: ``auto`` (or None) = the one ``make llamacpp`` built; else a file, or a folder
+    holding it. Refused, with how to build it, when it is not there."""
+    if spec is None or str(spec) == "auto":
+        found = built_binary(name)
+        if found is None:
+            raise FileNotFoundError(f"llama.cpp's {name} has not been built on this machine: {MAKE_HINT}")
+        return found
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / name
+    elif name != "llama-bench":  # a llama-bench path: its sibling tool
+        path = path.parent / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no llama.cpp {name} at {path}: {MAKE_HINT}")
+    return path
+
+
+def bench_command(binary: Path, model: str | Path, depth: int, threads: int, tokens: int, repetitions: int,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    return [str(binary), "-m", str(model), "-p", "0", "-n", str(tokens), "-d", str(depth), "-t", str(threads),
+            "-r", str(repetitions), "-o", "json", *extra]
+
+
+def parse_llama_bench(text: str) -> list[dict]:
+    """llama-bench's ``-o json`` (an array) or ``-o jsonl`` output -> one dict per test with ms per token (median,
+    min, max over repetitions) beside its own fields."""
+    text = text.strip()
+    start = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
+    if start < 0:
+        raise ValueError("no JSON in llama-bench output")
+    text = text[start:]
+    if text.startswith("["):
+        tests = json.loads(text[: text.rindex("]") + 1])
+    else:
+        tests = [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+    out = []
+    for t in tests:
+        n = t.get("n_gen") or 0
+        if n <= 0:
+            raise ValueError("llama-bench test has no generated tokens (n_gen=0): run it with -n N -p 0")
+        ms = [ns / n / 1e6 for ns in t["samples_ns"]]
+        row = {k: t.get(k) for k in RUN_FIELDS}
+        row.update(ms_per_token=statistics.median(ms), ms={"median": statistics.median(ms), "min": min(ms),
+                                                           "max": max(ms)},
+                   tokens_per_s=1e3 / statistics.median(ms), samples_ms_per_token=ms)
+        out.append(row)
+    return out
+
+
+def run_llama_bench(model: str | Path, depth: int, threads: int, tokens: int = 32, repetitions: int = 5,
+                    binary: str | Path | None = "auto", extra: tuple[str, ...] = (), timeout: float = 7200) -> dict:
+    """Decode speed of ``model`` (a GGUF) after a KV cache of ``depth`` tokens, on ``threads`` threads."""
+    exe = resolve_binary(binary)
+    cmd = bench_command(exe, model, depth, threads, tokens, repetitions, extra)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"llama-bench failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    res = parse_llama_bench(proc.stdout)[0]
+    res.update(command=" ".join(cmd), wall_s=round(time.perf_counter() - t0, 1), model_file=Path(model).name)
+    if binary is None or str(binary) == "auto":
+        info = build_info() or {}
+        res["build"] = {k: info.get(k) for k in ("source_package", "llama_cpp_commit", "cmake_flags", "compiler")}
+    return res
+
+
+def quantize_gguf(src: str | Path, dst: str | Path, fmt: str, binary: str | Path | None = "auto") -> Path:
+    """``llama-quantize --allow-requantize --pure SRC DST TYPE`` (every matrix in ``fmt``), written atomically."""
+    if fmt not in QUANTIZE_TYPES:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(QUANTIZE_TYPES)}")
+    exe = resolve_binary(binary, "llama-quantize")
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".part")
+    cmd = [str(exe), "--allow-requantize", "--pure", str(src), str(tmp), QUANTIZE_TYPES[fmt]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"llama-quantize failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    tmp.replace(dst)
+    return dst
+
+
+def source_gguf(model: str) -> Path | None:
+    """The GGUF a ``--model`` name stands for: a built-in name's packaged file, or a ``.gguf`` path; else None."""
+    from sparkformer.pretrained import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[model]
+        return spec.locate(spec)
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def model_gguf(model: str, fmt: str, binary: str | Path | None = "auto") -> Path | None:
+    """``model``'s GGUF re-encoded in ``fmt`` (cached under ``cache_dir("gguf", "llamacpp")``), or None when the
+    model has no GGUF source."""
+    src = source_gguf(model)
+    if src is None:
+        return None
+    dst = cache_dir("gguf", "llamacpp") / f"{src.stem}-{fmt}.gguf"
+    if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
+        quantize_gguf(src, dst, fmt, binary)
+    return dst
+
+
+def _in_child(fn, *args):
+    """Run ``fn(*args)`` in a fresh process (a full-size layout's memory goes back to the system when it exits)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _row(gguf: Path | None, note: str | None, context: int, threads: int, tokens: int, repeats: int,
+         binary) -> dict:
+    if gguf is None:
+        return {"llamacpp_ms_per_token": None, "llamacpp_note": note}
+    res = run_llama_bench(gguf, context, threads, tokens, repeats, binary)
+    return {"llamacpp_ms_per_token": res["ms_per_token"], "llamacpp": res}
+
+
+def random_model_row(cfg: ModelConfig, dtype: str, context: int, threads: int, tokens: int, repeats: int,
+                     binary: str | Path | None = "auto", seed: int = 1) -> dict:
+    """llama.cpp's figures for one ``bench decode`` row: the dense benchmark model (seed 1) in the GGUF format of
+    ``dtype`` at the same depth, threads and tokens. fp32 rows are skipped (an F32 2B file is 10 GB; the
+    comparison is made in the formats users run)."""
+    from sparkformer.bench.gguf_export import DTYPE_FORMAT, random_gguf
+
+    fmt = DTYPE_FORMAT.get(dtype)
+    if fmt is None or fmt == "f32":
+        return _row(None, f"no llama.cpp figure for dtype {dtype} (compared in bf16, q8_0, q4_0)", context, threads,
+                    tokens, repeats, binary)
+    return _row(_in_child(random_gguf, cfg, fmt, seed), None, context, threads, tokens, repeats, binary)
+
+
+def model_row(model: str, dtype: str, context: int, threads: int, tokens: int, repeats: int,
+              binary: str | Path | None = "auto") -> dict:
+    """llama.cpp's figures for one ``bench decode --model`` row: the model's GGUF in the format of ``dtype``."""
+    from sparkformer.bench.gguf_export import DTYPE_FORMAT
+
+    fmt = DTYPE_FORMAT.get(dtype)
+    gguf = model_gguf(model, fmt, binary) if fmt else None
+    note = None if gguf else (f"no GGUF source for {model!r} (llama.cpp runs a built-in name or a .gguf file)"
+                              if fmt else f"no GGUF format for dtype {dtype}")
+    return _row(gguf, note, context, threads, tokens, repeats, binary)
+
+
+def check_binary(spec: str | Path | None) -> None:
+    """Fail early (before any engine is built) when ``--llamacpp`` names no usable llama-bench."""
+    exe = resolve_binary(spec)
+    if shutil.which(str(exe)) is None:
+        raise FileNotFoundError(f"{exe} is not executable: {MAKE_HINT}")

@@ -1,0 +1,149 @@
+// Torch ops over block-quantized weights (quant.h): torch.ops.sparkformer.quant_matvec / quant_ffn_gather /
+// quantize_act. The activation vector is quantized once per call (int8 blocks of 32, one fp32 scale each, the
+// reference is sparkformer.ops.quant.quantize_act); threading over rows or selected neurons as in ops.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "dispatch.h"
+#include "quant.h"
+
+namespace {
+
+using at::Tensor;
+using namespace spk;
+
+const QuantKernels* QK() {  // the quantized table of the ISA the float kernels run on (one switch for both)
+  const std::string name = K()->name;
+  if (name == "avx512" && quant_kernels_avx512()) return quant_kernels_avx512();
+  if (name != "scalar" && quant_kernels_avx2()) return quant_kernels_avx2();
+  return quant_kernels_scalar();
+}
+
+void check_fmt(int64_t fmt, int64_t n, const char* what) {
+  TORCH_CHECK(fmt == kQ8_0 || fmt == kQ4_0, "sparkformer ", what, ": unknown quantized format ", fmt,
+              " (0 = q8_0, 1 = q4_0)");
+  TORCH_CHECK(n > 0 && n % kQBlock == 0, "sparkformer ", what, ": a quantized row holds whole blocks of ", kQBlock,
+              " weights, got ", n);
+}
+
+void check_rows(const Tensor& w, int64_t bytes, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.stride(1) == 1,
+              "sparkformer ", what, ": quantized rows must be a 2-D uint8 CPU tensor with contiguous rows");
+  TORCH_CHECK(w.size(1) >= bytes, "sparkformer ", what, ": rows of ", w.size(1), " bytes, the format needs ", bytes);
+}
+
+struct QAct {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> s;
+  std::vector<int8_t> pairs;  // q in the kernels' q4_0 read order
+};
+
+// x (n,) -> int8 blocks of 32: d = max|x| / 127, q = round-half-even(x * (1 / d)), s = sum(q) per block.
+QAct quantize(const Tensor& x, int fmt) {
+  const Tensor xf = x.to(at::kFloat).contiguous();
+  const float* p = xf.data_ptr<float>();
+  const int64_t n = xf.numel(), nb = n / kQBlock;
+  QAct a{std::vector<int8_t>(size_t(n) + 64), std::vector<float>(size_t(nb) + 1), std::vector<int32_t>(size_t(nb) + 1)};
+  for (int64_t b = 0; b < nb; ++b) {
+    float amax = 0.0f;
+    for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(p[b * kQBlock + j]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32_t s = 0;
+    for (int j = 0; j < kQBlock; ++j) {
+      const int8_t q = int8_t(std::nearbyint(p[b * kQBlock + j] * id));
+      a.q[size_t(b * kQBlock + j)] = q;
+      s += q;
+    }
+    a.d[size_t(b)] = d;
+    a.s[size_t(b)] = s;
+  }
+  if (fmt == kQ4_0) {
+    a.pairs.resize(a.q.size());
+    QK()->pair_order(a.q.data(), n, a.pairs.data());
+  }
+  return a;
+}
+
+Tensor quant_matvec(const Tensor& w, int64_t fmt, int64_t n, const Tensor& x) {
+  check_fmt(fmt, n, "quant_matvec");
+  check_rows(w, q_row_bytes(int(fmt), n), "quant_matvec");
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, "sparkformer quant_matvec: x must be (", n, ",), got ", x.sizes());
+  const QAct a = quantize(x, int(fmt));
+  Tensor y = at::empty({w.size(0)}, x.options().dtype(at::kFloat));
+  const QuantKernels* qk = QK();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, w.size(0), 64, [&](int64_t b, int64_t e) {
+    qk->matvec(int(fmt), wp, w.stride(0), n, a.q.data(), a.d.data(), a.s.data(), a.pairs.data(), yp + b, b, e);
+  });
+  return y;
+}
+
+// y (nv,) fp32 = sum_t a[t] * dot(K2 row of idx[t], x2) * V row of idx[t]; rows (n_neurons, bytes) hold each
+// neuron's quantized K2 row (n2 weights) then its V row (nv weights).
+Tensor quant_ffn_gather(const Tensor& idx, const Tensor& act, const Tensor& rows, int64_t fmt, int64_t n2, int64_t nv,
+                        const Tensor& x2) {
+  check_fmt(fmt, n2, "quant_ffn_gather");
+  check_fmt(fmt, nv, "quant_ffn_gather");
+  check_rows(rows, q_row_bytes(int(fmt), n2) + q_row_bytes(int(fmt), nv), "quant_ffn_gather");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
+              "sparkformer quant_ffn_gather: idx must be a contiguous int32 vector");
+  TORCH_CHECK(act.scalar_type() == at::kFloat && act.dim() == 1 && act.numel() == idx.numel() && act.is_contiguous(),
+              "sparkformer quant_ffn_gather: a must be float32 with one value per index");
+  TORCH_CHECK(x2.dim() == 1 && x2.size(0) == n2, "sparkformer quant_ffn_gather: x2 must be (", n2, ",)");
+  const int64_t cnt = idx.numel();
+  if (cnt > 0) {
+    const int32_t* ip = idx.data_ptr<int32_t>();
+    const auto mm = std::minmax_element(ip, ip + cnt);
+    TORCH_CHECK(*mm.first >= 0 && *mm.second < rows.size(0), "sparkformer quant_ffn_gather: index out of range");
+  }
+  const QAct a = quantize(x2, int(fmt));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(int64_t(at::get_num_threads()), cnt / 16));
+  std::vector<float> acc(size_t(parts * nv), 0.0f);
+  const QuantKernels* qk = QK();
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
+      qk->ffn_gather(int(fmt), idx.data_ptr<int32_t>() + t0, act.data_ptr<float>() + t0, t1 - t0,
+                     rows.data_ptr<uint8_t>(), rows.stride(0), n2, nv, a.q.data(), a.d.data(), a.s.data(),
+                     a.pairs.data(), acc.data() + p * nv);
+    }
+  });
+  Tensor y = at::zeros({nv}, x2.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  for (int64_t p = 0; p < parts; ++p)
+    for (int64_t c = 0; c < nv; ++c) yp[c] += acc[size_t(p * nv + c)];
+  return y;
+}
+
+// Test hook: the activation quantization the ops use -> (q int8 (n,), d fp32 (n / 32,)).
+std::tuple<Tensor, Tensor> quantize_act(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) % kQBlock == 0, "sparkformer quantize_act: x must be (32 k,)");
+  const QAct a = quantize(x, kQ8_0);
+  const int64_t n = x.size(0);
+  Tensor q = at::empty({n}, x.options().dtype(at::kChar));
+  Tensor d = at::empty({n / kQBlock}, x.options().dtype(at::kFloat));
+  std::copy(a.q.begin(), a.q.begin() + n, q.data_ptr<int8_t>());
+  std::copy(a.d.begin(), a.d.begin() + n / kQBlock, d.data_ptr<float>());
+  return {q, d};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparkformer, m) {
+  m.def("quant_matvec(Tensor w, int fmt, int n, Tensor x) -> Tensor");
+  m.def("quant_ffn_gather(Tensor idx, Tensor a, Tensor rows, int fmt, int n2, int nv, Tensor x2) -> Tensor");
+  m.def("_quantize_act(Tensor x) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
+  m.impl("quant_matvec", &quant_matvec);
+  m.impl("quant_ffn_gather", &quant_ffn_gather);
+  m.impl("_quantize_act", &quantize_act);
+}
