@@ -14,23 +14,33 @@ The threshold: one definition
 every f); ``stat_z_table(k, L)`` is z(k / n) for every valid count n <= L (0 where n <= k), for kernels that read z
 by n. ``stat_threshold(x, k, mask)`` is theta, and it is the reference: every other place that selects (the torch
 decode, batched and prefill paths in ``sparkformer.ops`` call it; the fused kernels compute it themselves and are
-tested against it) means this function. Its numerics:
+tested against it) means this function. ``k`` is a count (any integer: int, numpy or 0-dim integer tensor) or a
+fraction in (0, 1] (any real); ``x`` needs at least one dim (a 0-dim tensor is refused) and a floating dtype.
 
-- statistics in fp32 (fp64 for fp64 input), whatever x's dtype; z rounded to that dtype; population std;
-- one pass of two reductions, sum(x) and sum(x^2) (``var_mean`` is ~10x slower on CPU), var = E[x^2] - mean^2
-  clamped at 0 and no floor, so a constant row whose squares are exact (zeros, say) gets theta = its value and
-  nothing is above it (as in the C++ and Triton kernels and gemma3n);
-- the cancellation in E[x^2] - mean^2 grows as (mean / std)^2: against a float64 two-pass theta the error is
-  ~1e-6 * std for |mean| <= std, ~6e-5 * std at |mean| = 10 std, ~2e-4 * std at 30 std (``test_stat_topk``).
-  So it is exact enough (inside the kernel tests' 1e-4 * std boundary tolerance) while |mean| <= ~10 std; a row
-  with a larger common offset loses digits and should be centred first. At the far end, a constant row whose
-  squares round leaves a std of ~3e-4 * |value| (so theta = value +- that * |z|).
-- 1-D unmasked input (the batch-1 decode hot path) takes a shortcut with the same two reductions and no tensor
-  bookkeeping (z cached per fraction); it returns the same bits (tested).
+Non-finite entries, one rule for every form: the statistics are over the *finite* valid entries of a row (n is
+their count), ``+inf`` is always kept, ``-inf`` and NaN are never kept (0 in the soft form, -inf in the attention
+form), and no other entry of the row is affected by them.
+
+Numerics (statistics in fp32, fp64 for fp64 input, whatever x's dtype; z rounded to that dtype; population std):
+
+- the fast form, one pass of two reductions (sum(x) and sum(x^2); ``var_mean`` is ~10x slower on CPU) and
+  var = E[x^2] - mean^2, is used for a row only where it cannot cancel: all entries finite, no square overflowing
+  or underflowing (E[x^2] >= 2^-100, finite) and mean^2 <= 4 var (|mean| <= 2 std), where it is within ~1e-6 std
+  of a float64 two-pass theta (``test_stat_topk``).
+- every other row goes the careful way: over its finite entries, scaled by a power of two (exact, so values near
+  1e20 or 1e-30 neither overflow nor underflow), two passes about the mean with the correction term (the corrected
+  two-pass algorithm), so a common offset costs nothing: randn + 1e4 keeps its ~8% (theta within ~1e-3 std there,
+  which is the fp32 spacing of the inputs themselves; ~1e-6 std of the float64 theta of the same fp32 values).
+  On CPU only the rows that need it are recomputed (the check is one comparison per row); on other devices and
+  under ``torch.compile`` every row goes the careful way, with no data-dependent branch.
+- a constant row has std 0 and theta = its value, so nothing is above it (as in the C++ and Triton kernels and
+  gemma3n), for any target.
+- 1-D unmasked CPU input (the batch-1 decode hot path) takes a shortcut with the same reductions, the same check
+  and no tensor bookkeeping (z cached per fraction); it returns the same bits as the general path (tested).
 
 The kernels that compute theta themselves, each tested against ``stat_threshold`` (selections equal except for
 entries within 1e-4 * std of theta; the C++ theta itself, through a test hook, to ``THETA_TOL`` * std on rows with
-|mean| <= 2 std):
+|mean| <= 2 std, where both this function and the kernels are exact to ~1e-6 std):
 
 - C++ (``csrc/ops.cpp``, every ISA): FFN decode, FFN prefill and attention over the plain key layout (or split
   across threads): two passes about the mean, fp32 lanes flushed into double every 1024 entries, theta in double
@@ -44,15 +54,19 @@ entries within 1e-4 * std of theta; the C++ theta itself, through a test hook, t
 from __future__ import annotations
 
 import functools
+import math
+import numbers
+import operator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["THETA_TOL", "achieved_count", "exact_topk", "exact_topk_inf", "stat_threshold", "stat_topk",
            "stat_topk_inf", "stat_z", "stat_z_table"]
 
-# var below this is treated as zero in the backward: keeps 1/std finite on constant rows.
-_VAR_FLOOR = 1e-30
+# std below this is treated as zero in the backward: keeps 1/std finite on constant rows.
+_STD_FLOOR = 1e-15
 # 1 - f is clamped to [_P_CLAMP, 1 - _P_CLAMP] before ndtri: z stays finite for f -> 0 and f -> 1.
 _P_CLAMP = 1e-12
 # How far (in units of the row's std) a kernel's theta may sit from ``stat_threshold`` on rows with
@@ -82,20 +96,55 @@ def stat_z_table(k: int, max_len: int, device=None) -> torch.Tensor:
     return z.to(torch.float32).to(device)
 
 
-def _check_k(k: int | float) -> None:
-    """``k`` is a count (int >= 0) or a fraction of the row's valid entries (float in (0, 1])."""
-    if isinstance(k, bool):
+def _normalize_k(k) -> int | float:
+    """``k`` as an int count (>= 0; any integer type) or a float fraction (in (0, 1]; any real type)."""
+    t = type(k)
+    if t is float:
+        if 0.0 < k <= 1.0:
+            return k
+    elif t is int:
+        if k >= 0:
+            return k
+    elif t is bool or t.__name__ == "bool_":
         raise TypeError("k must be an int count or a float fraction, not bool")
-    if isinstance(k, int):
-        if k < 0:
-            raise ValueError(f"k={k}: a count must be >= 0")
-    elif not 0.0 < float(k) <= 1.0:
-        raise ValueError(f"k={k}: a fraction must be in (0, 1]; pass an int for a count")
+    else:
+        try:
+            k = operator.index(k)  # numpy / torch integers
+        except TypeError:
+            if not isinstance(k, (numbers.Real, torch.Tensor)):
+                raise TypeError(f"k must be an int count or a float fraction, got {t.__name__}") from None
+            try:
+                k = float(k)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"k must be an int count or a float fraction, got {t.__name__}") from None
+        return _normalize_k(k)
+    if t is int:
+        raise ValueError(f"k={k}: a count must be >= 0")
+    raise ValueError(f"k={k}: a fraction must be in (0, 1]; pass an int for a count")
+
+
+def _check_x(x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x is a 0-dim tensor: statistical top-k selects along the last dim, so x needs at least "
+                         "one (e.g. x.reshape(1))")
+    if not x.is_floating_point():
+        raise ValueError(f"x has dtype {x.dtype}: statistical top-k needs a floating-point tensor")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        try:
+            ok = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
 
 
 def _target_fraction(k: int | float, n_valid: torch.Tensor) -> torch.Tensor:
-    """Per-row target fraction (float64) for a count or fraction ``k`` over rows of ``n_valid`` valid entries."""
-    _check_k(k)
+    """Per-row target fraction (float64) for a (normalized) count or fraction ``k`` over rows of ``n_valid``
+    valid entries."""
     if isinstance(k, int):
         return k / n_valid.clamp_min(1).to(torch.float64)
     return torch.full_like(n_valid, float(k), dtype=torch.float64)
@@ -105,46 +154,106 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _row_stats(x: torch.Tensor, mask: torch.Tensor | None):
-    """Per-row mean, population variance and valid count (keepdim), in fp32 (fp64 for fp64 input): one pass of
-    two reductions, sum and sum of squares (see the module doc for when E[x^2] - mean^2 is exact enough)."""
+# A row takes the one-pass statistics only where they cannot cancel (module doc): mean^2 <= _COND * var, and
+# _TINY <= E[x^2] < inf (no square under- or overflows).
+_COND = 4.0
+_TINY = 2.0 ** -100
+
+
+def _fast_ok(mean: float, var: float) -> bool:
+    """The row check of ``_row_stats`` for one row, in Python floats (IEEE double, as the tensor form)."""
+    m2 = mean * mean
+    return math.isfinite(var) and m2 <= _COND * var and var + m2 >= _TINY
+
+
+def _careful_stats(xs: torch.Tensor, valid: torch.Tensor | None):
+    """Per-row (mean, std, n) over the finite valid entries of xs (stat dtype): each row scaled by a power of two
+    (exact) so that its largest entry is below 1, then two passes about the mean with the correction term."""
+    fin = torch.isfinite(xs)
+    valid = fin if valid is None else valid & fin
+    n = valid.sum(-1, keepdim=True).to(xs.dtype)
+    denom = n.clamp_min(1)
+    xv = xs.masked_fill(~valid, 0)
+    _, e = torch.frexp(xv.abs().amax(-1, keepdim=True))
+    scale = torch.ldexp(torch.ones_like(denom), -e.clamp(-100, 100))
+    y = xv * scale
+    m0 = y.sum(-1, keepdim=True) / denom
+    d = (y - m0).masked_fill_(~valid, 0)
+    s1 = d.sum(-1, keepdim=True)
+    ss = torch.linalg.vector_norm(d, dim=-1, keepdim=True).square()
+    mean = m0 + s1 / denom
+    std = ((ss - s1 * s1 / denom) / denom).clamp_min(0).sqrt()
+    return mean / scale, std / scale, n
+
+
+def _row_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int | float):
+    """Per-row mean, population std and valid count (keepdim), fp32 (fp64 for fp64 input), and whether any row went
+    the careful way (it may hold non-finite entries). See the module doc."""
     stat_dtype = _stat_dtype(x)
-    xs = x.to(stat_dtype)
+    xs = x.detach().to(stat_dtype)
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # no data-dependent branch: every row careful
+        return (*_careful_stats(xs, None if mask is None else mask.expand_as(x)), True)
     if mask is None:
         n = torch.full(x.shape[:-1] + (1,), x.shape[-1], device=x.device, dtype=stat_dtype)
+        xm = xs
     else:
         mask = mask.expand_as(x)
         n = mask.sum(-1, keepdim=True).to(stat_dtype)
-        xs = xs.masked_fill(~mask, 0)
+        xm = xs.masked_fill(~mask, 0)
     denom = n.clamp_min(1)
-    mean = xs.sum(-1, keepdim=True) / denom
-    sq = torch.linalg.vector_norm(xs, dim=-1, keepdim=True).square() / denom
+    mean = xm.sum(-1, keepdim=True) / denom
+    sq = torch.linalg.vector_norm(xm, dim=-1, keepdim=True).square() / denom
     var = (sq - mean.square()).clamp_min(0)
-    return mean, var, n
+    m2, v = mean.double().square(), var.double()
+    ok = torch.isfinite(v) & (m2 <= _COND * v) & (v + m2 >= _TINY)
+    ok |= _target_fraction(k, n) >= 1.0  # keep-all rows: their statistics are not used
+    std = var.sqrt()
+    if bool(ok.all()):
+        return mean, std, n, False
+    L = x.shape[-1]
+    bad = (~ok).reshape(-1).nonzero().squeeze(1)
+    rows = xs.reshape(-1, L).index_select(0, bad)
+    mrows = None if mask is None else mask.reshape(-1, L).index_select(0, bad)
+    m_c, s_c, n_c = _careful_stats(rows, mrows)
+    put = lambda t, v: t.reshape(-1, 1).index_copy(0, bad, v).reshape(t.shape)  # noqa: E731
+    return put(mean, m_c), put(std, s_c), put(n, n_c), True
 
 
-def _theta(mean, var, n, k):
+def _theta(mean, std, n, k):
     """theta = mean + std * z; -inf where the target keeps every valid entry. Also returns z and the std floored
-    for division (the backward's; theta uses the unfloored std, so a row with var = 0 gets theta = its mean)."""
+    for division (the backward's; theta uses the unfloored std, so a row with std = 0 gets theta = its mean)."""
     frac = _target_fraction(k, n)
     z = torch.special.ndtri((1.0 - frac).clamp(_P_CLAMP, 1.0 - _P_CLAMP)).to(mean.dtype)  # = stat_z per row
-    theta = torch.where(frac >= 1.0, torch.full_like(mean, float("-inf")), mean + var.sqrt() * z)
-    return theta, z, var.clamp_min(_VAR_FLOOR).sqrt()
+    theta = torch.where(frac >= 1.0, torch.full_like(mean, float("-inf")), mean + std * z)
+    return theta, z, std.clamp_min(_STD_FLOOR)
+
+
+# The smallest double whose fp32 rounding overflows: an fp32 norm q with q * q >= this squares to inf in fp32.
+_SQ_OVERFLOW = (2.0 - 2.0 ** -24) * 2.0 ** 127
 
 
 def _threshold_1d(x: torch.Tensor, k: int | float) -> torch.Tensor:
-    """``stat_threshold`` of an unmasked 1-D x, shape (1,): the same two reductions and the same rounding, without
-    the per-row tensors of the general path (about half its cost; the batch-1 decode hot path)."""
-    _check_k(k)
+    """``stat_threshold`` of an unmasked 1-D CPU x, shape (1,), ``k`` normalized: the same two reductions, check and
+    rounding as the general path, with its per-row arithmetic done on two scalars (numpy fp32 or Python floats,
+    IEEE like torch's) instead of a dozen one-element tensor ops (the batch-1 decode hot path)."""
     n = x.shape[0]
-    frac = k / n if isinstance(k, int) else float(k)
-    stat_dtype = _stat_dtype(x)
+    frac = k / n if type(k) is int else k
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if frac >= 1.0:
-        return torch.full((1,), float("-inf"), dtype=stat_dtype, device=x.device)
-    xs = x.detach().to(stat_dtype)
-    mean = xs.sum(-1, keepdim=True) / n
-    sq = torch.linalg.vector_norm(xs, dim=-1, keepdim=True).square() / n
-    return mean + (sq - mean.square()).clamp_min(0).sqrt() * stat_z(frac)
+        return torch.full((1,), float("-inf"), dtype=dt)
+    xs = x.detach() if x.dtype == dt else x.detach().to(dt)
+    total, q = xs.sum().item(), torch.linalg.vector_norm(xs).item()
+    if math.isfinite(total) and q * q < _SQ_OVERFLOW:
+        f = float if dt == torch.float64 else np.float32
+        fn = f(n)
+        mean = f(total) / fn
+        var = f(q) * f(q) / fn - mean * mean
+        var = var if var > 0 else f(0.0)
+        if _fast_ok(float(mean), float(var)):
+            return torch.tensor([float(mean + f(math.sqrt(var) if f is float else np.sqrt(var)) * f(stat_z(frac)))],
+                                dtype=dt)
+    m, sd, c = _careful_stats(xs[None], None)
+    return _theta(m, sd, c, k)[0][0]
 
 
 def stat_threshold(x: torch.Tensor, k: int | float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,13 +267,16 @@ def stat_threshold(x: torch.Tensor, k: int | float, mask: torch.Tensor | None = 
     Returns:
         theta, shape ``x.shape[:-1] + (1,)`` (so ``x > theta`` broadcasts; (1,) for 1-D x), fp32 (fp64 for fp64
         input), no gradient; ``-inf`` for rows whose target keeps every valid entry (k >= n valid, fraction 1).
-        Numerics: see the module doc (fp32, population std, one-pass sum / sum of squares).
+        Numerics and non-finite entries: see the module doc (fp32, population std, statistics over the finite
+        valid entries that do not cancel).
     """
-    if mask is None and x.dim() == 1 and x.shape[0] > 0:
+    k = _normalize_k(k)
+    if mask is None and x.dim() == 1 and x.shape[0] > 0 and x.device.type == "cpu" and x.is_floating_point():
         return _threshold_1d(x, k)
+    _check_x(x, mask)
     with torch.no_grad():
-        mean, var, n = _row_stats(x, mask)
-        return _theta(mean, var, n, k)[0]
+        mean, std, n, _ = _row_stats(x, mask, k)
+        return _theta(mean, std, n, k)[0]
 
 
 class _StatTopK(torch.autograd.Function):
@@ -177,8 +289,8 @@ class _StatTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, mask, detach_threshold):
         with torch.no_grad():
-            mean, var, n = _row_stats(x, mask)
-            theta, z, std = _theta(mean, var, n, k)
+            mean, std0, n, careful = _row_stats(x, mask, k)
+            theta, z, std = _theta(mean, std0, n, k)
             keep_all = torch.isneginf(theta)
             shift = torch.where(keep_all, torch.zeros_like(theta), theta).to(x.dtype)
             y = (x - shift).clamp_min_(0)
@@ -186,22 +298,27 @@ class _StatTopK(torch.autograd.Function):
                 y = torch.where(keep_all, x, y)
             if mask is not None:
                 y = y.masked_fill_(~mask.expand_as(x), 0)
+            if careful:  # non-finite entries: +inf kept, -inf and NaN never
+                y = y.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=0.0)
         ctx.detach_threshold = detach_threshold
-        ctx.save_for_backward(x, y, mask, mean, std, z, n, keep_all, var)
+        ctx.careful = careful
+        ctx.save_for_backward(x, y, mask, mean, std, z, n, keep_all, std0)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, y, mask, mean, std, z, n, keep_all, var = ctx.saved_tensors
+        x, y, mask, mean, std, z, n, keep_all, std0 = ctx.saved_tensors
         gy = g.masked_fill(y == 0, 0)
         if ctx.detach_threshold:
             return gy, None, None, None
         # rows that keep everything are not shifted: no threshold gradient there
         s = gy.sum(-1, keepdim=True, dtype=mean.dtype).masked_fill(keep_all, 0)
         b = s * z / (n.clamp_min(1) * std)
-        b = b.masked_fill(var < _VAR_FLOOR, 0)  # std is clamped there: d std / d x = 0
+        b = b.masked_fill(std0 < _STD_FLOOR, 0)  # std is clamped there: d std / d x = 0
         a = s / n.clamp_min(1) - b * mean
-        grad = gy.sub_(a.to(g.dtype)).addcmul_(x, b.to(g.dtype), value=-1)
+        grad = (gy.clone() if ctx.careful else gy).sub_(a.to(g.dtype)).addcmul_(x, b.to(g.dtype), value=-1)
+        if ctx.careful:  # entries outside the statistics (non-finite) get no threshold term
+            grad = torch.where(torch.isfinite(x), grad, gy)
         if mask is not None:
             grad = grad.masked_fill_(~mask.expand_as(x), 0)
         return grad, None, None, None
@@ -217,8 +334,10 @@ def stat_topk(
 
     A row that keeps everything (at most k valid entries) is passed through unshifted; invalid entries become 0.
     Output has x's dtype; the statistics are computed in fp32. Gradients flow through theta unless detached.
+    Non-finite entries: see the module doc (+inf kept, -inf and NaN become 0, statistics over finite entries).
     """
-    _check_k(k)  # validate k up front
+    k = _normalize_k(k)
+    _check_x(x, mask)
     return _StatTopK.apply(x, k, mask, detach_threshold)
 
 
@@ -230,14 +349,15 @@ def stat_topk_inf(
 ) -> torch.Tensor:
     """Attention-form statistical top-k: entries above theta keep their value, the rest (and invalid ones) -> -inf.
 
-    The comparison selects; gradients flow to the kept values (theta only decides membership).
+    The comparison selects; gradients flow to the kept values (theta only decides membership). Non-finite entries:
+    +inf is kept, -inf and NaN become -inf (see the module doc).
     """
     theta = stat_threshold(x, k, mask)
     if x.dtype != torch.float64:
         theta = theta.to(x.dtype)
     if mask is not None:  # invalid entries become -inf first: -inf > theta is false even for keep-all rows
         x = x.masked_fill(~mask, float("-inf"))
-    return x.masked_fill(x <= theta, float("-inf"))
+    return torch.where(x > theta, x, float("-inf"))  # NaN > theta is false: never kept
 
 
 # ---- exact baselines (sort-based) ---------------------------------------------------------------------------------

@@ -37,37 +37,51 @@ void check_rows(const Tensor& w, int64_t bytes, const char* what) {
   TORCH_CHECK(w.size(1) >= bytes, "sparkformer ", what, ": rows of ", w.size(1), " bytes, the format needs ", bytes);
 }
 
+// The quantized activation vector of one call; the buffers are thread-local and reused (a decode step makes ~100
+// of these calls, so allocation would show).
 struct QAct {
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<int32_t> s;
-  std::vector<int8_t> pairs;  // q in the kernels' q4_0 read order
+  const int8_t* q;
+  const float* d;
+  const int32_t* s;
+  const int8_t* pairs;  // q in the kernels' q4_0 read order (q4_0 only)
 };
 
 // x (n,) -> int8 blocks of 32: d = max|x| / 127, q = round-half-even(x * (1 / d)), s = sum(q) per block.
 QAct quantize(const Tensor& x, int fmt) {
+  thread_local std::vector<int8_t> q, pairs;
+  thread_local std::vector<float> dv;
+  thread_local std::vector<int32_t> sv;
   const Tensor xf = x.to(at::kFloat).contiguous();
   const float* p = xf.data_ptr<float>();
   const int64_t n = xf.numel(), nb = n / kQBlock;
-  QAct a{std::vector<int8_t>(size_t(n) + 64), std::vector<float>(size_t(nb) + 1), std::vector<int32_t>(size_t(nb) + 1)};
+  if (int64_t(q.size()) < n + 64) q.resize(size_t(n + 64));
+  if (int64_t(dv.size()) < nb + 1) dv.resize(size_t(nb + 1)), sv.resize(size_t(nb + 1));
+  int8_t* qp = q.data();  // plain pointers: every access to a thread_local in a shared library is a TLS lookup
+  float* dp = dv.data();
+  int32_t* sp = sv.data();
   for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = p + b * kQBlock;
     float amax = 0.0f;
-    for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(p[b * kQBlock + j]));
+    for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
     const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
     int32_t s = 0;
     for (int j = 0; j < kQBlock; ++j) {
-      const int8_t q = int8_t(std::nearbyint(p[b * kQBlock + j] * id));
-      a.q[size_t(b * kQBlock + j)] = q;
-      s += q;
+      // round half to even without libm's nearbyint (slow: it saves the FP environment): |x * id| <= 127, and
+      // adding 1.5 * 2^23 pushes the fraction out of an fp32 mantissa under the default rounding mode (the compiler
+      // may not fold (a + c) - c without -ffast-math)
+      const float shifted = xb[j] * id + 12582912.0f;
+      const int8_t v = int8_t(int32_t(shifted - 12582912.0f));
+      qp[b * kQBlock + j] = v;
+      s += v;
     }
-    a.d[size_t(b)] = d;
-    a.s[size_t(b)] = s;
+    dp[b] = d;
+    sp[b] = s;
   }
   if (fmt == kQ4_0) {
-    a.pairs.resize(a.q.size());
-    QK()->pair_order(a.q.data(), n, a.pairs.data());
+    if (pairs.size() < q.size()) pairs.resize(q.size());
+    QK()->pair_order(qp, n, pairs.data());
   }
-  return a;
+  return {qp, dp, sp, pairs.data()};
 }
 
 Tensor quant_matvec(const Tensor& w, int64_t fmt, int64_t n, const Tensor& x) {
@@ -80,7 +94,7 @@ Tensor quant_matvec(const Tensor& w, int64_t fmt, int64_t n, const Tensor& x) {
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, w.size(0), 64, [&](int64_t b, int64_t e) {
-    qk->matvec(int(fmt), wp, w.stride(0), n, a.q.data(), a.d.data(), a.s.data(), a.pairs.data(), yp + b, b, e);
+    qk->matvec(int(fmt), wp, w.stride(0), n, a.q, a.d, a.s, a.pairs, yp + b, b, e);
   });
   return y;
 }
@@ -111,8 +125,8 @@ Tensor quant_ffn_gather(const Tensor& idx, const Tensor& act, const Tensor& rows
     for (int64_t p = b; p < e; ++p) {
       const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
       qk->ffn_gather(int(fmt), idx.data_ptr<int32_t>() + t0, act.data_ptr<float>() + t0, t1 - t0,
-                     rows.data_ptr<uint8_t>(), rows.stride(0), n2, nv, a.q.data(), a.d.data(), a.s.data(),
-                     a.pairs.data(), acc.data() + p * nv);
+                     rows.data_ptr<uint8_t>(), rows.stride(0), n2, nv, a.q, a.d, a.s, a.pairs,
+                     acc.data() + p * nv);
     }
   });
   Tensor y = at::zeros({nv}, x2.options().dtype(at::kFloat));
@@ -129,8 +143,8 @@ std::tuple<Tensor, Tensor> quantize_act(const Tensor& x) {
   const int64_t n = x.size(0);
   Tensor q = at::empty({n}, x.options().dtype(at::kChar));
   Tensor d = at::empty({n / kQBlock}, x.options().dtype(at::kFloat));
-  std::copy(a.q.begin(), a.q.begin() + n, q.data_ptr<int8_t>());
-  std::copy(a.d.begin(), a.d.begin() + n / kQBlock, d.data_ptr<float>());
+  std::copy(a.q, a.q + n, q.data_ptr<int8_t>());
+  std::copy(a.d, a.d + n / kQBlock, d.data_ptr<float>());
   return {q, d};
 }
 
