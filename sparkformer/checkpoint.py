@@ -367,7 +367,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 os.close(fd)
                 h = self._read()
                 who = f"pid {h.get('pid', '?')}" + (f" on {h['host']}" if h.get("host") else "")
@@ -375,6 +375,10 @@ class RunLock:
                 raise RunLocked(f"{self.folder} is in use by another training process ({who}{since}: "
                                 f"{h.get('command', '?')}); wait for it to finish or stop it, or choose another "
                                 "out_dir") from None
+            except OSError as e:
+                os.close(fd)
+                raise OSError(f"cannot lock {self.path} ({e.strerror}); the file system may not support locks: "
+                              "choose an out_dir on a local disk") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -46,11 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    sub = {"data": "data_command", "bricks": "bricks_command", "bench": "bench"}.get(args.command)
+    name = " ".join(filter(None, [args.command, getattr(args, sub, None) if sub else None]))
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what to change, no traceback
-        print(f"sparkformer {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input, missing or unreadable files: say what to change, no traceback
+        print(f"sparkformer {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nsparkformer {name}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

@@ -209,7 +209,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
     """The UTF-8 text of ``path``; a missing file or one that is not UTF-8 is an error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+        raise FileNotFoundError(f"{what} {path} " + ("is not a file" if path.exists() else "does not exist"))
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
@@ -384,17 +384,18 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     return parse
 
 
-def number_in(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+def number_in(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number between ``lo`` and ``hi`` (bounds included unless ``*_open``)."""
+    rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+
     def parse(s: str) -> float:
         try:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+        ok = (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
         if not ok:
-            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi < math.inf else f"{'>' if lo_open else '>='} {lo:g}"
-            raise argparse.ArgumentTypeError(f"{s} must be a finite number {'in ' if hi < math.inf else ''}{rng}")
+            raise argparse.ArgumentTypeError(f"{s} must be a finite number in {rng}")
         return v
 
     parse.__name__ = "number"

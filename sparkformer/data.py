@@ -170,7 +170,8 @@ def prepare(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=out.parent))
     try:
-        manifest = _build(work, split, docs, per_source, settings, key, vocab_size, tokenizer, quiet)
+        manifest = _build(work, split, docs, per_source, settings, key, vocab_size,
+                          tok_in if tokenizer is not None else None, quiet)
         _install(work, out, manifest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -192,17 +193,16 @@ def _install(work: Path, out: Path, manifest: dict) -> None:
 
 
 def _build(out: Path, split: dict, docs: list[Document], per_source: list, settings: dict, key: str,
-           vocab_size: int, tokenizer: str | Path | None, quiet: bool) -> dict:
-    """Train (or load) the tokenizer and write the token files and the manifest into ``out``; returns the
+           vocab_size: int, tok_in: Tokenizer | None, quiet: bool) -> dict:
+    """Train a tokenizer (or use ``tok_in``) and write the token files and the manifest into ``out``; returns the
     manifest."""
-
-    if tokenizer is None:
+    if tok_in is None:
         _log(f"training byte-level BPE (vocab {vocab_size}) on {len(split['train'])} train documents ...", quiet)
         t = time.time()
         tok = train_bpe((d.text for d in split["train"]), vocab_size=vocab_size, length=len(split["train"]))
         _log(f"  tokenizer: {tok.vocab_size} tokens in {time.time() - t:.1f} s", quiet)
     else:
-        tok = load_tokenizer(tokenizer)
+        tok = tok_in
     tok.save(out / "tokenizer.json")
     dtype = _dtype_for(tok.vocab_size)
 
@@ -387,19 +387,29 @@ def eval_windows(tokens: np.ndarray, seq_len: int, count: int | None = None) -> 
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------
+def _totals(out: Path) -> dict:
+    m = read_manifest(out)
+    return {"data_dir": str(out), "vocab_size": m["vocab_size"], "tokenizer_sha256": m["tokenizer_sha256"],
+            **{f"{s}_tokens": sum(i["tokens"] for i in doms.values()) for s, doms in m["splits"].items()},
+            **{f"{s}_documents": sum(i["documents"] for i in doms.values()) for s, doms in m["splits"].items()},
+            "domains": sorted({d for doms in m["splits"].values() for d in doms})}
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     out = prepare(sources=args.sources, out=args.out, vocab_size=args.vocab_size,
                   max_bytes_per_source=args.max_bytes_per_source, tokenizer=args.tokenizer,
-                  val_fraction=args.val_fraction, force=args.force)
+                  val_fraction=args.val_fraction, force=args.force, encoding=args.encoding)
     print(summary(out))
-    print(out)
+    print(json.dumps(_totals(out)))
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    d = Path(args.dir) if args.dir else default_data_dir()
+    d = Path(args.dir).expanduser() if args.dir else default_data_dir()
     print(summary(d))
-    return 0 if verify(d) else 1
+    ok = verify(d)
+    print(json.dumps({**_totals(d), "ok": ok}))
+    return 0 if ok else 1
 
 
 def add_cli(subparsers) -> None:
@@ -411,10 +421,15 @@ def add_cli(subparsers) -> None:
                                     "linux-docs", "gcide", "kjv"]) + ", a .txt/.jsonl file or folder, hf:NAME[:split].")
     pp.add_argument("--sources", default=",".join(DEFAULT_SOURCES), help="comma-separated (default: %(default)s)")
     pp.add_argument("--out", default=None, help="output folder (default: <cache>/data/default)")
-    pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
-    pp.add_argument("--max-bytes-per-source", type=int, default=None, help="cap the text taken from each source")
+    pp.add_argument("--vocab-size", type=int_at_least(257), default=8192,
+                    help="BPE vocabulary size, >= 257 (default: %(default)s)")
+    pp.add_argument("--max-bytes-per-source", type=int_at_least(1), default=None,
+                    help="cap the text taken from each source")
     pp.add_argument("--tokenizer", default=None, help="use this tokenizer.json / HF tokenizer folder, no training")
-    pp.add_argument("--val-fraction", type=float, default=0.05, help="documents held out (default: %(default)s)")
+    pp.add_argument("--val-fraction", type=number_in(0.0, 1.0, hi_open=True), default=0.05,
+                    help="documents held out, in [0, 1) (default: %(default)s; 0: no validation split)")
+    pp.add_argument("--encoding", default="utf-8",
+                    help="text encoding of the files given by path (default: %(default)s; e.g. latin-1, cp1252)")
     pp.add_argument("--force", action="store_true", help="rebuild even if the same preparation exists")
     pp.set_defaults(func=_cmd_prepare)
     pi = sub.add_parser("info", help="print the manifest summary of a prepared folder and verify its files")

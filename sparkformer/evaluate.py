@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparkformer.config import int_at_least
 from sparkformer.data import TokenData, eval_windows
 from sparkformer.loading import add_model_arguments
 
@@ -44,6 +45,13 @@ def perplexity(model: torch.nn.Module, data: TokenData, split: str = "val", seq_
     model.eval().to(device)
     out: dict = {"domains": {}}
     tot_nll, tot_n = 0.0, 0
+    bar = None
+    if progress:  # it can run for minutes: one bar over every window of every domain
+        from tqdm.auto import tqdm
+
+        n_win = sum(len(eval_windows(data.tokens(split, d)[: None if max_tokens is None else max_tokens + 1], seq_len))
+                    for d in data.domains(split))
+        bar = tqdm(total=n_win, desc=f"eval {split}", unit="window", file=sys.stderr, leave=False, dynamic_ncols=True)
     for domain in data.domains(split):
         toks = data.tokens(split, domain)
         if max_tokens is not None:
@@ -63,11 +71,16 @@ def perplexity(model: torch.nn.Module, data: TokenData, split: str = "val", seq_
                 logits = model(x).logits
             nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
             n += y.numel()
+            if bar is not None:
+                bar.update(len(chunk))
+                bar.set_postfix(domain=domain, loss=f"{nll / n:.3f}")
         out["domains"][domain] = {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n}
         tot_nll += nll
         tot_n += n
-        if progress:
-            print(f"  {domain:<14} loss {nll / n:.4f}  ppl {math.exp(nll / n):10.3f}  ({n:,} tokens)", file=sys.stderr)
+        if bar is not None:
+            bar.write(f"  {domain:<14} loss {nll / n:.4f}  ppl {math.exp(nll / n):10.3f}  ({n:,} tokens)")
+    if bar is not None:
+        bar.close()
     if tot_n == 0:
         raise ValueError(f"no {split} windows of seq_len={seq_len} in {data.dir}; lower --seq-len")
     out["all"] = {"loss": tot_nll / tot_n, "ppl": math.exp(tot_nll / tot_n), "tokens": tot_n}
@@ -81,10 +94,9 @@ def evaluate(model: str | Path, data_dir: str | Path | None = None, split: str =
     data a checkpoint trained on, or for other models to the default corpora tokenized with the model's tokenizer."""
     from sparkformer.loading import describe, load_model
 
-    if seq_len is not None and seq_len < 1:
-        raise ValueError(f"seq_len={seq_len}: must be >= 1")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
+    for name, v in (("seq_len", seq_len), ("max_tokens", max_tokens), ("batch_size", batch_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}={v!r}: must be an integer >= 1")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_model(model, routers=routers)
     info = loaded.info
@@ -157,8 +169,9 @@ def add_cli(subparsers) -> None:
     add_model_arguments(p, device="auto")
     p.add_argument("--data", default=None, help="prepared data folder (default: the one the checkpoint trained on)")
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the training seq_len)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="at most this many tokens per domain")
+    p.add_argument("--seq-len", type=int_at_least(1), default=None,
+                   help="window length (default: the training seq_len)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, help="at most this many tokens per domain")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (the same as --dtype bf16)")
     p.set_defaults(func=_cmd_eval)

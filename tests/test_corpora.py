@@ -189,3 +189,28 @@ def test_hf_datasets_source_with_a_stand_in_module(monkeypatch):
     assert [(d.text, d.domain, d.source) for d in docs] == [
         ("2+2=4", "math", "hf:org/prompts#0"), ("def f(): pass", "code", "hf:org/prompts#1")]
     assert len(load_documents("hf:org/prompts", max_bytes=5)) == 1
+
+
+def test_user_files_binary_and_encodings(tmp_path, capsys):
+    from sparkformer.corpora import NotText
+
+    (tmp_path / "bin.txt").write_bytes(b"abc\0def" * 10)
+    with pytest.raises(NotText, match="bin.txt: a binary file"):
+        load_documents(str(tmp_path / "bin.txt"))
+    (tmp_path / "ctl.txt").write_bytes(bytes(range(1, 9)) * 50)
+    with pytest.raises(NotText, match="looks binary"):
+        load_documents(str(tmp_path / "ctl.txt"))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha\n")
+    (folder / "b.txt").write_bytes(b"\0\1\2" * 10)
+    (folder / "c.txt").write_bytes(b"\0\1\2" * 10)
+    assert [d.source for d in load_documents(str(folder))] == ["f/a.txt"]
+    assert "skipped 2 binary file(s)" in capsys.readouterr().err
+    jl = tmp_path / "l.jsonl"
+    jl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"l.jsonl:2: not utf-8 text.*--encoding"):
+        load_documents(str(jl))
+    assert [d.text for d in load_documents(str(jl), encoding="latin-1")] == ["ok", "café"]
+    (tmp_path / "u16.txt").write_text("wide text\n", encoding="utf-16")
+    assert load_documents(str(tmp_path / "u16.txt"), encoding="utf-16")[0].text == "wide text\n"

@@ -1,6 +1,7 @@
 import argparse
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,5 +146,57 @@ def test_cli_prepare(tmp_path, capsys):
     assert args.func(args) == 0
     outp = capsys.readouterr().out
     assert "train  drama" in outp and str(tmp_path / "d") in outp
+    last = json.loads(outp.strip().splitlines()[-1])  # like every command: one JSON line at the end
+    assert last["data_dir"] == str(tmp_path / "d") and last["train_tokens"] > 0 and last["domains"] == ["code", "drama"]
     args = parser.parse_args(["data", "info", str(tmp_path / "d")])
     assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] is True
+
+
+def test_refused_prepare_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Every argument is checked before anything is written; a failure half-way removes what it wrote."""
+    from sparkformer.cli import main
+
+    sources = ",".join(make_corpus(tmp_path / "corpus", n_docs=4))
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--sources", sources, "--out", str(tmp_path / "d0"), "--vocab-size", "0"])
+    with pytest.raises(ValueError, match="vocab_size=0"):
+        prepare(sources, out=tmp_path / "d1", vocab_size=0)
+    with pytest.raises(ValueError, match="unknown text encoding"):
+        prepare(sources, out=tmp_path / "d2", encoding="klingon")
+
+    def boom(*a, **kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(data, "train_bpe", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(sources, out=tmp_path / "d3", vocab_size=280, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["corpus"]  # no d*, no temporary
+
+
+def test_non_text_and_unsplittable_input_is_refused_at_prepare(tmp_path):
+    """Binary input is refused (a folder's binary files skipped, counted); non-UTF-8 text needs --encoding; a split
+    that would be empty is refused here, not discovered by training."""
+    (tmp_path / "rnd.txt").write_bytes(random.Random(0).randbytes(5000))
+    for src in ("/bin/ls", str(tmp_path / "rnd.txt")):
+        if Path(src).exists():
+            with pytest.raises(ValueError, match="binary file"):
+                prepare(src, out=tmp_path / "d", quiet=True)
+    (tmp_path / "one.txt").write_text("the king and the queen\n" * 50)
+    with pytest.raises(ValueError, match="no validation documents.*--val-fraction 0"):
+        prepare(str(tmp_path / "one.txt"), out=tmp_path / "d", vocab_size=280, quiet=True)
+    assert not (tmp_path / "d").exists()
+    out = prepare(str(tmp_path / "one.txt"), out=tmp_path / "d", vocab_size=280, val_fraction=0, quiet=True)
+    assert TokenData(out).domains("val") == []  # asked for: no validation split
+    lat = tmp_path / "latin"
+    lat.mkdir()
+    for i in range(4):
+        (lat / f"{i}.txt").write_bytes(f"caf\xe9 cr\xe8me br\xfbl\xe9e {i}\n".encode("latin-1") * 20)
+    (lat / "x.txt").write_bytes(b"\x7fELF\0\0\1" * 100)
+    with pytest.raises(ValueError, match=r"0.txt: not utf-8 text \(byte 0xe9 at offset 3\).*--encoding"):
+        prepare(str(lat), out=tmp_path / "dl", vocab_size=280, quiet=True)
+    out = prepare(str(lat), out=tmp_path / "dl", vocab_size=280, quiet=True, encoding="latin-1")
+    td = TokenData(out)
+    text = td.tokenizer().decode(np.asarray(td.tokens("train", "latin")).tolist())
+    assert "café crème brûlée" in text and "\ufffd" not in text
+    assert td.manifest["sources"][0]["documents"] == 4  # the binary x.txt was skipped

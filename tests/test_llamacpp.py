@@ -218,3 +218,47 @@ def test_built_binary_found_in_cache(cache):
     exe = _fake_llama_bench(bin_dir)
     assert llamacpp.resolve_binary("auto") == exe
     assert os.access(llamacpp.resolve_binary(None), os.X_OK)
+
+
+@pytest.mark.slow
+def test_llamacpp_computes_our_dense_model(tmp_path):
+    """llama.cpp's greedy tokens on our GGUF equal our dense engine's on the same layout (fp32 weights, random norm
+    multipliers so that the norm convention matters, a window shorter than the prompt, GQA, soft-caps): the file is
+    the same function. Compared up to the first step whose top-2 logit margin is below 0.02 in our engine (there
+    rounding differences, e.g. llama.cpp's fp16 KV cache, may pick the other token). Needs ``make llamacpp``."""
+    import subprocess
+
+    from sparkformer.decode import CpuEngine
+
+    exe = llamacpp.built_binary("llama-simple")
+    if exe is None:
+        pytest.skip("llama.cpp not built (make llamacpp)")
+    cfg = CFG.replace(vocab_size=512, d_model=128, head_dim=64, ffn_dim=256, max_seq_len=256, sliding_window=8,
+                      init_std=0.1)
+    layout = random_layout(cfg, torch.float32, seed=8)  # seeds whose greedy steps are well separated (24 of 24)
+    g = torch.Generator().manual_seed(1)
+    for layer in layout.layers:
+        layer.norms.copy_(torch.rand(layer.norms.shape, generator=g) * 3 + 0.5)
+        layer.norms[1::2] *= 3  # post norms: layer outputs outweigh the (tied) embedding, no echo of the last token
+    layout.final_norm.copy_(torch.rand(layout.final_norm.shape, generator=g) + 0.5)
+    path = write_gguf(layout, tmp_path / "m.gguf", "f32")
+    prompt, n = "hello world, this is a test", 24
+    out = subprocess.run([str(exe), "-m", str(path), "-n", str(n), prompt], capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # our vocab: the prompt is <bos> then byte tokens (' ' is SentencePiece's U+2581); llama-simple prints the pieces
+    ids = [2] + [4 + b for b in prompt.replace(" ", "\u2581").encode()]
+    pieces, _, types = vocab(cfg.vocab_size)
+    engine = CpuEngine(layout, cfg.max_seq_len)
+    logits = engine.prefill(ids)
+    text = b"<bos>" + prompt.replace(" ", "\u2581").encode()
+    compared = 0
+    for _ in range(n):
+        top = logits.float().topk(2)
+        if float(top.values[0] - top.values[1]) < 0.02:
+            break
+        t = int(top.indices[0])
+        text += bytes([t - 4]) if types[t] == gguf.TokenType.BYTE else pieces[t].replace("\u2581", " ").encode()
+        logits = engine.step(t)
+        compared += 1
+    assert compared >= 16, "too few well-separated steps to compare"
+    assert out.stdout.startswith(text), (out.stdout, text)

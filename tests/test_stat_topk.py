@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,6 +156,10 @@ def test_threshold_is_mean_plus_std_times_stat_z():
 def test_1d_shortcut_is_bitwise_the_general_path(dtype):
     for n in (1, 7, 300, 13824):
         x = torch.randn(n).to(dtype)
+        if n == 300:  # rows that take the careful statistics: a large offset, a non-finite entry
+            x = x + 1e4 if dtype != torch.float16 else x + 100
+        if n == 7:
+            x[2] = float("inf")
         for k in (0.08, 0.5, 1.0, 0, 3, 400):
             a, b = stat_threshold(x, k), stat_threshold(x[None], k)[0]  # 1-D shortcut vs the general path
             assert a.dtype == b.dtype and a.shape == (1,) and torch.equal(a, b), (n, k)
@@ -162,15 +167,106 @@ def test_1d_shortcut_is_bitwise_the_general_path(dtype):
         stat_threshold(torch.randn(10), 1.5)
 
 
-def test_one_pass_statistics_error_is_as_documented():
-    """The cancellation in E[x^2] - mean^2 against a float64 two-pass theta, by |mean| / std (module doc)."""
+def test_statistics_do_not_cancel_at_any_offset_or_scale():
+    """Against a float64 two-pass theta of the same fp32 values: within 2e-6 std plus half an fp32 ulp of theta
+    itself, whatever the common offset (E[x^2] - mean^2 would lose every digit at 1e4) or scale (squares of 1e20
+    overflow fp32, those of 1e-30 underflow); batched and through the 1-D shortcut alike."""
     g = torch.Generator().manual_seed(0)
-    for offset, tol in ((0.0, 2e-6), (1.0, 2e-6), (10.0, 1.5e-4), (30.0, 6e-4)):
-        xd = (torch.randn(8, 13824, generator=g, dtype=torch.float64) + offset).float().double()
+    cases = [(o, 1.0) for o in (0.0, 1.0, 2.0, 10.0, 30.0, 1e4, -1e6)] + [(0.0, s) for s in (1e20, 1e-30, 1e30)]
+    for offset, scale in cases:
+        xd = (torch.randn(4, 13824, generator=g, dtype=torch.float64) * scale + offset).float().double()
         sd = xd.std(-1, correction=0, keepdim=True)
         exact = xd.mean(-1, keepdim=True) + sd * stat_z(0.08)
-        err = ((stat_threshold(xd.float(), 0.08).double() - exact).abs() / sd).max().item()
-        assert err < tol, (offset, err)
+        tol = 2e-6 * sd + exact.abs().float().double() * 2.0 ** -24
+        for got in (stat_threshold(xd.float(), 0.08), torch.stack([stat_threshold(r.float(), 0.08) for r in xd])):
+            assert bool(((got.double() - exact).abs() <= tol).all()), (offset, scale)
+        kept = achieved_count(stat_topk(xd.float(), 0.08)).float()
+        assert (kept - 0.08 * 13824).abs().max() < 4 * math.sqrt(0.08 * 13824), (offset, scale, kept)
+
+
+@pytest.mark.parametrize("form", ["soft", "inf"])
+def test_non_finite_entries_follow_one_rule(form):
+    """+inf always kept, -inf and NaN never; the statistics are over the finite entries, so the rest of the row is
+    selected as without them (batched, 1-D, masked)."""
+    fn = stat_topk if form == "soft" else stat_topk_inf
+    x = torch.randn(4, 2000)
+    bad = x.clone()
+    bad[0, 3], bad[1, 5], bad[2, 7], bad[3, :3] = float("inf"), float("-inf"), float("nan"), float("nan")
+    rows = [fn(bad, 0.08), torch.stack([fn(r, 0.08) for r in bad])]
+    rest = torch.isfinite(bad)
+    for y in rows:
+        if form == "soft":
+            assert y[0, 3] == float("inf") and y[1, 5] == 0 and y[2, 7] == 0 and (y[3, :3] == 0).all()
+            assert not torch.isnan(y).any()
+        else:
+            assert y[0, 3] == float("inf") and y[1, 5] == float("-inf") and y[2, 7] == float("-inf")
+            assert torch.isneginf(y[3, :3]).all()
+        # the finite entries: as the row without the non-finite ones (statistics over 1999 or 1997 entries)
+        for i in range(4):
+            ref = fn(x[i][rest[i]], 0.08)
+            torch.testing.assert_close(y[i][rest[i]], ref)
+    mask = torch.rand(4, 2000) > 0.2
+    y = fn(bad, 0.08, mask)
+    assert not torch.isnan(y).any()
+    assert (y[~mask] == (0 if form == "soft" else float("-inf"))).all()
+    allnan = torch.full((2, 50), float("nan"))
+    assert not torch.isnan(fn(allnan, 0.1)).any()
+
+
+def test_non_finite_gradients_stay_finite():
+    x = torch.randn(3, 60, dtype=torch.float64)
+    x[0, 1], x[1, 2], x[2, 3] = float("inf"), float("nan"), float("-inf")
+    x.requires_grad_(True)
+    y = stat_topk(x, 0.2)
+    (g,) = torch.autograd.grad(torch.where(torch.isinf(y), torch.zeros_like(y), y).sum(), x)
+    assert torch.isfinite(g).all()
+    # the finite entries get the gradient of the row without the non-finite one
+    for i, j in ((0, 1), (1, 2), (2, 3)):
+        keep = torch.arange(60) != j
+        xi = x.detach()[i][keep].clone().requires_grad_(True)
+        (gi,) = torch.autograd.grad(stat_topk(xi, 0.2).sum(), xi)
+        torch.testing.assert_close(g[i][keep], gi)
+
+
+def test_branch_free_path_matches_the_cpu_path(monkeypatch):
+    """Off CPU (and under torch.compile) every row takes the careful statistics with no data-dependent branch; on
+    CPU only the rows that need them do. Both give the same selection (theta within 2e-6 std)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3000, generator=g)
+    x[1] += 1e4
+    x[2, 7] = float("nan")
+    x[3] *= 1e20
+    mask = torch.rand(6, 3000, generator=g) > 0.1
+    want = [stat_threshold(x, 0.08), stat_threshold(x, 200, mask), stat_topk(x, 0.08), stat_topk_inf(x, 50, mask)]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = [stat_threshold(x, 0.08), stat_threshold(x, 200, mask), stat_topk(x, 0.08), stat_topk_inf(x, 50, mask)]
+    sd = torch.stack([r[torch.isfinite(r)].double().std(correction=0) for r in x]).float()[:, None]
+    for a, b in zip(want[:2], got[:2]):
+        assert (((a - b).abs() / sd) <= 2e-6).all() or torch.equal(a, b)
+    for a, b in zip(want[2:], got[2:]):
+        assert (achieved_count(a) - achieved_count(b)).abs().max() <= 1
+
+
+def test_counts_of_any_integer_type_and_clear_errors():
+    x = torch.randn(3, 1000)
+    ref = stat_topk(x, 10)
+    for k in (np.int64(10), np.int32(10), torch.tensor(10)):
+        assert torch.equal(stat_topk(x, k), ref) and torch.equal(stat_threshold(x[0], k), stat_threshold(x[0], 10))
+    assert torch.equal(stat_topk(x, np.float32(0.25)), stat_topk(x, float(np.float32(0.25))))
+    with pytest.raises(ValueError, match="0-dim"):
+        stat_topk(torch.tensor(1.0), 0.1)
+    with pytest.raises(ValueError, match="0-dim"):
+        stat_threshold(torch.tensor(1.0), 0.1)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        stat_topk(x, 0.1, torch.ones(4, 1000, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        stat_topk_inf(x, 0.1, torch.ones(3, 1000))
+    with pytest.raises(ValueError, match="floating"):
+        stat_threshold(torch.arange(10), 3)
+    with pytest.raises(TypeError, match="bool"):
+        stat_topk(x, True)
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        stat_topk(x, np.int64(-1))
 
 
 def test_constant_rows_keep_nothing_for_any_target():

@@ -43,6 +43,12 @@ def data_dir(tmp_path_factory):
             os.environ["SPARKFORMER_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Micro models train several times faster on one thread than on two on a shared machine."""
+    yield
+
+
 def micro_cfg(data_dir, out_dir, **kw) -> TrainConfig:
     base = dict(model=dict(MICRO), data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, seq_len=32,
                 max_steps=8, warmup_steps=2, eval_interval=4, eval_iters=1, log_interval=1, checkpoint_interval=4,
@@ -93,7 +99,7 @@ def test_config_file_and_overrides(tmp_path, data_dir):
         resolve_model_config("huge", vocab_size=300)
 
 
-def test_train_metrics_checkpoint_eval(tmp_path, data_dir):
+def test_train_metrics_checkpoint_eval(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     res = train(micro_cfg(data_dir, out))
     assert res["step"] == 8 and res["tokens"] == 8 * 4 * 32 and not res["interrupted"]
@@ -115,13 +121,23 @@ def test_train_metrics_checkpoint_eval(tmp_path, data_dir):
     model, info = load_checkpoint(out)
     assert info["model"]["vocab_size"] == 300
     # eval: perplexity per domain on the whole val split
-    ev = evaluate(out, seq_len=32)
+    capsys.readouterr()
+    ev = evaluate(out, seq_len=32, progress=True)
+    assert "eval val" in capsys.readouterr().err  # a progress bar: evaluation can take minutes
     assert set(ev["domains"]) == {"drama", "code"}
     assert ev["all"]["ppl"] == pytest.approx(math.exp(ev["all"]["loss"]))
     assert abs(ev["domains"]["code"]["loss"] - res["val_loss"]["code"]) < 0.5
     # a second run into the same folder must be explicit
     with pytest.raises(ValueError, match="already has checkpoints; pass --resume"):
         train(micro_cfg(data_dir, out))
+
+
+def test_data_without_validation_is_said_at_start(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("the king and the queen of the night\n" * 80)
+    d = prepare(str(tmp_path / "t.txt"), out=tmp_path / "d", vocab_size=280, val_fraction=0, quiet=True)
+    res = train(micro_cfg(d, tmp_path / "run", max_steps=1))
+    assert res["val_loss"] == {}
+    assert "has no validation tokens; val_loss stays empty" in capsys.readouterr().err
 
 
 def test_resume_is_bit_for_bit(tmp_path, data_dir):

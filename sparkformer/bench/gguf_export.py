@@ -12,7 +12,7 @@
   as ``w + 1`` and llama.cpp multiplies by it as stored; our layout already holds the multipliers ``1 + w``, so they
   are written as they are (all ones for random weights).
 - Hyper-parameters: sizes, RMS eps, rope base, both soft-caps, the sliding window (llama.cpp's gemma2 puts it on even
-  layers, as we do). llama.cpp scales queries by ``head_dim**-0.5`` for every gemma2 size but 27B (46 layers), so
+  layers, as we do, and has the same reach: a query at p sees keys p - window < k <= p). llama.cpp scales queries by ``head_dim**-0.5`` for every gemma2 size but 27B (46 layers), so
   ``query_pre_attn_scalar`` must equal ``head_dim``; configs llama.cpp's gemma2 cannot express are refused.
 - A tokenizer is required by llama.cpp's loader (``llama-bench`` never tokenizes text, it feeds random ids): a
   SentencePiece-style (``llama``) vocab of ``vocab_size`` tokens, Gemma's special ids (0 pad, 1 eos, 2 bos, 3 unk),
@@ -40,6 +40,7 @@ FORMATS = ("f32", "bf16", "q8_0", "q4_0")
 # Our engine dtype -> the GGUF format of the same weights (None: not written, too large for the comparison).
 DTYPE_FORMAT = {"bf16": "bf16", "bfloat16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "fp32": "f32", "float32": "f32"}
 EXPORT_VERSION = 1  # part of the cache key: bump when the written file changes
+NO_WINDOW = 1 << 30  # a config without local layers: llama.cpp's gemma2 always has them, so a window beyond any context
 _ROW_CHUNK = 1 << 14  # rows quantized at a time (bounds the fp32 copy of the 256k-row embedding)
 
 
@@ -78,6 +79,8 @@ def check_gemma2(cfg: ModelConfig) -> None:
         problems.append("query_pre_attn_scalar == head_dim (llama.cpp scales queries by head_dim**-0.5)")
     if cfg.sliding_window is not None and cfg.local_global != "alternate":
         problems.append("local_global=alternate (llama.cpp's gemma2 window is on even layers)")
+    if not cfg.tie_embeddings:
+        problems.append("tie_embeddings (llama.cpp's gemma2 LM head is the embedding)")
     kinds = {cfg.ffn_kind(i) for i in range(cfg.n_layers)} | {cfg.attention_kind(i) for i in range(cfg.n_layers)}
     if kinds - {"geglu", "dense"}:
         problems.append("a dense model (ffn=geglu, attention=dense): llama.cpp has no Spark layers")
@@ -131,9 +134,9 @@ def gguf_tensors(layout: ModelLayout) -> Iterator[tuple[str, torch.Tensor]]:
         yield names[T.FFN_UP], w.w_up
         yield names[T.FFN_DOWN], w.w_down_t.t()  # (d, m): GGUF ne = (m, d), as llama.cpp's ffn_down
         yield names[T.FFN_POST_NORM], layer.norms[3]
-    yield N[T.OUTPUT_NORM], layout.final_norm
     if layout.head is not layout.embed and layout.head.data_ptr() != layout.embed.data_ptr():
-        yield N[T.OUTPUT], layout.head
+        raise ValueError("llama.cpp's gemma2 always ties the LM head to the embedding; this layout has its own head")
+    yield N[T.OUTPUT_NORM], layout.final_norm
 
 
 def tensor_format(t: torch.Tensor, fmt: str) -> str:
@@ -180,7 +183,7 @@ def write_gguf(layout: ModelLayout, path: str | Path, fmt: str, name: str = "spa
         "head_count_kv": cfg.n_kv_heads, "key_length": cfg.head_dim, "value_length": cfg.head_dim,
         "layer_norm_rms_eps": cfg.rms_norm_eps, "rope_freq_base": cfg.rope_theta,
         "attn_logit_softcapping": cfg.attn_logit_softcap, "final_logit_softcapping": cfg.final_logit_softcap,
-        "sliding_window": cfg.sliding_window, "file_type": _file_type(fmt),
+        "sliding_window": cfg.sliding_window or NO_WINDOW, "file_type": _file_type(fmt),
         "tokenizer_model": "llama", "token_list": pieces, "token_scores": scores, "token_types": types,
         "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "unk_token_id": 3,
         "add_bos_token": True, "add_eos_token": False, "add_space_prefix": False,
@@ -212,17 +215,51 @@ def random_gguf_path(cfg: ModelConfig, fmt: str, seed: int) -> Path:
     return cache_dir("gguf", "random") / f"{key}-{fmt}.gguf"
 
 
-def random_gguf(cfg: ModelConfig, fmt: str, seed: int = 1) -> Path:
-    """The GGUF of the dense benchmark model ``random_layout(dense cfg, bf16, seed)`` in ``fmt`` (the weights of
-    ``sparkformer bench decode``'s dense engine: seed 1), written once and reused. Q8_0 / Q4_0 are quantized from
-    the bf16 weights, as ``llama-quantize`` would from a BF16 file; f32 is those bf16 weights widened."""
+def random_ggufs(cfg: ModelConfig, fmts: list[str], seed: int = 1) -> list[Path]:
+    """The GGUFs of the dense benchmark model ``random_layout(dense cfg, bf16, seed)`` in each of ``fmts`` (the
+    weights of ``sparkformer bench decode``'s dense engine: seed 1), written once (one layout for all missing
+    formats) and reused. Q8_0 / Q4_0 are quantized from the bf16 weights, as ``llama-quantize`` would from a BF16
+    file; f32 is those bf16 weights widened."""
     from sparkformer.decode import random_layout
 
     cfg = cfg.replace(ffn="geglu", attention="dense")
     check_gemma2(cfg)
-    path = random_gguf_path(cfg, fmt, seed)
-    if path.is_file():
-        return path
-    layout = random_layout(cfg, torch.bfloat16, seed)
-    write_gguf(layout, path, fmt, name=f"sparkformer-random-seed{seed}")
-    return path
+    paths = [random_gguf_path(cfg, _fmt(fmt), seed) for fmt in fmts]
+    missing = [(fmt, p) for fmt, p in zip(fmts, paths) if not p.is_file()]
+    if missing:
+        layout = random_layout(cfg, torch.bfloat16, seed)
+        for fmt, p in missing:
+            write_gguf(layout, p, fmt, name=f"sparkformer-random-seed{seed}")
+    return paths
+
+
+def random_gguf(cfg: ModelConfig, fmt: str, seed: int = 1) -> Path:
+    """``random_ggufs`` for one format."""
+    return random_ggufs(cfg, [fmt], seed)[0]
+
+
+def _fmt(fmt: str) -> str:
+    _qtype(fmt)
+    return fmt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write (or find) the benchmark model's GGUFs and print their paths:
+    ``python -m sparkformer.bench.gguf_export --preset gemma2-2b [--layers 4] --format bf16,q8_0,q4_0``."""
+    import argparse
+
+    from sparkformer.config import get_preset
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    ap.add_argument("--preset", default="gemma2-2b")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers of the same shape")
+    ap.add_argument("--format", default="bf16,q8_0,q4_0", help=f"comma list of {', '.join(FORMATS)}")
+    ap.add_argument("--seed", type=int, default=1, help="random_layout seed (bench decode's dense model: 1)")
+    args = ap.parse_args(argv)
+    cfg = get_preset(args.preset, **({"n_layers": args.layers} if args.layers else {}))
+    for p in random_ggufs(cfg, args.format.split(","), args.seed):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

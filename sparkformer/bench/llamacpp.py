@@ -21,6 +21,8 @@ same file, dequantized), re-quantized once more for Q8_0 / Q4_0.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -58,8 +60,11 @@ def resolve_binary(spec: str | Path | None = "auto", name: str = "llama-bench") 
 
 def bench_command(binary: Path, model: str | Path, depth: int, threads: int, tokens: int, repetitions: int,
                   extra: tuple[str, ...] = ()) -> list[str]:
+    """The llama-bench command line; ``extra`` and ``$SPARKFORMER_LLAMA_BENCH_ARGS`` (e.g. ``-ub 1`` where a native
+    build's AMX prompt code dies, see the benchmarks spec) are appended and recorded with the figure."""
+    env = tuple(shlex.split(os.environ.get("SPARKFORMER_LLAMA_BENCH_ARGS", "")))
     return [str(binary), "-m", str(model), "-p", "0", "-n", str(tokens), "-d", str(depth), "-t", str(threads),
-            "-r", str(repetitions), "-o", "json", *extra]
+            "-r", str(repetitions), "-o", "json", *extra, *env]
 
 
 def parse_llama_bench(text: str) -> list[dict]:
@@ -165,13 +170,16 @@ def random_model_row(cfg: ModelConfig, dtype: str, context: int, threads: int, t
     """llama.cpp's figures for one ``bench decode`` row: the dense benchmark model (seed 1) in the GGUF format of
     ``dtype`` at the same depth, threads and tokens. fp32 rows are skipped (an F32 2B file is 10 GB; the
     comparison is made in the formats users run)."""
-    from sparkformer.bench.gguf_export import DTYPE_FORMAT, random_gguf
+    from sparkformer.bench.gguf_export import DTYPE_FORMAT, random_gguf, random_gguf_path
 
     fmt = DTYPE_FORMAT.get(dtype)
     if fmt is None or fmt == "f32":
         return _row(None, f"no llama.cpp figure for dtype {dtype} (compared in bf16, q8_0, q4_0)", context, threads,
                     tokens, repeats, binary)
-    return _row(_in_child(random_gguf, cfg, fmt, seed), None, context, threads, tokens, repeats, binary)
+    path = random_gguf_path(cfg.replace(ffn="geglu", attention="dense"), fmt, seed)
+    if not path.is_file():  # written once, in a process of its own (the full-size layout is GBs)
+        path = _in_child(random_gguf, cfg, fmt, seed)
+    return _row(path, None, context, threads, tokens, repeats, binary)
 
 
 def model_row(model: str, dtype: str, context: int, threads: int, tokens: int, repeats: int,
@@ -191,3 +199,46 @@ def check_binary(spec: str | Path | None) -> None:
     exe = resolve_binary(spec)
     if shutil.which(str(exe)) is None:
         raise FileNotFoundError(f"{exe} is not executable: {MAKE_HINT}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """llama.cpp alone, on the benchmark's random model or a ``--model``: a table, then one JSON line.
+
+    python -m sparkformer.bench.llamacpp --preset gemma2-2b --layers 4 --dtype bf16,q8_0,q4_0 --context 4096
+    python -m sparkformer.bench.llamacpp --model smollm2-135m --dtype bf16,q8_0,q4_0 --context 512
+    """
+    import argparse
+
+    from sparkformer.bench.common import env_info
+    from sparkformer.config import get_preset
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="gemma2-2b")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--model", default=None, help="a built-in name or .gguf instead of the random preset model")
+    ap.add_argument("--dtype", default="bf16", help="comma list of bf16, q8_0, q4_0 (fp32: --model only)")
+    ap.add_argument("--context", default="4096", help="comma list of depths")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--llamacpp", default="auto", help="llama-bench path (default: the `make llamacpp` build)")
+    args = ap.parse_args(argv)
+    check_binary(args.llamacpp)
+    cfg = get_preset(args.preset, **({"n_layers": args.layers} if args.layers else {}))
+    rows = []
+    for dtype in args.dtype.split(","):
+        for ctx in (int(c) for c in args.context.split(",")):
+            r = (model_row(args.model, dtype, ctx, args.threads, args.tokens, args.repeats, args.llamacpp)
+                 if args.model else
+                 random_model_row(cfg, dtype, ctx, args.threads, args.tokens, args.repeats, args.llamacpp))
+            rows.append({"dtype": dtype, "context": ctx, **r})
+            ms = r["llamacpp_ms_per_token"]
+            lo_hi = r["llamacpp"]["ms"] if ms else {}
+            print(f"{dtype:5s} {ctx:6d} " + (f"{ms:9.2f} ms/token (min {lo_hi['min']:.2f}, max {lo_hi['max']:.2f})"
+                                              if ms else r["llamacpp_note"]), flush=True)
+    print(json.dumps({"benchmark": "llamacpp", "model": args.model or args.preset, "layers": cfg.n_layers,
+                      "threads": args.threads, "build": build_info(), "env": env_info(), "runs": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
-"""Build llama.cpp's ``llama-bench`` and ``llama-quantize`` from source into the cache dir (``make llamacpp``).
+"""Build llama.cpp's ``llama-bench``, ``llama-quantize`` and ``llama-simple`` from source into the cache dir
+(``make llamacpp``).
 
 The source is the ``llama-cpp-python`` source package on PyPI, which vendors llama.cpp (``vendor/llama.cpp``); it is
 fetched with pip, unpacked under ``cache_dir("llamacpp")`` and built with CMake: Release, native CPU flags (AVX2 /
-AVX-512 as a user's own build gets them), static llama libraries, only the two tool targets (~10 minutes on 2 cores).
+AVX-512 as a user's own build gets them), static llama libraries, only those tool targets (~8-10 minutes on 2 cores).
 The binaries land in ``cache_dir("llamacpp", "bin")`` with ``build.json`` beside them: the package version, the
 llama.cpp commit, the compiler, the CMake flags and the CPU the build was tuned for. A second run reuses the build.
 
@@ -26,7 +27,7 @@ from sparkformer.bench.common import cpu_model
 from sparkformer.paths import cache_dir
 
 DEFAULT_SPEC = "llama-cpp-python==0.3.36"
-TARGETS = ("llama-bench", "llama-quantize")
+TARGETS = ("llama-bench", "llama-quantize", "llama-simple")  # simple: greedy text, the same-function check (tests)
 MIN_CMAKE = (3, 14)
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -35,7 +36,7 @@ CMAKE_FLAGS = (
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=ON",  # configured, not built: only TARGETS are
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
 )

@@ -451,18 +451,29 @@ def run_analyze(run: AnalyzeRun, model: torch.nn.Module | None = None, tokenizer
     cfg.validate()
     if run.prompts_per_capability < 2 or run.heldout_per_capability < 1:
         raise ValueError("need --prompts-per-capability >= 2 and --heldout-per-capability >= 1")
+    todo = [(name, None) for name in run.model] if model is None else [(run.model[0] if run.model else "", model)]
+    # the models first (the first loaded, the others checked), the prompts after: a missing path or an unknown name
+    # fails at once, not after the prompts are built
+    from sparkformer.pretrained import model_source
+
+    for name, given in todo[1:]:
+        if given is None:
+            model_source(name)
+    t = time.time()
+    first = load_model(*todo[0], tokenizer, log=log)
+    first_load = time.time() - t
     t0 = time.time()
     capset = capset or run.prompts()
     log(f"capabilities: {', '.join(capset.capabilities)} ({len(capset.score)} scoring + {len(capset.heldout)} "
         f"held-out prompts, built in {time.time() - t0:.0f} s)")
-    todo = [(name, None) for name in run.model] if model is None else [(run.model[0] if run.model else "", model)]
     results, arrays = [], []
-    for name, given in todo:
+    for i, (name, given) in enumerate(todo):
         t = time.time()
-        m, tok, name, description = load_model(name, given, tokenizer, log=log)
+        m, tok, name, description = first if i == 0 else load_model(name, given, tokenizer, log=log)
+        first = None
         res, arr = analyze(m, tok, capset, cfg, name=name, notes=f"Weights: {description}." if description else "",
                            progress=run.progress, log=log)
-        res["timings_s"]["load"] = time.time() - t - res["timings_s"]["total"]
+        res["timings_s"]["load"] = (time.time() - t - res["timings_s"]["total"]) + (first_load if i == 0 else 0.0)
         results.append(res)
         arrays.append(arr)
         del m
@@ -472,4 +483,4 @@ def run_analyze(run: AnalyzeRun, model: torch.nn.Module | None = None, tokenizer
 def add_cli(subparsers) -> None:
     add_command(subparsers, "analyze", AnalyzeRun, run_analyze,
                 help="FFN neuron sparsity, specialisation and partition (paper section 4) -> JSON, PNG, Markdown",
-                summary=lambda res: (f"wrote {res['report']}", None))
+                summary=lambda res: (f"wrote {res['report']}", {"report": str(res["report"])}))

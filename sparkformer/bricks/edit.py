@@ -123,7 +123,7 @@ def second_moment(model: nn.Module, tokenizer: Any, layer: int, texts: Sequence[
     (windows of ``seq_len`` spread evenly over the texts); loaded from / saved to ``cache`` when given. The forward
     stops after the layer."""
     if cache is not None and cache.is_file():
-        return torch.load(cache, map_location="cpu")
+        return torch.load(cache, map_location="cpu", weights_only=True)
     windows = token_windows(tokenizer, texts, seq_len)
     n = min(windows.shape[0], max(1, math.ceil(n_tokens / seq_len)))
     windows = windows[torch.linspace(0, windows.shape[0] - 1, n).round().long().unique()]  # spread over the corpus

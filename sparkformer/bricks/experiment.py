@@ -243,19 +243,18 @@ def _description(doc: str, settings: type) -> str:
 def add_command(subparsers, name: str, settings: type, run: Callable[[Any], Any], *, help: str,
                 summary: Callable[[Any], tuple[str, dict | None]] | None = None) -> argparse.ArgumentParser:
     """The sub-command ``name``: its options from ``settings``, its description from ``run``'s docstring; it calls
-    ``run(settings)`` and prints ``summary(result)``: a text (a table) and, unless None, one JSON line of headline
-    numbers."""
+    ``run(settings)`` and prints ``summary(result)``: a text (a table) and one JSON line of headline numbers (when the
+    summary gives none, ``{"command": ...}``: every command ends with one JSON line)."""
     p = subparsers.add_parser(name, help=help, description=_description(run.__doc__ or help, settings))
     add_arguments(p, settings)
 
     def func(args: argparse.Namespace) -> int:
         res = run(from_arguments(settings, args))
-        if summary is not None:
-            text, headline = summary(res)
-            if text:
-                print(text)
-            if headline is not None:
-                print(json.dumps(headline, default=json_default))
+        text, headline = summary(res) if summary is not None else ("", None)
+        if text:
+            print(text)
+        # like every command, end with one JSON line (the headline numbers, at least what ran)
+        print(json.dumps(headline if headline is not None else {"command": f"bricks {name}"}, default=json_default))
         return 0
 
     p.set_defaults(func=func)
@@ -268,7 +267,8 @@ def log(msg: str) -> None:
 
 
 def start(run: ModelRun) -> float:
-    """Apply the run's thread count and seed; returns the start time."""
+    """Apply the run's thread count and seed; returns the start time. (A run loads its model before it builds its
+    prompts, so a missing path or an unknown name fails at once, not after minutes of preparation.)"""
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)

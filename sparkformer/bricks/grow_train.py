@@ -203,10 +203,10 @@ def run_grow(run: GrowRun, model: nn.Module | None = None, tokenizer: Any = None
     cfg = run.growth_config()
     caps = [run.new_capability] + [c for c in run.old_capabilities.split(",")
                                    if c.strip() and c != run.new_capability]
+    m, tok, name, _ = load_model(run.model, model, tokenizer, freeze=True, log=log)  # before the slow texts
     cs = capset or capability_set(",".join(caps), (), run.train_per_capability, run.heldout_per_capability,
                                   6 * run.seq_len, run.seed)
     train, held = cs.texts("score"), cs.texts("heldout")
-    m, tok, name, _ = load_model(run.model, model, tokenizer, freeze=True, log=log)
     encoder = None if run.route_encoder == "none" else run.route_encoder
     res = run_growth(m, tok, run.new_capability, train[run.new_capability], held, run.methods, cfg, log=log,
                      route_texts=train if encoder else None, encoder=encoder or "hidden")

@@ -400,4 +400,4 @@ def run_render(run: RenderRun) -> Path:
 def add_cli(subparsers) -> None:
     add_command(subparsers, "report", RenderRun, run_render,
                 help="redraw the plots and report.md of an analyze folder from its results.json",
-                summary=lambda path: (f"wrote {path}", None))
+                summary=lambda path: (f"wrote {path}", {"report": str(path)}))

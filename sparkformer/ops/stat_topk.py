@@ -21,22 +21,26 @@ Non-finite entries, one rule for every form: the statistics are over the *finite
 their count), ``+inf`` is always kept, ``-inf`` and NaN are never kept (0 in the soft form, -inf in the attention
 form), and no other entry of the row is affected by them.
 
-Numerics (statistics in fp32, fp64 for fp64 input, whatever x's dtype; z rounded to that dtype; population std):
+Numerics (statistics in fp32, fp64 for fp64 input, whatever x's dtype; z rounded to that dtype; population std;
+theta within 2e-6 std of a float64 two-pass theta of the same values, plus half an ulp of theta itself, at any
+offset or scale: ``test_stat_topk``):
 
-- the fast form, one pass of two reductions (sum(x) and sum(x^2); ``var_mean`` is ~10x slower on CPU) and
+- the fast form, one pass of two torch reductions (sum(x) and sum(x^2); ``var_mean`` is ~10x slower on CPU) and
   var = E[x^2] - mean^2, is used for a row only where it cannot cancel: all entries finite, no square overflowing
-  or underflowing (E[x^2] >= 2^-100, finite) and mean^2 <= 4 var (|mean| <= 2 std), where it is within ~1e-6 std
-  of a float64 two-pass theta (``test_stat_topk``).
+  or underflowing (2^-100 <= E[x^2] < inf) and mean^2 <= 4 var (|mean| <= 2 std). The per-row arithmetic runs in
+  numpy (IEEE like torch's elementwise ops; numpy's sqrt is correctly rounded, torch's fp32 CPU sqrt is not always),
+  which for small row counts costs less than a dozen one-element torch ops.
 - every other row goes the careful way: over its finite entries, scaled by a power of two (exact, so values near
   1e20 or 1e-30 neither overflow nor underflow), two passes about the mean with the correction term (the corrected
-  two-pass algorithm), so a common offset costs nothing: randn + 1e4 keeps its ~8% (theta within ~1e-3 std there,
-  which is the fp32 spacing of the inputs themselves; ~1e-6 std of the float64 theta of the same fp32 values).
-  On CPU only the rows that need it are recomputed (the check is one comparison per row); on other devices and
-  under ``torch.compile`` every row goes the careful way, with no data-dependent branch.
+  two-pass algorithm), so a common offset costs nothing: randn + 1e4 keeps its ~8% (where the old one-pass form
+  kept none; theta's own fp32 rounding, half of 1e-3, is then the largest error). On CPU only the rows that fail
+  the check are recomputed; on other devices and under ``torch.compile`` every row goes the careful way, with no
+  data-dependent branch (the same selections, tested).
 - a constant row has std 0 and theta = its value, so nothing is above it (as in the C++ and Triton kernels and
   gemma3n), for any target.
-- 1-D unmasked CPU input (the batch-1 decode hot path) takes a shortcut with the same reductions, the same check
-  and no tensor bookkeeping (z cached per fraction); it returns the same bits as the general path (tested).
+- 1-D unmasked CPU input that is not fp64 (the batch-1 decode hot path) does the same arithmetic on numpy scalars
+  (no tensor bookkeeping, z cached per fraction), about half the time of the old one-pass tensor form; it returns
+  the same bits as the general path (tested).
 
 The kernels that compute theta themselves, each tested against ``stat_threshold`` (selections equal except for
 entries within 1e-4 * std of theta; the C++ theta itself, through a test hook, to ``THETA_TOL`` * std on rows with
@@ -160,15 +164,9 @@ _COND = 4.0
 _TINY = 2.0 ** -100
 
 
-def _fast_ok(mean: float, var: float) -> bool:
-    """The row check of ``_row_stats`` for one row, in Python floats (IEEE double, as the tensor form)."""
-    m2 = mean * mean
-    return math.isfinite(var) and m2 <= _COND * var and var + m2 >= _TINY
-
-
 def _careful_stats(xs: torch.Tensor, valid: torch.Tensor | None):
-    """Per-row (mean, std, n) over the finite valid entries of xs (stat dtype): each row scaled by a power of two
-    (exact) so that its largest entry is below 1, then two passes about the mean with the correction term."""
+    """Per-row (mean, std, n) over the finite valid entries of xs (stat dtype; keepdim): each row scaled by a power
+    of two (exact) so that its largest entry is below 1, then two passes about the mean with the correction term."""
     fin = torch.isfinite(xs)
     valid = fin if valid is None else valid & fin
     n = valid.sum(-1, keepdim=True).to(xs.dtype)
@@ -186,46 +184,88 @@ def _careful_stats(xs: torch.Tensor, valid: torch.Tensor | None):
     return mean / scale, std / scale, n
 
 
-def _row_stats(x: torch.Tensor, mask: torch.Tensor | None, k: int | float):
-    """Per-row mean, population std and valid count (keepdim), fp32 (fp64 for fp64 input), and whether any row went
-    the careful way (it may hold non-finite entries). See the module doc."""
-    stat_dtype = _stat_dtype(x)
-    xs = x.detach().to(stat_dtype)
-    if x.device.type != "cpu" or torch.compiler.is_compiling():  # no data-dependent branch: every row careful
-        return (*_careful_stats(xs, None if mask is None else mask.expand_as(x)), True)
-    if mask is None:
-        n = torch.full(x.shape[:-1] + (1,), x.shape[-1], device=x.device, dtype=stat_dtype)
-        xm = xs
-    else:
-        mask = mask.expand_as(x)
-        n = mask.sum(-1, keepdim=True).to(stat_dtype)
-        xm = xs.masked_fill(~mask, 0)
-    denom = n.clamp_min(1)
-    mean = xm.sum(-1, keepdim=True) / denom
-    sq = torch.linalg.vector_norm(xm, dim=-1, keepdim=True).square() / denom
-    var = (sq - mean.square()).clamp_min(0)
-    m2, v = mean.double().square(), var.double()
-    ok = torch.isfinite(v) & (m2 <= _COND * v) & (v + m2 >= _TINY)
-    ok |= _target_fraction(k, n) >= 1.0  # keep-all rows: their statistics are not used
-    std = var.sqrt()
-    if bool(ok.all()):
-        return mean, std, n, False
-    L = x.shape[-1]
-    bad = (~ok).reshape(-1).nonzero().squeeze(1)
-    rows = xs.reshape(-1, L).index_select(0, bad)
-    mrows = None if mask is None else mask.reshape(-1, L).index_select(0, bad)
-    m_c, s_c, n_c = _careful_stats(rows, mrows)
-    put = lambda t, v: t.reshape(-1, 1).index_copy(0, bad, v).reshape(t.shape)  # noqa: E731
-    return put(mean, m_c), put(std, s_c), put(n, n_c), True
-
-
 def _theta(mean, std, n, k):
-    """theta = mean + std * z; -inf where the target keeps every valid entry. Also returns z and the std floored
-    for division (the backward's; theta uses the unfloored std, so a row with std = 0 gets theta = its mean)."""
+    """theta = mean + std * z (torch, keepdim rows); -inf where the target keeps every valid entry. Also returns z."""
     frac = _target_fraction(k, n)
     z = torch.special.ndtri((1.0 - frac).clamp(_P_CLAMP, 1.0 - _P_CLAMP)).to(mean.dtype)  # = stat_z per row
-    theta = torch.where(frac >= 1.0, torch.full_like(mean, float("-inf")), mean + std * z)
-    return theta, z, std.clamp_min(_STD_FLOOR)
+    return torch.where(frac >= 1.0, torch.full_like(mean, float("-inf")), mean + std * z), z
+
+
+def _z_rows(k: int | float, n: np.ndarray, dtype) -> tuple:
+    """(target fraction, z rounded to ``dtype``) per row of ``n`` valid entries (scalars for a fraction k);
+    z = stat_z(fraction)."""
+    if isinstance(k, int):
+        frac = k / np.maximum(n, 1.0)
+        p = torch.from_numpy(np.clip(1.0 - frac, _P_CLAMP, 1.0 - _P_CLAMP))
+        return frac, torch.special.ndtri(p).numpy().astype(dtype)
+    return k, dtype.type(stat_z(k))
+
+
+def _cpu_parts(xs: torch.Tensor, mask: torch.Tensor | None, k: int | float) -> tuple:
+    """(theta, mean, std, z, n, careful) for the rows of CPU ``xs`` (stat dtype): numpy arrays of shape (rows,) (z a
+    scalar for a fraction k), n in float64.
+
+    The one-pass statistics come from two torch reductions; the per-row arithmetic and the check of each row
+    (module doc) run in numpy (IEEE, as torch's ops; numpy's sqrt is correctly rounded, torch's fp32 CPU sqrt is not
+    always): cheaper than a dozen small torch ops, and the 1-D shortcut does the same on scalars. Rows that fail
+    the check are recomputed by ``_careful_stats``."""
+    L = xs.shape[-1]
+    rows = xs.reshape(-1, L)
+    mrows = None
+    if mask is None:
+        n = np.full(rows.shape[0], float(L))
+        xm = rows
+    else:
+        mrows = mask.expand(xs.shape).reshape(-1, L)
+        n = mrows.sum(-1).numpy().astype(np.float64)
+        xm = rows.masked_fill(~mrows, 0)
+    total = xm.sum(-1).numpy()
+    q = torch.linalg.vector_norm(xm, dim=-1).numpy()
+    dt = total.dtype
+    frac, z = _z_rows(k, n, dt)
+    with np.errstate(all="ignore"):
+        denom = np.maximum(n, 1.0).astype(dt)
+        mean = total / denom
+        var = np.maximum(q * q / denom - mean * mean, dt.type(0))
+        m64, v = mean.astype(np.float64), var.astype(np.float64)
+        m2 = m64 * m64
+        ok = np.isfinite(v) & (m2 <= _COND * v) & (v + m2 >= _TINY)
+        if isinstance(k, int):
+            ok |= frac >= 1.0  # keep-all rows: their statistics are not used
+        std = np.sqrt(var)
+        careful = not ok.all()
+        if careful:
+            bad = np.flatnonzero(~ok)
+            idx = torch.from_numpy(bad)
+            m_c, s_c, n_c = _careful_stats(rows.index_select(0, idx),
+                                           None if mrows is None else mrows.index_select(0, idx))
+            mean[bad], std[bad], n[bad] = m_c.numpy()[:, 0], s_c.numpy()[:, 0], n_c.numpy()[:, 0]
+            frac, z = _z_rows(k, n, dt)
+        theta = mean + std * z
+        if isinstance(k, int):
+            theta[frac >= 1.0] = -np.inf
+    return theta, mean, std, z, n, careful
+
+
+def _parts(x: torch.Tensor, mask: torch.Tensor | None, k: int | float, need_all: bool = True):
+    """(theta, mean, std, z, n, careful) per row of x, as tensors of shape ``x.shape[:-1] + (1,)`` in the stat
+    dtype (only theta unless ``need_all``); ``careful``: whether any row went the careful way (then it may hold
+    non-finite entries)."""
+    xs = x.detach().to(_stat_dtype(x))
+    shape = x.shape[:-1] + (1,)
+    if x.shape[-1] == 0 or (not isinstance(k, int) and k >= 1.0):  # every valid entry kept: no statistics needed
+        zero = xs.new_zeros(shape)
+        return torch.full_like(zero, float("-inf")), zero, zero, zero, zero, False
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # no data-dependent branch: every row careful
+        mean, std, n = _careful_stats(xs, None if mask is None else mask.expand_as(x))
+        theta, z = _theta(mean, std, n, k)
+        return theta, mean, std, z, n, True
+    theta, mean, std, z, n, careful = _cpu_parts(xs, mask, k)
+    if not need_all:
+        return torch.from_numpy(theta).reshape(shape), None, None, None, None, careful
+    z = np.full(theta.shape, z, dtype=theta.dtype) if np.ndim(z) == 0 else z
+    return (*(torch.from_numpy(a.astype(theta.dtype, copy=False)).reshape(shape) for a in (theta, mean, std, z, n)),
+            careful)
 
 
 # The smallest double whose fp32 rounding overflows: an fp32 norm q with q * q >= this squares to inf in fp32.
@@ -233,35 +273,32 @@ _SQ_OVERFLOW = (2.0 - 2.0 ** -24) * 2.0 ** 127
 
 
 def _threshold_1d(x: torch.Tensor, k: int | float) -> torch.Tensor:
-    """``stat_threshold`` of an unmasked 1-D CPU x, shape (1,), ``k`` normalized: the same two reductions, check and
-    rounding as the general path, with its per-row arithmetic done on two scalars (numpy fp32 or Python floats,
-    IEEE like torch's) instead of a dozen one-element tensor ops (the batch-1 decode hot path)."""
+    """``stat_threshold`` of an unmasked 1-D CPU x (not fp64), shape (1,), ``k`` normalized (the batch-1 decode hot
+    path): ``_cpu_parts``'s arithmetic on numpy fp32 scalars instead of arrays, the same IEEE operations in the same
+    order, so the same bits (tested)."""
     n = x.shape[0]
     frac = k / n if type(k) is int else k
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if frac >= 1.0:
-        return torch.full((1,), float("-inf"), dtype=dt)
-    xs = x.detach() if x.dtype == dt else x.detach().to(dt)
+        return torch.full((1,), float("-inf"), dtype=torch.float32)
+    xs = x.detach() if x.dtype == torch.float32 else x.detach().float()
     total, q = xs.sum().item(), torch.linalg.vector_norm(xs).item()
-    if math.isfinite(total) and q * q < _SQ_OVERFLOW:
-        f = float if dt == torch.float64 else np.float32
-        fn = f(n)
-        mean = f(total) / fn
-        var = f(q) * f(q) / fn - mean * mean
+    if math.isfinite(total) and q * q < _SQ_OVERFLOW:  # (q * q is exact in double) no fp32 overflow warnings below
+        f = np.float32
+        mean = f(total) / f(n)
+        var = f(q) * f(q) / f(n) - mean * mean
         var = var if var > 0 else f(0.0)
-        if _fast_ok(float(mean), float(var)):
-            return torch.tensor([float(mean + f(math.sqrt(var) if f is float else np.sqrt(var)) * f(stat_z(frac)))],
-                                dtype=dt)
-    m, sd, c = _careful_stats(xs[None], None)
-    return _theta(m, sd, c, k)[0][0]
+        m2, v = float(mean) ** 2, float(var)
+        if m2 <= _COND * v and v + m2 >= _TINY:
+            return torch.tensor([float(mean + np.sqrt(var) * f(stat_z(frac)))], dtype=torch.float32)
+    return torch.from_numpy(_cpu_parts(xs[None], None, k)[0])  # the careful way, as the general path
 
 
 def stat_threshold(x: torch.Tensor, k: int | float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The per-row threshold theta = mean + std * stat_z(k / n) over the valid entries of each row of x.
 
     Args:
-        x: (..., n) scores, any float dtype.
-        k: target count (int) or fraction of the valid entries (float in (0, 1]).
+        x: (..., n) scores, any float dtype (at least one dim).
+        k: target count (any integer) or fraction of the valid entries (any real in (0, 1]).
         mask: optional bool validity mask broadcastable to x (statistics over the valid entries only).
 
     Returns:
@@ -271,12 +308,12 @@ def stat_threshold(x: torch.Tensor, k: int | float, mask: torch.Tensor | None = 
         valid entries that do not cancel).
     """
     k = _normalize_k(k)
-    if mask is None and x.dim() == 1 and x.shape[0] > 0 and x.device.type == "cpu" and x.is_floating_point():
+    if (mask is None and type(x) is torch.Tensor and x.dim() == 1 and x.shape[0] > 0 and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return _threshold_1d(x, k)
     _check_x(x, mask)
     with torch.no_grad():
-        mean, std, n, _ = _row_stats(x, mask, k)
-        return _theta(mean, std, n, k)[0]
+        return _parts(x, mask, k, need_all=False)[0]
 
 
 class _StatTopK(torch.autograd.Function):
@@ -289,8 +326,7 @@ class _StatTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, mask, detach_threshold):
         with torch.no_grad():
-            mean, std0, n, careful = _row_stats(x, mask, k)
-            theta, z, std = _theta(mean, std0, n, k)
+            theta, mean, std0, z, n, careful = _parts(x, mask, k)
             keep_all = torch.isneginf(theta)
             shift = torch.where(keep_all, torch.zeros_like(theta), theta).to(x.dtype)
             y = (x - shift).clamp_min_(0)
@@ -302,7 +338,7 @@ class _StatTopK(torch.autograd.Function):
                 y = y.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=0.0)
         ctx.detach_threshold = detach_threshold
         ctx.careful = careful
-        ctx.save_for_backward(x, y, mask, mean, std, z, n, keep_all, std0)
+        ctx.save_for_backward(x, y, mask, mean, std0.clamp_min(_STD_FLOOR), z, n, keep_all, std0)
         return y
 
     @staticmethod
