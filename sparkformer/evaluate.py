@@ -89,16 +89,29 @@ def perplexity(model: torch.nn.Module, data: TokenData, split: str = "val", seq_
 
 def evaluate(model: str | Path, data_dir: str | Path | None = None, split: str = "val",
              seq_len: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
-             device: str = "auto", bf16: bool = False, progress: bool = False, routers: str | Path | None = None) -> dict:
+             device: str = "auto", bf16: bool = False, progress: bool = False, routers: str | Path | None = None,
+             weights: str | None = None) -> dict:
     """Perplexity per domain of ``model`` (see ``sparkformer.loading.load_model``); ``data_dir`` defaults to the
-    data a checkpoint trained on, or for other models to the default corpora tokenized with the model's tokenizer."""
+    data a checkpoint trained on, or for other models to the default corpora tokenized with the model's tokenizer.
+    ``weights``: a block-quantized format (q8_0, q4_0): the model runs with the weights the quantized decode engine
+    reads (``decode.layout.quantized_model``; weights only: the engine also rounds activations per token)."""
     from sparkformer.loading import describe, load_model
 
     for name, v in (("seq_len", seq_len), ("max_tokens", max_tokens), ("batch_size", batch_size)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name}={v!r}: must be an integer >= 1")
+    from sparkformer.decode import QUANT_FORMATS
+
+    if weights is not None and weights not in QUANT_FORMATS:
+        raise ValueError(f"weights={weights!r}: a quantized format is one of {', '.join(QUANT_FORMATS)}")
+    if weights is not None and routers is not None:
+        raise ValueError(f"routed (sparkified) FFN layers do not run in {weights} yet; drop --routers or the format")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_model(model, routers=routers)
+    if weights is not None:
+        from sparkformer.decode.layout import quantized_model
+
+        loaded.model = quantized_model(loaded.model, weights)
     info = loaded.info
     if data_dir is None and loaded.kind.startswith("checkpoint"):
         data_dir = info["data_dir"]
@@ -127,7 +140,7 @@ def evaluate(model: str | Path, data_dir: str | Path | None = None, split: str =
     else:
         res = perplexity(loaded.model, data, split, seq_len, batch_size, max_tokens, dev, bf16, progress)
     res.update({"model": describe(loaded), "data_dir": str(data.dir), "split": split, "seq_len": seq_len,
-                "seconds": time.time() - t})
+                "weights": weights or ("bf16 autocast" if bf16 else "fp32"), "seconds": time.time() - t})
     if "path" in info:
         res["checkpoint"] = info["path"]
     return res
@@ -154,7 +167,8 @@ def hf_model_and_tokenizer(checkpoint: str | Path):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_tokens,
-                   args.device, args.bf16 or args.dtype == "bf16", progress=True, routers=args.routers)
+                   args.device, args.bf16 or args.dtype == "bf16", progress=True, routers=args.routers,
+                   weights=args.dtype if args.dtype in ("q8_0", "q4_0") else None)
     print(f"{'domain':<14} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for d, r in res["domains"].items():
         print(f"{d:<14} {r['tokens']:>10,} {r['loss']:>8.4f} {r['ppl']:>10.3f}")

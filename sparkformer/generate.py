@@ -22,7 +22,7 @@ import time
 import torch
 
 from sparkformer.config import int_at_least, number_in
-from sparkformer.decode import IMPLS, make_engine, stop_on_strings
+from sparkformer.decode import IMPLS, check_device, make_engine, stop_on_strings
 from sparkformer.loading import add_model_arguments, describe, load_model
 
 
@@ -61,6 +61,7 @@ def generate_text(model: str, prompt: str, max_new_tokens: int = 100, temperatur
     exactly the returned ``text``. ``stopped`` says why generation ended: eos, stop, max_new_tokens, or
     context_full (the model's context ended it before max_new_tokens)."""
     check_sampling(max_new_tokens, temperature, top_p, stop)
+    check_device(device)  # before the (possibly slow) load
     loaded = load_model(model, routers=routers)
     tok = loaded.tokenizer
     if tok is None:

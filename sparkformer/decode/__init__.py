@@ -26,7 +26,8 @@ from sparkformer.decode.protocol import QUANT_FORMATS, DecodeStats, Engine, gene
 DEVICE_OPTIONS = {"cpu": ("impl",), "cuda": ("graph", "track_stats")}
 
 
-def _device_type(device: str | torch.device) -> str:
+def check_device(device: str | torch.device) -> str:
+    """The engine kind ("cpu" | "cuda") for ``device``, or a clear error (unknown device, no GPU, no triton)."""
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -77,7 +78,7 @@ def make_engine(model, dtype: str | torch.dtype = torch.float32, max_len: int | 
     ``dtype``: fp32, bf16, or block-quantized weights q8_0 / q4_0 (CPU; quantized once here, bf16 activations).
     Device options: ``impl`` (CPU: auto | ext | torch | reference), ``graph`` and ``track_stats`` (CUDA). An option
     the chosen engine does not take is refused, never ignored."""
-    kind = _device_type(device)
+    kind = check_device(device)
     options = _check_options(kind, {"impl": impl, "graph": graph, "track_stats": track_stats})
     float_dtype, fmt = resolve_weights(dtype)
     if fmt is not None and routers is not None:
@@ -93,7 +94,7 @@ def make_random_engine(cfg: ModelConfig, dtype: str | torch.dtype = torch.float3
                        track_stats: bool | None = None) -> Engine:
     """An engine over full-size random weights made directly in decode layout on the device (speed benchmarks).
     ``share``: reuse that engine's embedding / LM head and attention projections (same shapes)."""
-    kind = _device_type(device)
+    kind = check_device(device)
     options = _check_options(kind, {"impl": impl, "graph": graph, "track_stats": track_stats})
     float_dtype, fmt = resolve_weights(dtype)
     shared = None if share is None else ModelLayout(share.cfg, share.embed, share.head, share.final_norm,
@@ -102,6 +103,6 @@ def make_random_engine(cfg: ModelConfig, dtype: str | torch.dtype = torch.float3
     return _build(layout, max_len, kind, device, options, fmt)
 
 
-__all__ = ["CpuEngine", "DecodeLayer", "DecodeStats", "Engine", "IMPLS", "ModelLayout", "QUANT_FORMATS",
-           "generate_tokens", "quantize_layout", "resolve_weights",
-           "make_engine", "make_random_engine", "model_layout", "random_layout", "resolve_dtype", "stop_on_strings"]
+__all__ = ["CpuEngine", "DecodeLayer", "DecodeStats", "Engine", "IMPLS", "ModelLayout", "QUANT_FORMATS", "check_device",
+           "generate_tokens", "make_engine", "make_random_engine", "model_layout", "quantize_layout", "random_layout",
+           "resolve_dtype", "resolve_weights", "stop_on_strings"]
