@@ -186,9 +186,20 @@ def test_run_llama_bench_passes_depth_threads_tokens(tmp_path):
     res = llamacpp.run_llama_bench(tmp_path / "m.gguf", depth=64, threads=2, tokens=4, repetitions=3, binary=exe)
     args = (tmp_path / "bin" / "args").read_text().split()
     assert args == ["-m", str(tmp_path / "m.gguf"), "-p", "0", "-n", "4", "-d", "64", "-t", "2", "-r", "3",
-                    "-o", "json"]
+                    "-fa", "0,1", "-o", "json"]
     assert res["ms_per_token"] == pytest.approx(272344 / 4e6) and res["model_file"] == "m.gguf"
     assert llamacpp.resolve_binary(tmp_path / "bin") == exe  # a folder holding it
+
+
+def test_fastest_configuration_is_the_figure(tmp_path):
+    slow, fast = json.loads(CANNED)[0], json.loads(CANNED)[0]
+    slow["flash_attn"], fast["flash_attn"] = 1, 0
+    slow["samples_ns"] = [4 * 9_000_000] * 3
+    exe = _fake_llama_bench(tmp_path / "bin")
+    (tmp_path / "bin" / "canned.json").write_text(json.dumps([slow, fast]))
+    res = llamacpp.run_llama_bench(tmp_path / "m.gguf", 64, 2, 4, 3, binary=exe)
+    assert res["flash_attn"] == 0 and res["ms_per_token"] == pytest.approx(272344 / 4e6)
+    assert [c["flash_attn"] for c in res["configs"]] == [1, 0] and res["configs"][0]["ms_per_token"] == 9.0
 
 
 def test_random_model_row_end_to_end_with_stand_in(cache, tmp_path):

@@ -12,8 +12,11 @@
   as ``w + 1`` and llama.cpp multiplies by it as stored; our layout already holds the multipliers ``1 + w``, so they
   are written as they are (all ones for random weights).
 - Hyper-parameters: sizes, RMS eps, rope base, both soft-caps, the sliding window (llama.cpp's gemma2 puts it on even
-  layers, as we do, and has the same reach: a query at p sees keys p - window < k <= p). llama.cpp scales queries by ``head_dim**-0.5`` for every gemma2 size but 27B (46 layers), so
-  ``query_pre_attn_scalar`` must equal ``head_dim``; configs llama.cpp's gemma2 cannot express are refused.
+  layers, as we do, with the same reach: a query at p sees keys p - window < k <= p). llama.cpp scales queries by
+  ``head_dim**-0.5`` for every gemma2 size but 27B (46 layers), so ``query_pre_attn_scalar`` must equal
+  ``head_dim``; configs llama.cpp's gemma2 cannot express (Spark layers, an untied head, ...) are refused.
+  ``tests/test_llamacpp.py`` (marked slow, needs ``make llamacpp``) checks that llama.cpp's greedy tokens on such a
+  file equal our dense engine's, with random norm multipliers.
 - A tokenizer is required by llama.cpp's loader (``llama-bench`` never tokenizes text, it feeds random ids): a
   SentencePiece-style (``llama``) vocab of ``vocab_size`` tokens, Gemma's special ids (0 pad, 1 eos, 2 bos, 3 unk),
   the 256 byte tokens, then dummy pieces.
@@ -47,7 +50,7 @@ _ROW_CHUNK = 1 << 14  # rows quantized at a time (bounds the fp32 copy of the 25
 def _gguf():
     try:
         import gguf
-    except ImportError as e:  # pragma: no cover - the package is in the test extra
+    except ImportError as e:  # pragma: no cover - gguf is in the hf and test extras
         raise ImportError("GGUF export needs the `gguf` package: pip install gguf") from e
     return gguf
 
@@ -202,8 +205,11 @@ def write_gguf(layout: ModelLayout, path: str | Path, fmt: str, name: str = "spa
         w.write_ti_data_to_file()
         for _, t in tensors:
             w.write_tensor_data(encode(t, tensor_format(t, fmt)))
-    finally:
         w.close()
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
