@@ -172,6 +172,21 @@ static void qmatvec(int fmt, const uint8_t* w, int64_t ld, int64_t n, const int8
   for (int64_t i = r0; i < r1; ++i) y[i - r0] = qdot(fmt, w + i * ld, nb, xq, xd, xs, xq_pairs);
 }
 
+#if SPK_ISA >= 1
+// Block b's 32 weights as signed bytes: w0 = weights 0-15, w1 = 16-31.
+static inline void block_i8(int fmt, const uint8_t* q, int64_t b, __m128i* w0, __m128i* w1) {
+  if (fmt == spk::kQ8_0) {
+    *w0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32));
+    *w1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)), lo4 = _mm_set1_epi8(0x0F);
+    const __m128i eight = _mm_set1_epi8(8);
+    *w0 = _mm_sub_epi8(_mm_and_si128(raw, lo4), eight);
+    *w1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), lo4), eight);
+  }
+}
+#endif
+
 // acc[0:n] += h * dequant(row)
 static void qaxpy(int fmt, const uint8_t* row, int64_t n, float h, float* acc) {
   const int64_t nb = n / spk::kQBlock;
@@ -183,30 +198,14 @@ static void qaxpy(int fmt, const uint8_t* row, int64_t n, float h, float* acc) {
 #if SPK_ISA == 2
     const __m512 vs = _mm512_set1_ps(s);
     __m128i w0, w1;
-    if (fmt == spk::kQ8_0) {
-      w0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32));
-      w1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16));
-    } else {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)), lo4 = _mm_set1_epi8(0x0F);
-      const __m128i eight = _mm_set1_epi8(8);
-      w0 = _mm_sub_epi8(_mm_and_si128(raw, lo4), eight);
-      w1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), lo4), eight);
-    }
+    block_i8(fmt, q, b, &w0, &w1);
     _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w0)), vs, _mm512_loadu_ps(a)));
     _mm512_storeu_ps(a + 16,
                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w1)), vs, _mm512_loadu_ps(a + 16)));
 #elif SPK_ISA == 1
     const __m256 vs = _mm256_set1_ps(s);
     __m128i w0, w1;
-    if (fmt == spk::kQ8_0) {
-      w0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32));
-      w1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16));
-    } else {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)), lo4 = _mm_set1_epi8(0x0F);
-      const __m128i eight = _mm_set1_epi8(8);
-      w0 = _mm_sub_epi8(_mm_and_si128(raw, lo4), eight);
-      w1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), lo4), eight);
-    }
+    block_i8(fmt, q, b, &w0, &w1);
     for (int k = 0; k < 2; ++k) {
       const __m128i w = k ? w1 : w0;
       const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
