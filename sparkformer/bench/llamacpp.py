@@ -29,6 +29,7 @@ import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     what = args.model or args.preset
     res = {"benchmark": "llamacpp", "model": what, "layers": None if args.model else cfg.n_layers,
            "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats, "build": build_info(),
-           "env": env_info(), "runs": rows}
+           "env": env_info(), "command": "python -m sparkformer.bench.llamacpp " + " ".join(argv or sys.argv[1:]),
+           "runs": rows}
     print(f"wrote {write_result(args.name or 'llamacpp_' + Path(what).stem, res, args.out)}")
     print(json.dumps(res))
 
