@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "sparkformer.generate",
     "sparkformer.flops",
     "sparkformer.bricks.cli",
+    "sparkformer.sparsify.command",
     "sparkformer.bench",
     "sparkformer.demo",
 ]

@@ -17,6 +17,7 @@ domains together. For lm-evaluation-harness see docs/training.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -132,13 +133,19 @@ def evaluate(model: str | Path, data_dir: str | Path | None = None, split: str =
                          f"the folder it trained on ({info.get('data_dir')})")
     seq_len = seq_len or info.get("train", {}).get("seq_len") or min(512, loaded.model.config.max_seq_len)
     t = time.time()
-    if loaded.routers is not None:
-        from sparkformer.bricks.routing import route
+    with contextlib.ExitStack() as stack:  # routers and thresholds run in the training form (masks)
+        if loaded.routers is not None:
+            from sparkformer.bricks.routing import route
 
-        with route(loaded.model, loaded.routers):
-            res = perplexity(loaded.model, data, split, seq_len, batch_size, max_tokens, dev, bf16, progress)
-    else:
+            stack.enter_context(route(loaded.model, loaded.routers))
+        meter = None
+        if loaded.sparsity is not None:
+            from sparkformer.sparsity import SparsityMeter, achieved_sparsity, sparse_forward
+
+            meter = stack.enter_context(sparse_forward(loaded.model, loaded.sparsity, SparsityMeter()))
         res = perplexity(loaded.model, data, split, seq_len, batch_size, max_tokens, dev, bf16, progress)
+    if meter is not None:
+        res["achieved_sparsity"] = achieved_sparsity(loaded.model, meter)
     res.update({"model": describe(loaded), "data_dir": str(data.dir), "split": split, "seq_len": seq_len,
                 "weights": weights or ("bf16 autocast" if bf16 else "fp32"), "seconds": time.time() - t})
     if "path" in info:

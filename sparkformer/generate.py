@@ -73,7 +73,7 @@ def generate_text(model: str, prompt: str, max_new_tokens: int = 100, temperatur
                          f"{ctx - 1} tokens")
     n_new = min(max_new_tokens, ctx - len(ids))
     engine = make_engine(loaded.model.eval(), dtype, len(ids) + n_new, device, loaded.routers,
-                         impl=impl)
+                         sparsity=loaded.sparsity, impl=impl)
     about = describe(loaded)
     loaded.model = None  # the engine holds its own copy of the weights
     gen = torch.Generator().manual_seed(seed)

@@ -6,10 +6,12 @@
     loaded = load_model("path/to/hf-folder")                 # a Hugging Face folder (Gemma 2, Llama, Mistral, ours)
     loaded = load_model("model.gguf")                        # a GGUF file (dequantized once, cached)
     loaded = load_model("runs/routing/sparkify-r128")        # a sparsified folder: routers + the base model they name
+    loaded = load_model("runs/sparse/teal50")                # a `sparkformer sparsify` folder: thresholds and/or routers
     loaded = load_model("smollm2-135m", routers="predictor.safetensors")
     engine = make_engine(loaded.model, "bf16", routers=loaded.routers)
 
-A sparsified folder holds ``predictor.safetensors`` / ``predictor.json`` (``sparkformer bricks sparkify``), whose
+A sparsified folder holds ``sparsity.json`` (per-layer thresholds, ``sparkformer.sparsity.SparseSpec``) and/or
+``predictor.safetensors`` / ``predictor.json`` (routers; ``sparkformer sparsify`` / ``bricks sparkify``), whose
 metadata names the base model; ``routers=`` gives a router file (or such a folder) explicitly.
 """
 
@@ -37,6 +39,7 @@ class LoadedModel:
     kind: str = ""  # checkpoint | sparkformer-hf | builtin | hf | gguf  (+ "+routers")
     source: str = ""
     info: dict = field(default_factory=dict)  # a checkpoint's config.json (data_dir, train settings); router meta
+    sparsity: Any = None  # sparkformer.sparsity.SparseSpec: thresholded input sites (None: none)
 
 
 def _tokenizer_in(*folders: Path):
@@ -107,6 +110,24 @@ def load_model(name_or_path: str | Path, routers: str | Path | None = None,
     name = str(name_or_path)
     path = Path(name).expanduser()
     routers_meta: dict = {}
+    from sparkformer.sparsity import SPEC_FILE, SparseSpec
+
+    if path.is_dir() and (path / SPEC_FILE).is_file():  # a `sparkformer sparsify` folder with thresholds
+        spec = SparseSpec.load(path)
+        base = spec.meta.get("model")
+        if not base:
+            raise ValueError(f"{path / SPEC_FILE}: names no base model (meta.model)")
+        if routers is not None:
+            raise ValueError(f"{path} is a sparsified folder; drop --routers")
+        rf = path if _router_paths(path) is not None else None
+        loaded = load_model(base, routers=rf, dtype=dtype)
+        spec.validate(loaded.model.config.n_layers)
+        loaded.sparsity = spec
+        loaded.kind += "+sparsity"
+        loaded.source = str(path)
+        loaded.info = {**loaded.info, "sparsity": {"path": str(path), "method": spec.method, "scope": spec.scope,
+                                                   "target": spec.target, **spec.meta}}
+        return loaded
     sparse_dir = _router_paths(path) if path.exists() and path.is_dir() else None
     if sparse_dir is not None:  # a sparsified folder: load the base model its routers name
         if routers is not None:
@@ -152,7 +173,9 @@ def describe(loaded: LoadedModel) -> dict:
             "ffn": sorted({cfg.ffn_kind(i) for i in range(cfg.n_layers)}),
             "attention": sorted({cfg.attention_kind(i) for i in range(cfg.n_layers)}),
             "routers": None if loaded.routers is None else json.loads(json.dumps(
-                loaded.info.get("routers", {}), default=str))}
+                loaded.info.get("routers", {}), default=str)),
+            "sparsity": None if loaded.sparsity is None else json.loads(json.dumps(
+                loaded.info.get("sparsity", {}), default=str))}
 
 
 def add_model_arguments(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = ("fp32", "bf16", "q8_0", "q4_0"),

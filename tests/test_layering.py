@@ -20,11 +20,11 @@ LAYERS = [
     ("base", ["sparkformer", "sparkformer.config", "sparkformer.paths", "sparkformer.tokenizer",
               "sparkformer.corpora", "sparkformer.data", "sparkformer.distributed"]),
     ("ops", ["sparkformer.ops"]),
-    ("model", ["sparkformer.model", "sparkformer.flops"]),
+    ("model", ["sparkformer.model", "sparkformer.flops", "sparkformer.sparsity"]),
     ("engines", ["sparkformer.decode", "sparkformer.train", "sparkformer.train_config", "sparkformer.checkpoint",
                  "sparkformer.hf", "sparkformer.pretrained"]),
     ("bricks", ["sparkformer.bricks"]),
-    ("app", ["sparkformer.loading", "sparkformer.generate", "sparkformer.evaluate", "sparkformer.bench",
+    ("app", ["sparkformer.loading", "sparkformer.sparsify", "sparkformer.generate", "sparkformer.evaluate", "sparkformer.bench",
              "sparkformer.demo", "sparkformer.cli"]),
 ]
 MAX_LINES = 600

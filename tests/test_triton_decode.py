@@ -1,4 +1,5 @@
-"""Triton decode kernels vs their plain-PyTorch references.
+"""Triton dense-attention and glue kernels vs their plain-PyTorch references, and the CUDA engine vs the CPU engine
+(the Spark kernels have their own files: ``test_triton_spark_ffn.py``, ``test_triton_spark_attn.py``).
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set here before
 triton is imported); with one they compile and run on CUDA. Marked ``triton`` (deselected by default; run with
@@ -16,13 +17,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from sparkformer.ops.dense_decode import dense_attn_decode_reference  # noqa: E402
-from sparkformer.ops.spark_attn_decode import spark_attn_decode_reference, to_blocked  # noqa: E402
-from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference  # noqa: E402
-from sparkformer.ops.stat_topk import stat_threshold  # noqa: E402
 from sparkformer.ops.triton_decode import (  # noqa: E402
-    dense_attn_decode_triton, embed_norm, geglu_act, residual_norm, rope_cache)
-from sparkformer.ops.triton_spark_attn import spark_attn_decode_triton, triton_spark_attn_decode  # noqa: E402
-from sparkformer.ops.triton_spark_ffn import spark_ffn_decode_triton, triton_spark_ffn_decode  # noqa: E402
+    dense_attn_decode_triton, embed_norm, geglu_act, res_norm_gemv, residual_norm, rope_cache)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.triton
@@ -31,171 +27,6 @@ pytestmark = pytest.mark.triton
 def rel(a, b):
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def assert_selects_like_stat_threshold(got: torch.Tensor, score: torch.Tensor, k: int | float, what=""):
-    """got == (score > stat_topk.stat_threshold(score, k)), except for entries within 1e-4 std of theta (the
-    kernels' fp32 partial statistics may round theta differently)."""
-    theta = stat_threshold(score, k)
-    diff = got.cpu() != (score > theta)
-    near = (score - theta).abs() <= 1e-4 * score.std(correction=0)
-    assert bool(near[diff].all()), f"{what}: selections differ away from theta at {torch.nonzero(diff & ~near)}"
-
-
-@pytest.mark.parametrize("fuse_out", [False, True])
-def test_spark_ffn_selects_what_stat_threshold_selects(fuse_out):
-    """The kernel's own theta (fp32 Chan-combined partials, z = stat_z(f)) selects as the one definition does."""
-    n, d, r = 600, 80, 48
-    for seed in range(2):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(d, generator=g)
-        k1, k2 = torch.randn(n, r, generator=g) * 0.2, torch.randn(n, d - r, generator=g) * 0.2
-        v = torch.eye(n)  # y_i = gelu(s_i - theta) (K2 x2)_i: nonzero exactly on the selected neurons
-        y, n_sel = spark_ffn_decode_triton(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV), 0.08, fuse_out)
-        assert_selects_like_stat_threshold(y != 0, k1 @ x[:r], 0.08, f"seed {seed}")
-        assert int(n_sel) == int((y != 0).sum())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fuse_out", [False, True])
-def test_spark_ffn_matches_reference(dtype, fuse_out):
-    n, d, r, d_out = 700, 96, 40, 80
-    x = torch.randn(d)
-    k1, k2, v = (torch.randn(n, c) * 0.2 for c in (r, d - r, d_out))
-    k1, k2, v = k1.to(dtype), k2.to(dtype), v.to(dtype)
-    y_ref, n_ref = spark_ffn_decode_reference(x, k1, k2, v, 0.08)
-    y, n_sel = spark_ffn_decode_triton(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV), 0.08, fuse_out)
-    assert abs(int(n_sel) - int(n_ref)) <= 1  # fp32 summation order may move a neuron sitting on theta
-    assert 0.03 < int(n_sel) / n < 0.15
-    assert rel(y, y_ref) < 1e-5  # soft threshold: a neuron at theta contributes ~0, so y stays close anyway
-
-
-@pytest.mark.parametrize("kw", [dict(block_c=32, sub=8, splits=64), dict(fuse_out=True, block_c=32, sub=8),
-                                dict(block_n=8, block_k=1024, block_c=32, sub=8, splits=5, block_s=4),
-                                dict(block_n=32, block_k=512, warps=8, sub=4)])
-def test_spark_ffn_launch_shapes(kw):
-    """Every launch shape the on-device tuner may pick computes the same function."""
-    from sparkformer.ops.triton_spark_ffn import SparkFFNPlan
-
-    n, d, r = 500, 80, 48
-    x = torch.randn(d)
-    k1, k2, v = (torch.randn(n, c) * 0.2 for c in (r, d - r, d))
-    y_ref, n_ref = spark_ffn_decode_reference(x, k1, k2, v, 0.1)
-    plan = SparkFFNPlan.for_weights(k1.to(DEV), k2.to(DEV), v.to(DEV), 0.1, **kw)
-    y = plan.run(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV))
-    assert abs(int(plan.cnt[0]) - int(n_ref)) <= 1 and rel(y, y_ref) < 1e-5
-
-
-def test_spark_ffn_custom_op_and_strided_views():
-    n, d, r = 300, 64, 32
-    x = torch.randn(d, dtype=torch.bfloat16)
-    packed = torch.randn(n, (d - r) + d) * 0.3  # K2 and V rows adjacent, as prepare_spark_ffn lays them out
-    k1 = torch.randn(n, r) * 0.3
-    y_ref, _ = spark_ffn_decode_reference(x, k1, packed[:, : d - r], packed[:, d - r:], 0.1)
-    packed_d = packed.to(DEV)
-    y, n_sel = triton_spark_ffn_decode(x.to(DEV), k1.to(DEV), packed_d[:, : d - r], packed_d[:, d - r:], 0.1)
-    assert y.dtype == torch.bfloat16 and n_sel.dtype == torch.int64
-    assert rel(y.float(), y_ref.float()) < 1e-2
-
-
-def test_spark_ffn_constant_scores_select_nothing():
-    n, d, r = 128, 32, 16
-    x = torch.zeros(d)
-    x[r:] = 1.0  # predictor input zero -> every score equal -> theta = mean, nothing strictly above it
-    k1, k2, v = torch.randn(n, r), torch.randn(n, d - r), torch.randn(n, d)
-    y, n_sel = spark_ffn_decode_triton(x.to(DEV), k1.to(DEV), k2.to(DEV), v.to(DEV), 0.08)
-    assert int(n_sel) == 0 and float(y.abs().max()) == 0.0
-
-
-def _spark_cache(n_kv, L, D, r, dtype, blocked):
-    kp = torch.randn(n_kv, r, L).to(dtype)
-    krv = torch.randn(n_kv, L, (D - r) + D).to(dtype)
-    return (to_blocked(kp) if blocked else kp), krv[..., : D - r], krv[..., D - r:]
-
-
-CASES = [  # length, k, window, softcap
-    (200, 16, None, None),
-    (200, 16, 64, 50.0),
-    (10, 16, None, None),  # n <= k: keep all
-    (256, 300, None, 5.0),
-    (130, 8, 100, None),
-    (1, 4, None, None),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("blocked", [True, False])
-@pytest.mark.parametrize("case", CASES)
-def test_spark_attn_matches_reference(dtype, blocked, case):
-    length, k, window, cap = case
-    H, KV, D, r, L = 4, 2, 32, 16, 256
-    q = torch.randn(H, D).to(dtype)
-    kp, kr, v = _spark_cache(KV, L, D, r, dtype, blocked)
-    ref = spark_attn_decode_reference(q, kp, kr, v, length, k, D**-0.5, window, cap)
-    out = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), length, k, D**-0.5, window, cap)
-    assert out[1].cpu().tolist() == ref[1].tolist()
-    assert out[2].cpu().tolist() == ref[2].tolist()
-    assert rel(out[0].float(), ref[0].float()) < (1e-5 if dtype == torch.float32 else 1e-2)
-
-
-@pytest.mark.parametrize("group", [1, 4])
-def test_spark_attn_gqa_groups_and_hard_cap(group):
-    KV, D, r, L, k = 2, 64, 32, 512, 24
-    H = KV * group
-    q = torch.randn(H, D) * 3  # large logits -> heavy right tail -> the cap fires often
-    kp, kr, v = _spark_cache(KV, L, D, r, torch.float32, True)
-    ref = spark_attn_decode_reference(q, kp, kr, v, 500, k, D**-0.5, None, None)
-    out = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), 500, k, D**-0.5)
-    assert out[1].cpu().tolist() == ref[1].tolist() and out[2].cpu().tolist() == ref[2].tolist()
-    assert rel(out[0], ref[0]) < 1e-5
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c[1] < c[0]])
-def test_spark_attn_selects_what_stat_threshold_selects(case):
-    """Per head where the hard cap did not fire: the kept keys are those above stat_threshold over the valid keys
-    (the kernel: per-block (mean, M2) partials, z from stat_z_table)."""
-    length, k, window, cap = case
-    H, KV, D, r, L = 4, 2, 32, 16, 256
-    q = torch.randn(H, D)
-    kp, kr, _ = _spark_cache(KV, L, D, r, torch.float32, False)
-    v = torch.eye(L).expand(KV, L, L).contiguous()  # out[h] = the attention weights by position
-    out, kept, capped = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), length, k, D**-0.5,
-                                                 window, cap)
-    lo = max(0, length - window) if window else 0
-    for h in range(H):
-        p = D**-0.5 * (q[h, :r] @ kp[h // (H // KV), :, lo:length])
-        p = cap * torch.tanh(p / cap) if cap else p
-        if capped[h]:
-            assert int((p > stat_threshold(p, k)).sum()) > k == int(kept[h])
-        else:
-            assert_selects_like_stat_threshold(out[h, lo:length] != 0, p, k, f"head {h}")
-
-
-def test_spark_attn_degenerate_and_ties():
-    """Constant scores keep the k most recent keys (nothing clears theta); tied survivors over the cap prefer
-    the more recent key, as the reference's rule says."""
-    KV, H, D, r, L, k = 1, 2, 16, 8, 128, 8
-    q = torch.randn(H, D)
-    q[0, :r] = 0.0  # head 0: every predictor score is 0 -> degenerate
-    kp = torch.randn(KV, r, L)
-    kp[:, :, 40:80] = kp[:, :, 40:41]  # head 1: 40 identical keys, likely all above theta -> cap with ties
-    krv = torch.randn(KV, L, 2 * D - r)
-    kr, v = krv[..., : D - r], krv[..., D - r:]
-    for length in (100, 120):
-        ref = spark_attn_decode_reference(q, kp, kr, v, length, k, D**-0.5)
-        out = spark_attn_decode_triton(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), length, k, D**-0.5)
-        assert out[1].cpu().tolist() == ref[1].tolist() and out[2].cpu().tolist() == ref[2].tolist()
-        assert rel(out[0], ref[0]) < 1e-5
-
-
-def test_spark_attn_custom_op():
-    H, KV, D, r, L = 4, 2, 32, 16, 128
-    q = torch.randn(H, D, dtype=torch.bfloat16)
-    kp, kr, v = _spark_cache(KV, L, D, r, torch.bfloat16, True)
-    out, kept, capped = triton_spark_attn_decode(q.to(DEV), kp.to(DEV), kr.to(DEV), v.to(DEV), 100, 16, 0.2, 64, 30.0)
-    ref = spark_attn_decode_reference(q, kp, kr, v, 100, 16, 0.2, 64, 30.0)
-    assert out.dtype == torch.bfloat16 and kept.dtype == torch.int64 and capped.dtype == torch.bool
-    assert kept.cpu().tolist() == ref[1].tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -230,6 +61,19 @@ def test_glue_kernels_match_torch():
         residual_norm(o.to(DEV), hd, None if post is None else post.to(DEV), w2.to(DEV), xnd, eps)
         hh = h0.cpu() + (rms(o, post) if post is not None else o)
         assert rel(hd, hh) < 1e-6 and rel(xnd, rms(hh, w2)) < 1e-6
+    # residual + post-norm + pre-norm folded into the GEMV prologue == residual_norm then torch.mv
+    for post, dt in ((w1, torch.float32), (None, torch.float32), (w1, torch.bfloat16)):
+        W = torch.randn(37, d).to(dt)
+        h0 = hd.clone()
+        h_out, y = torch.empty_like(h0), torch.empty(37, dtype=dt, device=DEV)
+        res_norm_gemv(o.to(DEV), h0, h_out, None if post is None else post.to(DEV), w2.to(DEV), W.to(DEV), y, eps)
+        h_ref, xn_ref = h0.clone(), torch.empty(d, dtype=dt, device=DEV)
+        residual_norm(o.to(DEV), h_ref, None if post is None else post.to(DEV), w2.to(DEV), xn_ref, eps)
+        assert rel(h_out, h_ref) < 1e-6 and rel(h0, hd) == 0  # the input buffer is left alone
+        assert rel(y.float(), W.float().to(DEV) @ xn_ref.float()) < (1e-5 if dt == torch.float32 else 1e-2)
+    y = torch.empty(37, device=DEV)
+    res_norm_gemv(None, hd, None, None, w2.to(DEV), W.float().to(DEV), y, eps)  # norm only (no residual)
+    assert rel(y, W.float() @ rms(hd.cpu(), w2)) < 1e-5
     gu, a = torch.randn(2 * 40), torch.empty(40)
     ad = a.to(DEV)
     geglu_act(gu.to(DEV), ad)
@@ -263,22 +107,29 @@ def _tiny_cfg(**kw):
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("kinds", [("geglu", "dense"), ("spark", "spark")])
-def test_cuda_engine_matches_cpu_engine(kinds):
-    """Same logits as the CPU DecodeEngine through prefill and greedy decode (fp32, so the two agree closely)."""
+LLAMA = dict(norm_style="llama", post_norms=False, embed_scale=False, ffn_activation="silu", attn_logit_softcap=None,
+             final_logit_softcap=None)
+
+
+@pytest.mark.parametrize("kinds,fuse,style", [(("geglu", "dense"), False, {}), (("spark", "spark"), False, {}),
+                                              (("spark", "spark"), True, {}), (("geglu", "spark"), True, {}),
+                                              (("geglu", "dense"), True, LLAMA)])
+def test_cuda_engine_matches_cpu_engine(kinds, fuse, style):
+    """Same logits as the CPU engine through (batched) prefill and greedy decode (fp32, so the two agree closely);
+    ``fuse``: residual + pre-norm folded into the q/k/v GEMV; ``style``: Llama-style (no post-norms, SiLU)."""
     from sparkformer.decode import make_engine, model_layout
     from sparkformer.decode.cuda import CudaEngine
     from sparkformer.model import SparkLM
 
     torch.manual_seed(0)
-    cfg = _tiny_cfg(ffn=kinds[0], attention=kinds[1], spark_attn_hard_cap=True)
+    cfg = _tiny_cfg(ffn=kinds[0], attention=kinds[1], spark_attn_hard_cap=True, **style)
     model = SparkLM(cfg).eval()
     with torch.no_grad():  # non-trivial norms so the norm multipliers are exercised
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.normal_(0, 0.1)
     ref = make_engine(model, torch.float32, max_len=64)
-    eng = CudaEngine(model_layout(model, torch.float32), max_len=64, device=DEV)
+    eng = CudaEngine(model_layout(model, torch.float32), max_len=64, device=DEV, fuse_norm=fuse)
     prompt = [3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3]  # longer than the window and than k
     l_ref, l_eng = ref.prefill(prompt), eng.prefill(prompt)
     assert rel(l_eng, l_ref) < 1e-4
@@ -293,6 +144,26 @@ def test_cuda_engine_matches_cpu_engine(kinds):
     assert s.keys() == want.keys() and s["tokens"] == want["tokens"]
     if kinds[0] == "spark":
         assert 0 < s["ffn_activity"] < 0.5 and 0 < s["keys_per_query"] <= cfg.spark_attn_topk
+
+
+def test_cuda_batched_prefill_equals_stepwise():
+    """Batched prefill (GEMMs) leaves the engine where feeding the prompt one decode step at a time does: the same
+    last logits, and the same logits for the tokens decoded after it (so the cache it wrote is the same)."""
+    from sparkformer.decode import random_layout
+    from sparkformer.decode.cuda import CudaEngine
+
+    cfg = _tiny_cfg(ffn="spark", attention="spark", spark_attn_hard_cap=True)
+    eng = CudaEngine(random_layout(cfg, torch.float32, seed=2, device=DEV), max_len=64, device=DEV)
+    prompt = [5, 9, 2, 33, 17, 8, 41, 3, 3, 60, 12]
+    batched = eng.prefill(prompt)
+    after_b = [eng.step(t) for t in (7, 8)]
+    eng.reset()
+    for t in prompt[:-1]:
+        eng.step(t)
+    stepwise = eng.step(prompt[-1])
+    assert rel(batched, stepwise) < 1e-4
+    for a, b in zip(after_b, [eng.step(t) for t in (7, 8)]):
+        assert rel(a, b) < 1e-4
 
 
 def test_cuda_engine_runs_routers_like_the_cpu_engine():

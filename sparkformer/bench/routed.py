@@ -36,12 +36,20 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
 
 def bytes_per_token(engine: Engine, context: int, ffn_fraction: float | None) -> int:
     """Bytes read per decode token: LM head, attention weights, the FFN rows run (all, or the achieved fraction plus
-    the router), and the KV cache of ``context`` positions."""
+    the router), and the KV cache of ``context`` positions. Thresholded matrices (``decode.sparse``) count the
+    fraction of their weights the engine read, on average over the tokens it decoded (``stats``)."""
     cfg = engine.cfg
     el = engine.embed.element_size()
     total = engine.head.numel() * el
     kv = 2 * cfg.n_kv_heads * cfg.head_dim * context * el
+    read = engine.stats.summary().get("thresholded_weights_read")
     for st in engine.layers:
+        sp = st.sparse
+        thr = 0
+        if sp is not None:
+            thr = (st.w_qkv.numel() if sp.w_qkv_t is not None else 0) + (st.w_o.numel() if sp.w_o_t is not None
+                                                                          else 0)
+            thr += sum(t.numel() for t in st.ffn) if sp.has_ffn else 0
         total += (st.w_qkv.numel() + st.w_o.numel()) * el + kv
         ffn = sum(t.numel() for t in st.ffn) * el
         if st.ffn_kind == "routed":
@@ -49,6 +57,8 @@ def bytes_per_token(engine: Engine, context: int, ffn_fraction: float | None) ->
                                                      for p in st.routed.router.parameters())
         else:
             total += ffn
+        if thr:
+            total -= round(thr * el * (1.0 - read))
     return total
 
 
@@ -86,14 +96,14 @@ def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int
     """A loaded model (``sparkformer.loading.load_model``) on real text: with routers, routed vs the same model dense
     (interleaved); without, the model alone."""
     dtype = resolve_dtype(dtype_name)
-    model, routers = loaded.model, loaded.routers
+    model, routers, spec = loaded.model, loaded.routers, getattr(loaded, "sparsity", None)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source}: no tokenizer beside the model; the benchmark feeds real text")
     ids = prompt_ids(loaded.tokenizer, context + tokens)
     max_len = context + tokens + 1
     engines = {"dense": make_engine(model, dtype, max_len, device)}
-    if routers is not None:
-        engines["routed"] = make_engine(model, dtype, max_len, device, routers)
+    if routers is not None or spec is not None:
+        engines["routed"] = make_engine(model, dtype, max_len, device, routers, sparsity=spec)
     for e in engines.values():
         e.prefill(ids[:context])
     feed = ids[context: context + tokens]
@@ -107,7 +117,7 @@ def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int
                 times[k].append(time_decode(e, context, feed))
         stats = {k: e.stats.summary() for k, e in engines.items()}
         agree = None
-        if routers is not None:  # agreement of the two engines' next-token choice on the fed text
+        if "routed" in engines:  # agreement of the two engines' next-token choice on the fed text
             dense, routed = engines["dense"], engines["routed"]
             dense.set_position(context)
             routed.set_position(context)
@@ -118,8 +128,8 @@ def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int
            "dense_ms_per_token": dm * 1e3, "dense_ms": {k: v * 1e3 for k, v in summary(times["dense"]).items()
                                                         if k != "n"},
            "dense_bytes_per_token": db, "dense_gb_per_s": db / dm / 1e9, "dense_sparsity": stats["dense"]}
-    if routers is not None:
-        fraction = stats["routed"]["ffn_activity"]
+    if "routed" in engines:
+        fraction = stats["routed"].get("ffn_activity")
         rm = statistics.median(times["routed"])
         rb = bytes_per_token(engines["routed"], context, fraction)
         res.update({
@@ -128,6 +138,7 @@ def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int
             "speedup": dm / rm, "ideal_speedup": db / rb, "routed_bytes_per_token": rb,
             "routed_gb_per_s": rb / rm / 1e9, "ffn_activity": fraction,
             "target_fraction": loaded.info.get("routers", {}).get("select", {}).get("target_fraction"),
+            "thresholded_weights_read": stats["routed"].get("thresholded_weights_read"),
             "greedy_agreement": agree})
         res["measured_over_ideal"] = res["speedup"] / res["ideal_speedup"]
     del engines
@@ -136,7 +147,9 @@ def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int
     if hf and device == "cpu":
         from sparkformer.pretrained import load_causal_lm
 
-        hf_model, _ = load_causal_lm(loaded.info.get("routers", {}).get("model") or loaded.source, dtype=dtype)
+        base = (loaded.info.get("sparsity", {}).get("model") or loaded.info.get("routers", {}).get("model")
+                or loaded.source)
+        hf_model, _ = load_causal_lm(base, dtype=dtype)
         res["hf_ms_per_token"] = hf_ms_per_token(hf_model, ids, context, feed, max(1, repeats // 2))["median"] * 1e3
     return res
 
@@ -160,10 +173,12 @@ def run(args: argparse.Namespace) -> dict:
     for dt in args.dtype.split(","):
         r = bench_dtype(loaded, dt, args.context, args.tokens, args.repeats, not args.no_hf, device)
         if llama:  # after this row's engines are freed; routers: llama.cpp runs the dense base model
-            base = loaded.info.get("routers", {}).get("model") or args.model
+            base = (loaded.info.get("sparsity", {}).get("model") or loaded.info.get("routers", {}).get("model")
+                    or args.model)
             r.update(model_row(base, dt, args.context, torch.get_num_threads(), args.tokens, args.repeats, llama))
         runs.append(r)
-    return {"benchmark": "routed-decode" if loaded.routers is not None else "model-decode", "model": args.model,
+    sparse = loaded.routers is not None or getattr(loaded, "sparsity", None) is not None
+    return {"benchmark": "routed-decode" if sparse else "model-decode", "model": args.model,
             "routers": args.routers, "loaded": describe(loaded), "env": env_info(args.dtype), "runs": runs}
 
 
@@ -188,7 +203,8 @@ def print_table(runs: list[dict]) -> None:
         hf = f"{r['hf_ms_per_token']:7.1f}" if r["hf_ms_per_token"] else f"{'-':>7s}"
         print(f"{r['dtype']:5s} {r['context']:5d} {r['dense_ms_per_token']:9.2f} {r['routed_ms_per_token']:9.2f} "
               f"{r['speedup']:8.2f} {r['ideal_speedup']:6.2f} {r['measured_over_ideal']:10.2f} {hf} "
-              f"{r['ffn_activity']:10.3f} {r['greedy_agreement']:12.2f} {_llama_ms(r)}")
+              + (f"{r['ffn_activity']:10.3f}" if r["ffn_activity"] is not None else f"{'-':>10s}")
+              + f" {r['greedy_agreement']:12.2f} {_llama_ms(r)}")
 
 
 def _cli(args: argparse.Namespace) -> int:

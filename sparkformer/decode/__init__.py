@@ -69,12 +69,13 @@ def _build(layout: ModelLayout, max_len: int | None, kind: str, device, options:
 
 
 def make_engine(model, dtype: str | torch.dtype = torch.float32, max_len: int | None = None,
-                device: str | torch.device = "cpu", routers=None, *, impl: str | None = None,
+                device: str | torch.device = "cpu", routers=None, *, sparsity=None, impl: str | None = None,
                 graph: bool | None = None, track_stats: bool | None = None) -> Engine:
     """The decode engine for ``model`` (a ``SparkLM``) on ``device``: ``CpuEngine`` on CPU, ``CudaEngine`` (Triton
     kernels + CUDA graphs) on CUDA, both behind the ``Engine`` protocol.
 
     ``routers``: per-layer routers for dense gated FFN layers (see ``sparkformer.decode.routed``), on every device.
+    ``sparsity``: a ``sparkformer.sparsity.SparseSpec`` (thresholded input sites, ``sparkformer.decode.sparse``), CPU.
     ``dtype``: fp32, bf16, or block-quantized weights q8_0 / q4_0 (CPU; quantized once here, bf16 activations).
     Device options: ``impl`` (CPU: auto | ext | torch | reference), ``graph`` and ``track_stats`` (CUDA). An option
     the chosen engine does not take is refused, never ignored."""
@@ -83,8 +84,12 @@ def make_engine(model, dtype: str | torch.dtype = torch.float32, max_len: int | 
     float_dtype, fmt = resolve_weights(dtype)
     if fmt is not None and routers is not None:
         raise ValueError(f"routed (sparkified) FFN layers do not run in {fmt} yet; use dtype bf16 or fp32 with routers")
+    if sparsity is not None and fmt is not None:
+        raise ValueError(f"thresholded (sparsified) layers do not run in {fmt} yet; use dtype bf16 or fp32")
+    if sparsity is not None and kind == "cuda":
+        raise ValueError("thresholded (sparsified) layers run on the CPU engine; use --device cpu")
     # quantized formats are quantized from fp32 weights (then the float copy is dropped), not from a bf16 rounding
-    layout = model_layout(model, torch.float32 if fmt is not None else float_dtype, routers)
+    layout = model_layout(model, torch.float32 if fmt is not None else float_dtype, routers, sparsity)
     return _build(layout, max_len, kind, device, options, fmt)
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from sparkformer.decode.layout import DecodeLayer, ModelLayout
 from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
 from sparkformer.decode.routed import routed_ffn_decode, routed_prefill_mask
+from sparkformer.decode.sparse import masked, sparse_ffn_decode, sparse_matvec
 from sparkformer.ops import _extension
 from sparkformer.ops.activations import ACTIVATIONS, gelu_tanh, softcap
 from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
@@ -40,6 +41,7 @@ from sparkformer.ops.rope import apply_rope, rope_tables
 from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_attn_decode, spark_cache_write
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, spark_ffn_decode
 from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill
+from sparkformer.ops.sparse_ffn_decode import FUSED_ACTIVATIONS
 from sparkformer.ops.stat_topk import stat_threshold, stat_topk
 
 IMPLS = ("auto", "ext", "torch", "reference")
@@ -55,8 +57,11 @@ class CpuEngine(Engine):
         cfg = layout.cfg
         self.cfg, self.embed, self.head, self.layers = cfg, layout.embed, layout.head, layout.layers
         self.final_norm = layout.final_norm
-        # the fused kernels implement gelu_tanh; other activations run the pure-torch decode path below
+        # the fused kernels implement gelu_tanh and silu (act=); without the extension the non-gelu activations keep
+        # the pure-torch decode paths below
         self._act = None if cfg.ffn_activation == "gelu_tanh" else ACTIVATIONS[cfg.ffn_activation]
+        self._fused_act = cfg.ffn_activation in FUSED_ACTIVATIONS and impl != "torch" and (
+            impl != "auto" or _extension.available())
         self.dtype = layout.dtype  # activations and KV cache
         self.weight_format = layout.weight_format
         self.weight_bytes = layout.weight_bytes()
@@ -140,7 +145,12 @@ class CpuEngine(Engine):
         h = self._embed_rows(torch.tensor([token]))[0] * self._embed_scale
         for st in self.layers:
             xn = self._rms(h, st.norms[0])
-            qkv = self._mv(st.w_qkv, xn)
+            sp = st.sparse
+            if sp is not None and sp.w_qkv_t is not None:
+                qkv, n_in = sparse_matvec(sp.w_qkv_t, xn, sp.thresholds.qkv, impl)
+                self._count_read(n_in / xn.numel(), sp.w_qkv_t.numel())
+            else:
+                qkv = self._mv(st.w_qkv, xn)
             qk = self._rope_qk(qkv[: (H + KV) * hd].view(H + KV, hd), pos, r if st.attn_kind == "spark" else None)
             q, k = qk[:H], qk[H:]
             v = qkv[(H + KV) * hd:].view(KV, hd)
@@ -162,28 +172,37 @@ class CpuEngine(Engine):
                                         cfg.attn_logit_softcap, impl=impl)
             if prof:
                 t = self._tick("attention", t)
-            o = self._mv(st.w_o, out.reshape(-1).float())
+            if sp is not None and sp.w_o_t is not None:
+                o, n_in = sparse_matvec(sp.w_o_t, out.reshape(-1), sp.thresholds.o, impl)
+                self._count_read(n_in / out.numel(), sp.w_o_t.numel())
+            else:
+                o = self._mv(st.w_o, out.reshape(-1).float())
             h = h + (self._rms(o, st.norms[1]) if self._post else o)
             xn = self._rms(h, st.norms[2])
             if prof:
                 t = self._tick("attn_proj", t)
-            if isinstance(st.ffn, QuantSparkFFN):
+            if sp is not None and sp.has_ffn:
+                y, read = sparse_ffn_decode(sp, st.ffn, xn, ACTIVATIONS[cfg.ffn_activation], cfg.ffn_activation,
+                                            self.dtype, impl)
+                self._count_read(read, sum(w.numel() for w in st.ffn))
+            elif isinstance(st.ffn, QuantSparkFFN):
                 y, n_sel = spark_ffn_decode_quant(xn, st.ffn, cfg.spark_ffn_fraction, self._act or gelu_tanh,
                                                   self.impl)
                 self._count_ffn(n_sel, st.ffn.rows.shape[0])
             elif isinstance(st.ffn, QuantGeglu):
                 y = geglu_decode_quant(xn, st.ffn, self._act or gelu_tanh, self.impl)
             elif st.ffn_kind == "spark":
-                if self._act is None:
-                    y, n_sel = spark_ffn_decode(xn, *st.ffn, cfg.spark_ffn_fraction, impl=impl)
+                if self._act is None or self._fused_act:
+                    y, n_sel = spark_ffn_decode(xn, *st.ffn, cfg.spark_ffn_fraction, impl=impl,
+                                                act=cfg.ffn_activation)
                 else:
                     y, n_sel = _spark_ffn_decode_act(xn, *st.ffn, cfg.spark_ffn_fraction, self._act)
                 self._count_ffn(int(n_sel), st.ffn.k1.shape[0])
             elif st.ffn_kind == "routed":
                 y, n_sel = routed_ffn_decode(st.routed, xn, ACTIVATIONS[cfg.ffn_activation], self.dtype, self._mv)
                 self._count_ffn(n_sel, st.routed.gate_up.shape[0])
-            elif self._act is None:
-                y = geglu_decode(xn, *st.ffn, impl=impl)
+            elif self._act is None or self._fused_act:
+                y = geglu_decode(xn, *st.ffn, impl=impl, act=cfg.ffn_activation)
             else:
                 y = _gated_ffn_decode_torch(xn, *st.ffn, self._act)
             if prof:
@@ -220,8 +239,9 @@ class CpuEngine(Engine):
         x = self._embed_rows(ids) * self._embed_scale  # (T, d), residual stream in fp32
         for layer in self.layers:
             st = self._float_weights(layer)  # quantized layers: this layer's weights dequantized for the GEMMs
+            th = st.sparse.thresholds if st.sparse is not None else None
             xn = self._rms(x, st.norms[0]).to(dt)
-            qkv = (xn @ st.w_qkv.t()).float()
+            qkv = (masked(xn, th and th.qkv) @ st.w_qkv.t()).float()
             q = qkv[:, : H * hd].view(T, H, hd).transpose(0, 1)
             k = qkv[:, H * hd: (H + KV) * hd].view(T, KV, hd).transpose(0, 1)
             v = qkv[:, (H + KV) * hd:].view(T, KV, hd).transpose(0, 1)
@@ -245,7 +265,7 @@ class CpuEngine(Engine):
                                            window=st.window, cap=cfg.attn_logit_softcap, rank=r,
                                            topk=cfg.spark_attn_topk)
             out = out.transpose(0, 1).reshape(T, H * hd)
-            o = (out.to(dt) @ st.w_o.t()).float()
+            o = (masked(out.to(dt), th and th.o) @ st.w_o.t()).float()
             x = x + (self._rms(o, st.norms[1]) if self._post else o)
             xn = self._rms(x, st.norms[2]).to(dt)
             if st.ffn_kind == "spark" and self._act is None and sparse:
@@ -259,7 +279,11 @@ class CpuEngine(Engine):
                 y = ((a * (xn[:, k1.shape[1]:] @ k2.t()).float()).to(dt) @ vw).float()
             else:
                 wg, wu, wd_t = st.ffn
-                a = act((xn @ wg.t()).float()) * (xn @ wu.t()).float()
+                xf = masked(xn, th and th.gate_up)
+                g = act((xf @ wg.t()).float())
+                if th is not None and th.gate_act is not None:  # CATS: |act(gate)| <= t drops the neuron
+                    g = masked(g, th.gate_act)
+                a = masked(g * (xf @ wu.t()).float(), th and th.down)
                 if st.routed is not None:  # the same per-token selection as decode
                     a = a * routed_prefill_mask(st.routed, xn)
                 y = (a.to(dt) @ wd_t).float()
@@ -287,6 +311,11 @@ class CpuEngine(Engine):
             ffn = GegluWeights(gu[:m], gu[m:], down.t().contiguous())
         return DecodeLayer(st.attn_kind, st.ffn_kind, st.window, fl(st.w_qkv), fl(st.w_o), st.norms, ffn,
                            cache=st.cache)
+
+    def _count_read(self, fraction: float, weights: int) -> None:
+        """Thresholded matrices: the fraction of their weights this token read."""
+        self._stats.sparse_weights_read += fraction * weights
+        self._stats.sparse_weights += weights
 
     def _mv(self, w: torch.Tensor | QuantMatrix, x: torch.Tensor) -> torch.Tensor:
         if isinstance(w, QuantMatrix):

@@ -9,11 +9,18 @@ The engine protocol of ``sparkformer.decode.protocol`` over the same decode layo
   is captured once in a CUDA graph and replayed at every position. The host syncs only to read a sampled token.
 - dense layers: cuBLAS GEMVs (``torch.mv``: fused q/k/v, o, [gate; up], down), Triton flash-decoding with the
   Gemma-2 soft-cap (``DenseAttnPlan``), fused glue kernels; Spark layers: the same GEMVs and glue, Spark attention
-  (``SparkAttnPlan``) and the Spark FFN (``SparkFFNPlan``, whose launch shape is picked by timing on the device).
-  Both kinds run under the same graph treatment, so the dense model is an honest competitor.
+  (``SparkAttnPlan``: two launches, output written straight into the o-projection input) and the Spark FFN
+  (``SparkFFNPlan``: two launches, or three without output atomics; the launch shape is picked by timing CUDA-graph
+  replays over the model's own layers). Both kinds run under the same graph treatment, so the dense model is an
+  honest competitor. ``fuse_norm=True`` folds the residual add + pre-norm into the q/k/v GEMV (``res_norm_gemv``,
+  both kinds alike); ``pdl=True`` launches the Spark kernels with programmatic dependent launch (Hopper+). Both
+  default off until a device run shows them faster (env ``SPARKFORMER_CUDA_FUSE_NORM=1`` / ``SPARKFORMER_CUDA_PDL=1``
+  turn them on where the engine is built for you, e.g. ``bench decode``).
 - routed FFN layers (``routers=``) run in torch ops with data-dependent sizes, so an engine that has them runs
   eagerly (no graph): correct, not yet fast.
-- ``prefill`` feeds the prompt through the decode step one token at a time (exact, not fast).
+- ``prefill`` runs the prompt as one batch of GEMMs (the training form: chunked attention with the decode hard cap,
+  the Spark FFN as predictor GEMM -> per-token threshold -> masked K2/V GEMMs, exact to rounding), fills the cache,
+  and returns the last logits. Engines with routed layers prefill one decode step per token.
 
 Off CUDA (Triton interpreter, ``graph=False``) the same code runs eagerly on CPU tensors: that is how the tests
 check it against the CPU engine without a GPU.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Callable
 
 import torch
@@ -30,10 +38,14 @@ import torch
 from sparkformer.decode.layout import DecodeLayer, ModelLayout
 from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
 from sparkformer.decode.routed import routed_ffn_decode
-from sparkformer.ops.activations import ACTIVATIONS
-from sparkformer.ops.rope import rope_tables
+from sparkformer.ops.activations import ACTIVATIONS, softcap
+from sparkformer.ops.attn_prefill import prefill_attention
+from sparkformer.ops.rope import apply_rope, rope_tables
+from sparkformer.ops.spark_attn_decode import SparkCache, read_key_rows, spark_cache_write
 from sparkformer.ops.spark_ffn_decode import spark_ffn_decode_reference
-from sparkformer.ops.triton_decode import DenseAttnPlan, embed_norm, geglu_act, residual_norm, rope_cache
+from sparkformer.ops.stat_topk import stat_topk
+from sparkformer.ops.triton_decode import (DenseAttnPlan, embed_norm, geglu_act, res_norm_gemv, residual_norm,
+                                           rope_cache)
 from sparkformer.ops.triton_spark_attn import SparkAttnPlan
 from sparkformer.ops.triton_spark_ffn import SparkFFNPlan
 
@@ -67,7 +79,8 @@ class CudaEngine(Engine):
     device_type = "cuda"
 
     def __init__(self, layout: ModelLayout, max_len: int | None = None, device: str | torch.device = "cuda",
-                 graph: bool | None = None, track_stats: bool = True):
+                 graph: bool | None = None, track_stats: bool = True, fuse_norm: bool | None = None,
+                 pdl: bool | None = None):
         cfg = layout.cfg
         if cfg.ffn_activation not in ACTIVATIONS_SUPPORTED:
             raise ValueError(f"the CUDA engine supports activations {ACTIVATIONS_SUPPORTED}, not "
@@ -86,6 +99,8 @@ class CudaEngine(Engine):
         self.dtype = self.embed.dtype
         self.graph_enabled = (dev.type == "cuda" and not routed) if graph is None else graph
         self.track_stats = track_stats
+        self.fuse_norm = _env_flag("SPARKFORMER_CUDA_FUSE_NORM") if fuse_norm is None else bool(fuse_norm)
+        self.pdl = _env_flag("SPARKFORMER_CUDA_PDL") if pdl is None else bool(pdl)
         self.max_len = check_max_len(cfg, max_len)
         self._cache_len = -(-self.max_len // KP_BLOCK) * KP_BLOCK  # the blocked key cache holds whole tiles
         self.pos = 0
@@ -101,10 +116,10 @@ class CudaEngine(Engine):
         self.pos_t = torch.zeros(1, dtype=torch.int32, device=dev)
         self.len_t = torch.ones(1, dtype=torch.int32, device=dev)
         self.h = torch.zeros(d, dtype=f32, device=dev)
+        self.h_alt = torch.zeros(d, dtype=f32, device=dev)  # the other half of the fused path's residual ping-pong
         self.xn = torch.zeros(d, dtype=dt, device=dev)
         self.qkv = torch.zeros((H + 2 * KV) * hd, dtype=dt, device=dev)
         self.q = torch.zeros(H, hd, dtype=f32, device=dev)
-        self.attn32 = torch.zeros(H, hd, dtype=f32, device=dev)
         self.attn = torch.zeros(H * hd, dtype=dt, device=dev)
         self.o = torch.zeros(d, dtype=dt, device=dev)
         self.y32 = torch.zeros(d, dtype=f32, device=dev)
@@ -125,9 +140,10 @@ class CudaEngine(Engine):
         self.ffn_plan = self.attn_plan = self.dense_plan = None
         if "spark" in kinds_ffn:
             st = next(s for s in layers if s.ffn_kind == "spark")
-            self.ffn_plan = SparkFFNPlan.for_weights(*st.ffn, cfg.spark_ffn_fraction, activation=cfg.ffn_activation)
+            self.ffn_plan = SparkFFNPlan.for_weights(*st.ffn, cfg.spark_ffn_fraction, activation=cfg.ffn_activation,
+                                                     pdl=self.pdl)
         if any(s.attn_kind == "spark" for s in layers):
-            self.attn_plan = SparkAttnPlan(H, KV, hd, r, hd, self._cache_len, cfg.spark_attn_topk, dev)
+            self.attn_plan = SparkAttnPlan(H, KV, hd, r, hd, self._cache_len, cfg.spark_attn_topk, dev, pdl=self.pdl)
         if any(s.attn_kind == "dense" for s in layers):
             self.dense_plan = DenseAttnPlan(H, KV, hd, hd, dev)
         self._graph = None
@@ -164,8 +180,7 @@ class CudaEngine(Engine):
         if st.attn_kind == "spark":
             _, kp, kr, v = st.cache
             self.attn_plan.run(self.q, kp, kr, v, self.len_t, cfg.attn_scale, st.window, cfg.attn_logit_softcap,
-                               out=self.attn32, kept=self.kept[i], capped=self.capped[i])
-            self.attn.copy_(self.attn32.view(-1))
+                               out=self.attn.view(cfg.n_heads, cfg.head_dim), kept=self.kept[i], capped=self.capped[i])
         else:
             _, k, v = st.cache
             self.dense_plan.run(self.q, k, v, self.len_t, cfg.attn_scale, st.window, cfg.attn_logit_softcap,
@@ -173,7 +188,8 @@ class CudaEngine(Engine):
 
     def _ffn(self, i: int, st: DecodeLayer) -> torch.Tensor:
         if st.ffn_kind == "spark":
-            return self.ffn_plan.run(self.xn, *st.ffn, y=self.y32, cnt=self.ffn_cnt[i:i + 1])
+            self.ffn_plan.run(self.xn, *st.ffn, y=self.y32, cnt=self.ffn_cnt[i:i + 1])
+            return self.y32
         if st.ffn_kind == "routed":  # eager (data-dependent sizes): engines with routed layers run without graphs
             y, n_sel = routed_ffn_decode(st.routed, self.xn, ACTIVATIONS[self.cfg.ffn_activation], self.dtype, torch.mv)
             if self.track_stats:
@@ -203,31 +219,37 @@ class CudaEngine(Engine):
         H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         embed_norm(self.tok, self.embed, self._embed_scale, self.h, self.layers[0].norms[0], self.xn, self.pos_t,
                    self.len_t, eps)
+        h, h_next, y = self.h, self.h_alt, None
         for i, st in enumerate(self.layers):
-            torch.mv(st.w_qkv, self.xn, out=self.qkv)
+            if self.fuse_norm and y is not None:  # previous FFN's residual + this pre-norm in the q/k/v GEMV
+                res_norm_gemv(y, h, h_next, self.layers[i - 1].norms[3] if post else None, st.norms[0], st.w_qkv,
+                              self.qkv, eps)
+                h, h_next = h_next, h
+            else:
+                torch.mv(st.w_qkv, self.xn, out=self.qkv)
             if st.attn_kind == "spark":
                 rope_cache(self.qkv, self.pos_t, self.q, self._rope[r], self._rope[hd - r], st.cache, H, KV, hd, r)
             else:
                 rope_cache(self.qkv, self.pos_t, self.q, self._rope[hd], None, st.cache, H, KV, hd, hd)
             self._attention(i, st)
             torch.mv(st.w_o, self.attn, out=self.o)
-            residual_norm(self.o, self.h, st.norms[1] if post else None, st.norms[2], self.xn, eps)
+            residual_norm(self.o, h, st.norms[1] if post else None, st.norms[2], self.xn, eps)
             y = self._ffn(i, st)
-            nxt = self.layers[i + 1].norms[0] if i + 1 < len(self.layers) else self.final_norm
-            residual_norm(y, self.h, st.norms[3] if post else None, nxt, self.xn, eps)
+            if not self.fuse_norm or i + 1 == len(self.layers):
+                nxt = self.layers[i + 1].norms[0] if i + 1 < len(self.layers) else self.final_norm
+                residual_norm(y, h, st.norms[3] if post else None, nxt, self.xn, eps)
         self._lm_head()
         self.pos_t.add_(1)
 
     # ---- graphs -----------------------------------------------------------------------------------------------
     def _tune(self) -> None:
-        """Pick the Spark FFN launch shape by timing it over this model's own (cold) layer weights."""
+        """Pick the Spark FFN launch shape by timing CUDA-graph replays over this model's own (cold) layer weights."""
         if self.ffn_plan is None or self.device.type != "cuda":
             return
         ws = [st.ffn for st in self.layers if st.ffn_kind == "spark"]
         x = torch.randn(self.cfg.d_model, device=self.device).to(self.dtype)  # zeros would select nothing
-        best = SparkFFNPlan.pick(x, *ws[0], self.cfg.spark_ffn_fraction, weights=ws)
-        best.activation = self.cfg.ffn_activation
-        self.ffn_plan = best
+        self.ffn_plan = SparkFFNPlan.pick(x, *ws[0], self.cfg.spark_ffn_fraction, weights=ws,
+                                          activation=self.cfg.ffn_activation, pdl=self.pdl)
 
     def _capture(self, fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
         pos, tok = self.pos_t.clone(), self.tok.clone()
@@ -305,19 +327,80 @@ class CudaEngine(Engine):
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
-        """Feed the prompt (one decode step per token, exact); return the last logits (fp32, on the device).
-        ``stats`` count decoded tokens only, as on every engine."""
+        """Feed the prompt; return the last logits (fp32, on the device). One batch of GEMMs (see the module doc);
+        with routed layers one decode step per token. ``stats`` count decoded tokens only, as on every engine."""
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()
         self._check_room(ids.numel())
         dev_ids = ids.to(self.device)
-        track, self.track_stats = self.track_stats, False
-        try:
-            for i in range(ids.numel()):
-                self.tok.copy_(dev_ids[i:i + 1])
-                self._run_step()
-        finally:
-            self.track_stats = track
+        if any(st.ffn_kind == "routed" for st in self.layers):
+            track, self.track_stats = self.track_stats, False
+            try:
+                for i in range(ids.numel()):
+                    self.tok.copy_(dev_ids[i:i + 1])
+                    self._run_step()
+            finally:
+                self.track_stats = track
+            return self.logits.clone()
+        self.logits.copy_(self._prefill_batch(dev_ids))
+        self.set_position(self.pos + ids.numel())
+        torch.argmax(self.logits, dim=0, keepdim=True, out=self.tok)  # the next step's input, as after a step
         return self.logits.clone()
+
+    def _rope_rows(self, x: torch.Tensor, pos0: int, split: int | None) -> torch.Tensor:
+        """RoPE of rows (..., T, hd) at positions pos0.. (Spark layers: one rotary space per key half)."""
+        T = x.shape[-2]
+        parts = [(0, x.shape[-1])] if split is None else [(0, split), (split, x.shape[-1])]
+        out = []
+        for a, b in parts:
+            cos, sin = self._rope[b - a]
+            out.append(apply_rope(x[..., a:b], cos[pos0: pos0 + T], sin[pos0: pos0 + T]))
+        return torch.cat(out, -1)
+
+    def _prefill_batch(self, ids: torch.Tensor) -> torch.Tensor:
+        """The prompt through every layer as GEMMs (the CPU engine's training form), writing the cache."""
+        cfg, dt, pos0, T = self.cfg, self.dtype, self.pos, ids.numel()
+        H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
+        act, post = ACTIVATIONS[cfg.ffn_activation], cfg.post_norms
+
+        def rms(x, w):
+            return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, cfg.rms_norm_eps)
+
+        x = self.embed[ids].float() * self._embed_scale  # (T, d) residual stream, fp32
+        for st in self.layers:
+            xn = rms(x, st.norms[0]).to(dt)
+            qkv = (xn @ st.w_qkv.t()).float()
+            split = r if st.attn_kind == "spark" else None
+            q = self._rope_rows(qkv[:, : H * hd].view(T, H, hd).transpose(0, 1), pos0, split)
+            k = self._rope_rows(qkv[:, H * hd: (H + KV) * hd].view(T, KV, hd).transpose(0, 1), pos0, split)
+            v = qkv[:, (H + KV) * hd:].view(T, KV, hd).transpose(0, 1)
+            if st.attn_kind == "spark":
+                _, kp, kr, vc = st.cache
+                spark_cache_write(SparkCache(kp, kr, vc), pos0, k.to(dt), v.to(dt))
+                kk = torch.cat([read_key_rows(kp, pos0 + T), kr[:, : pos0 + T]], -1).float()
+            else:
+                _, kc, vc = st.cache
+                kc[:, pos0: pos0 + T] = k.to(dt)
+                vc[:, pos0: pos0 + T] = v.to(dt)
+                kk = kc[:, : pos0 + T].float()
+            out, _ = prefill_attention(q, kk, vc[:, : pos0 + T].float(), pos0, kind=st.attn_kind,
+                                       scale=cfg.attn_scale, window=st.window, cap=cfg.attn_logit_softcap, rank=r,
+                                       topk=cfg.spark_attn_topk)
+            o = (out.transpose(0, 1).reshape(T, H * hd).to(dt) @ st.w_o.t()).float()
+            x = x + (rms(o, st.norms[1]) if post else o)
+            xn = rms(x, st.norms[2]).to(dt)
+            if st.ffn_kind == "spark":  # predictor GEMM -> per-token threshold -> the survivors' K2 and V
+                k1, k2, vw = st.ffn
+                rk = k1.shape[1]
+                a = act(stat_topk((xn[:, :rk] @ k1.t()).float(), cfg.spark_ffn_fraction))
+                y = ((a * (xn[:, rk:] @ k2.t()).float()).to(dt) @ vw).float()
+            else:
+                w_gu, w_down = st.ffn
+                gu = (xn @ w_gu.t()).float()
+                m = gu.shape[1] // 2
+                y = ((act(gu[:, :m]) * gu[:, m:]).to(dt) @ w_down.t()).float()
+            x = x + (rms(y, st.norms[3]) if post else y)
+        last = rms(x[-1], self.final_norm).to(dt)
+        return softcap(torch.mv(self.head, last).float(), cfg.final_logit_softcap)
 
     # ---- benchmarking helpers -----------------------------------------------------------------------------------
     def fill_cache_random(self, context: int, seed: int = 0) -> None:
@@ -370,17 +453,21 @@ class CudaEngine(Engine):
         """The Spark FFN launch shape the tuner picked and a full-size check of it against the fp32 reference."""
         if self.ffn_plan is None:
             return {}
-        pick = {k: getattr(self.ffn_plan, k) for k in ("fuse_out", "block_n", "block_k", "block_c", "sub", "block_s",
-                                                       "splits", "warps")}
-        pick["ms"] = getattr(self.ffn_plan, "pick_ms", None)
+        pick = self.ffn_plan.shape()
+        pick["us"] = getattr(self.ffn_plan, "pick_us", None)
+        pick["candidates"] = getattr(self.ffn_plan, "pick_table", None)
         st = next(s for s in self.layers if s.ffn_kind == "spark")
         x = torch.randn(self.cfg.d_model, device=self.device).to(self.dtype)
-        y = self.ffn_plan.run(x, *st.ffn).clone()
+        y = self.ffn_plan.run(x, *st.ffn)[0].clone()
         n = int(self.ffn_plan.cnt[0])
         y_ref, n_ref = spark_ffn_decode_reference(x, *st.ffn, self.cfg.spark_ffn_fraction)
         err = float((y - y_ref.float()).norm() / y_ref.float().norm())
         return {"spark_ffn_plan": pick, "ffn_full_shape_check": {"rel_err": err, "selected": n,
                                                                  "selected_ref": int(n_ref)}}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
 
 
 def _time_calls(fn: Callable[[], object], n: int) -> float:

@@ -24,6 +24,7 @@ import torch
 
 from sparkformer.config import ModelConfig
 from sparkformer.decode.routed import RoutedFFN, attach_router
+from sparkformer.decode.sparse import SparseLayer, make_sparse_layer
 from sparkformer.model import SparkLM
 from sparkformer.ops.dense_decode import GegluWeights, pack_geglu
 from sparkformer.ops.quant import FORMATS, QuantGeglu, QuantMatrix, QuantSparkFFN, quantize, quantize_geglu, \
@@ -45,6 +46,7 @@ class DecodeLayer:
     norms: torch.Tensor  # (4, d) fp32
     ffn: tuple  # SparkFFNWeights (k1, k2, v) or GegluWeights (w_gate, w_up, w_down_t)
     routed: RoutedFFN | None = None  # ffn_kind "routed": the router and the gathered layout
+    sparse: SparseLayer | None = None  # thresholded input sites (sparkformer.sparsity): transposed weights
     cache: tuple = field(default=())  # filled by the engine
 
 
@@ -85,17 +87,20 @@ def _weight_tensors(layout: ModelLayout):
             yield from plain(w)
         if st.routed is not None:
             yield st.routed.gate_up
+        if st.sparse is not None:
+            yield from st.sparse.tensors()
 
 
 def _norm_scale(norm, d: int) -> torch.Tensor:
     return norm.scale() if hasattr(norm, "scale") else torch.ones(d)  # nn.Identity: no post norms
 
 
-def model_layout(model: SparkLM, dtype: torch.dtype, routers=None) -> ModelLayout:
+def model_layout(model: SparkLM, dtype: torch.dtype, routers=None, sparsity=None) -> ModelLayout:
     """Copy a ``SparkLM``'s weights into decode layout (the model can be freed afterwards).
 
     ``routers``: optional per-layer router (or None) for dense gated FFN layers, e.g. the predictors of
-    ``sparkformer bricks sparkify``: those layers run only the neurons their router selects per token."""
+    ``sparkformer sparsify --method predictor``: those layers run only the neurons their router selects per token.
+    ``sparsity``: optional ``sparkformer.sparsity.SparseSpec`` (input / gate-activation thresholds per layer)."""
     if not isinstance(model, SparkLM):
         raise TypeError(f"the decode layout is made from a SparkLM, got {type(model).__name__} (for a transformers "
                         "SparkForCausalLM pass its .model; for other HF models use sparkformer.loading.load_model)")
@@ -107,6 +112,8 @@ def model_layout(model: SparkLM, dtype: torch.dtype, routers=None) -> ModelLayou
     routers = list(routers) if routers is not None else [None] * cfg.n_layers
     if len(routers) != cfg.n_layers:
         raise ValueError(f"got {len(routers)} routers for a {cfg.n_layers}-layer model (one per layer, None = dense)")
+    if sparsity is not None:
+        sparsity.validate(cfg.n_layers)
     d = cfg.d_model
     layers = []
     with torch.no_grad():
@@ -124,6 +131,16 @@ def model_layout(model: SparkLM, dtype: torch.dtype, routers=None) -> ModelLayou
                                 ffn)
             if routers[i] is not None:
                 attach_router(layer, routers[i], f.gate_proj.weight, f.up_proj.weight, i, dtype)
+            if sparsity is not None:
+                if f.kind != "geglu" and any(getattr(sparsity.layers[i], s) is not None
+                                             for s in ("gate_up", "down", "gate_act")):
+                    raise ValueError(f"layer {i}: FFN thresholds apply to dense gated FFN layers, this one is "
+                                     f"{f.kind!r}")
+                if routers[i] is not None and sparsity.layers[i].active():
+                    raise ValueError(f"layer {i}: a router and thresholds on one layer are not supported")
+                layer.sparse = make_sparse_layer(sparsity.layers[i], w_qkv, a.o_proj.weight,
+                                                 getattr(f, "gate_proj", None) and f.gate_proj.weight,
+                                                 getattr(f, "up_proj", None) and f.up_proj.weight, dtype)
             layers.append(layer)
         embed = model.embed.weight.to(dtype).contiguous()
         head = embed if model.lm_head is None else model.lm_head.weight.to(dtype).contiguous()

@@ -36,9 +36,9 @@ from sparkformer.paths import cache_dir
 
 NAME = "sparkformer_decode_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "quant_ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
+SOURCES = ("ops.cpp", "quant_ops.cpp", "sparse_ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
 HEADERS = ("kernels.h", "kernels_common.h", "kernels_impl.h", "kernels_simd.h", "dispatch.h", "stats.h", "quant.h",
-           "quant_impl.h")
+           "quant_impl.h", "sparse.h", "sparse_impl.h")
 # -fopenmp at compile time only: at::parallel_for is an OpenMP region in the header; the runtime is the
 # libgomp torch already loaded (linking another copy would give two thread pools).
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-function")
@@ -143,7 +143,7 @@ def _register_fakes() -> None:
     lib = "sparkformer::"
 
     @torch.library.register_fake(lib + "spark_ffn_decode")
-    def _(x, k1, k2, v, fraction, workspace=None):
+    def _(x, k1, k2, v, fraction, workspace=None, act="gelu_tanh"):
         return x.new_empty(v.shape[1]), x.new_empty((), dtype=torch.long)
 
     @torch.library.register_fake(lib + "spark_ffn_prefill")
@@ -156,8 +156,20 @@ def _register_fakes() -> None:
         return q.new_empty(h, v.shape[2]), q.new_empty(h, dtype=torch.long), q.new_empty(h, dtype=torch.bool)
 
     @torch.library.register_fake(lib + "geglu_decode")
-    def _(x, w_gate, w_up, w_down_t, workspace=None):
+    def _(x, w_gate, w_up, w_down_t, workspace=None, act="gelu_tanh"):
         return x.new_empty(w_down_t.shape[1])
+
+    @torch.library.register_fake(lib + "gated_ffn_gather")
+    def _(x, gate_up, w_down_t, idx, act):
+        return x.new_empty(w_down_t.shape[1])
+
+    @torch.library.register_fake(lib + "cats_ffn_decode")
+    def _(x, w_gate, w_up, w_down_t, threshold, act):
+        return x.new_empty(w_down_t.shape[1]), x.new_empty((), dtype=torch.long)
+
+    @torch.library.register_fake(lib + "sparse_input_matvec")
+    def _(w_t, x, threshold):
+        return x.new_empty(w_t.shape[1]), x.new_empty((), dtype=torch.long)
 
     @torch.library.register_fake(lib + "dense_attn_decode")
     def _(q, k, v, length, scale, window=None, softcap=None, workspace=None):

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
+from sparkformer.ops.activations import ACTIVATIONS
 from sparkformer.ops.spark_attn_decode import KP_BLOCK, _round_to_block, feature_major, read_key_rows, valid_range, \
     write_key_rows
+from sparkformer.ops.sparse_ffn_decode import fused_act_name
 
 __all__ = [
     "DenseCache",
@@ -65,22 +67,27 @@ def pack_geglu(
     return GegluWeights(packed[0], packed[1], packed[2])
 
 
-def geglu_decode_reference(x, w_gate, w_up, w_down_t):
-    """y = W_down (gelu_tanh(W_gate x) * (W_up x)) in fp32 on upcast weights (w_down_t = W_down^T)."""
+def geglu_decode_reference(x, w_gate, w_up, w_down_t, act="gelu_tanh"):
+    """y = W_down (act(W_gate x) * (W_up x)) in fp32 on upcast weights (w_down_t = W_down^T)."""
+    fn = ACTIVATIONS[fused_act_name(act)]
     xf = x.float()
-    h = F.gelu(w_gate.float() @ xf, approximate="tanh") * (w_up.float() @ xf)
+    h = fn(w_gate.float() @ xf) * (w_up.float() @ xf)
     return (w_down_t.float().t() @ h).to(x.dtype)
 
 
-def geglu_decode_torch(x, w_gate, w_up, w_down_t):
+def geglu_decode_torch(x, w_gate, w_up, w_down_t, act="gelu_tanh"):
     """Fastest pure-PyTorch form: torch.mv (not F.linear) in the weights' dtype."""
     xw = x.to(w_gate.dtype)
-    h = F.gelu(torch.mv(w_gate, xw), approximate="tanh") * torch.mv(w_up, xw)
-    return torch.mv(w_down_t.t(), h).to(x.dtype)
+    if act == "gelu_tanh":
+        g = F.gelu(torch.mv(w_gate, xw), approximate="tanh")
+    else:
+        g = ACTIVATIONS[fused_act_name(act)](torch.mv(w_gate, xw))
+    return torch.mv(w_down_t.t(), g * torch.mv(w_up, xw)).to(x.dtype)
 
 
-def geglu_decode(x, w_gate, w_up, w_down_t, *, workspace=None, impl: str = "auto") -> torch.Tensor:
-    """Dense GeGLU FFN for one token.
+def geglu_decode(x, w_gate, w_up, w_down_t, *, workspace=None, impl: str = "auto",
+                 act="gelu_tanh") -> torch.Tensor:
+    """Dense gated FFN for one token (GeGLU with the default act, SwiGLU with act="silu").
 
     Args:
         x: (d,) activation, any float dtype (fp32 compute; result in x's dtype).
@@ -88,15 +95,17 @@ def geglu_decode(x, w_gate, w_up, w_down_t, *, workspace=None, impl: str = "auto
             contiguous (``pack_geglu`` gives the best layout).
         workspace: optional float32 scratch of at least threads * d_out + 2 * m + 64 elements.
         impl: "auto" | "ext" | "torch" | "reference".
+        act: the gate activation, "gelu_tanh" | "silu" (or ``ACTIVATIONS[name]``).
     """
+    act = act if act == "gelu_tanh" else fused_act_name(act)
     if impl == "auto":
         impl = "ext" if _extension.available() else "torch"
     if impl == "ext":
-        return torch.ops.sparkformer.geglu_decode(x, w_gate, w_up, w_down_t, workspace)
+        return torch.ops.sparkformer.geglu_decode(x, w_gate, w_up, w_down_t, workspace, act)
     if impl == "torch":
-        return geglu_decode_torch(x, w_gate, w_up, w_down_t)
+        return geglu_decode_torch(x, w_gate, w_up, w_down_t, act)
     if impl == "reference":
-        return geglu_decode_reference(x, w_gate, w_up, w_down_t)
+        return geglu_decode_reference(x, w_gate, w_up, w_down_t, act)
     raise ValueError(f"unknown impl {impl!r} (auto | ext | torch | reference)")
 
 

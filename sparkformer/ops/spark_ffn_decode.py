@@ -5,7 +5,7 @@ V (d_ff, d_out):
 
     s     = K1 x[:r]                                   # predictor, reads all of K1
     theta = mean(s) + std(s) * ndtri(1 - f)            # sparkformer.ops.stat_topk.stat_threshold
-    a     = gelu_tanh(relu(s - theta))                 # nonzero only on S = {i : s_i > theta}
+    a     = gelu_tanh(relu(s - theta))                 # nonzero only on S = {i : s_i > theta} (or silu: act=)
     h_i   = a_i * (K2[i] . x[r:])        for i in S    # reads |S| rows of K2
     y     = sum_{i in S} h_i V[i]                      # reads |S| rows of V
 
@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.ops import _extension
+from sparkformer.ops.activations import ACTIVATIONS
+from sparkformer.ops.sparse_ffn_decode import fused_act_name
 from sparkformer.ops.stat_topk import stat_threshold
 
 __all__ = [
@@ -44,7 +46,7 @@ __all__ = [
 
 
 def spark_ffn_decode_reference(
-    x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, fraction: float
+    x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, fraction: float, act="gelu_tanh"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The specification: dense fp32 arithmetic on upcast weights (slow; for tests)."""
     r = k1.shape[1]
@@ -52,14 +54,14 @@ def spark_ffn_decode_reference(
     s = k1.float() @ xf[:r]
     theta = stat_threshold(s, fraction)
     selected = s > theta
-    a = F.gelu(torch.relu(s - theta), approximate="tanh")  # zero outside `selected`
+    a = ACTIVATIONS[fused_act_name(act)](torch.relu(s - theta))  # zero outside `selected` (act(0) = 0)
     h = a * (k2.float() @ xf[r:])
     y = v.float().t() @ h
     return y.to(x.dtype), selected.sum()
 
 
 def spark_ffn_decode_torch(
-    x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, fraction: float
+    x: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v: torch.Tensor, fraction: float, act="gelu_tanh"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast pure-PyTorch path: reads all of K1 but only the selected rows of K2 and V."""
     r = k1.shape[1]
@@ -67,7 +69,8 @@ def spark_ffn_decode_torch(
     s = torch.mv(k1, xw[:r]).float()
     theta = stat_threshold(s, fraction)
     idx = torch.nonzero(s > theta).squeeze(1)
-    a = F.gelu(s.index_select(0, idx) - theta, approximate="tanh")
+    z = s.index_select(0, idx) - theta
+    a = F.gelu(z, approximate="tanh") if act == "gelu_tanh" else ACTIVATIONS[fused_act_name(act)](z)
     h = a * torch.mv(k2.index_select(0, idx), xw[r:]).float()
     y = F.embedding_bag(idx[None], v, per_sample_weights=h.to(v.dtype)[None], mode="sum")[0]
     return y.to(x.dtype), idx.new_tensor(idx.numel())
@@ -82,6 +85,7 @@ def spark_ffn_decode(
     *,
     workspace: torch.Tensor | None = None,
     impl: str = "auto",
+    act="gelu_tanh",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spark FFN output for one token and the number of neurons it used.
 
@@ -94,20 +98,23 @@ def spark_ffn_decode(
         workspace: optional float32 scratch of ``spark_ffn_workspace(...)`` elements; without it the op
             reuses a per-thread buffer, so steady-state calls allocate only the output.
         impl: "auto" (C++ op if available, else "torch") | "ext" | "torch" | "reference".
+        act: activation of the selected neurons' margins, act(s - theta): "gelu_tanh" (Spark) | "silu"
+            (or ``ACTIVATIONS[name]``).
 
     Returns:
         (y (d_out,) in x's dtype, n_selected: int64 scalar tensor).
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    act = act if act == "gelu_tanh" else fused_act_name(act)
     if impl == "auto":
         impl = "ext" if _extension.available() else "torch"
     if impl == "ext":
-        return torch.ops.sparkformer.spark_ffn_decode(x, k1, k2, v, float(fraction), workspace)
+        return torch.ops.sparkformer.spark_ffn_decode(x, k1, k2, v, float(fraction), workspace, act)
     if impl == "torch":
-        return spark_ffn_decode_torch(x, k1, k2, v, fraction)
+        return spark_ffn_decode_torch(x, k1, k2, v, fraction, act)
     if impl == "reference":
-        return spark_ffn_decode_reference(x, k1, k2, v, fraction)
+        return spark_ffn_decode_reference(x, k1, k2, v, fraction, act)
     raise ValueError(f"unknown impl {impl!r} (auto | ext | torch | reference)")
 
 

@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-__all__ = ["ACT_IDS", "HAS_TRITON", "INTERPRET", "available", "next_pow2", "triton", "tl"]
+__all__ = ["ACT_IDS", "HAS_PDL", "HAS_TRITON", "INTERPRET", "available", "cuda_graph_us", "launch_opts", "next_pow2",
+           "pow2_pieces", "triton", "tl"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_IDS = {"gelu_tanh": 0, "silu": 1}  # FFN activations the kernels implement
@@ -63,6 +64,59 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def pow2_pieces(width: int) -> tuple[int, int]:
+    """(a, b): a width as a power of two plus a smaller one (b = 0 if none), so a row segment is loaded as two
+    exact tiles instead of one padded to the next power of two (2304 = 2048 + 256, 1280 = 1024 + 256)."""
+    a = 1 << (max(1, int(width)).bit_length() - 1)
+    return a, (next_pow2(width - a) if width > a else 0)
+
+
+# Programmatic dependent launch (Hopper+): the next kernel launches while this one drains and waits in
+# ``gdc_wait`` for its results. Inline PTX, so never under the interpreter; off unless a plan asks for it.
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = HAS_TRITON and not INTERPRET
+except ImportError:  # pragma: no cover - older triton
+    HAS_PDL = False
+    gdc_wait = gdc_launch_dependents = None
+
+
+def launch_opts(warps: int, pdl: bool) -> dict:
+    """Launch keyword arguments: ``launch_pdl`` only where it exists and was asked for."""
+    return dict(num_warps=warps, launch_pdl=True) if pdl and HAS_PDL else dict(num_warps=warps)
+
+
+def cuda_graph_us(fn, reps: int = 20, repeats: int = 3) -> float:
+    """Microseconds per replay of a CUDA graph of ``fn`` (median of ``repeats`` runs of ``reps`` replays).
+
+    Launch shapes are picked with this, not with eager launches: eager timing adds the host's launch cost to
+    every program count alike and so favours fewer, longer programs, which is the wrong choice inside a graph."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # compile + warm outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    times = []
+    for _ in range(repeats):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(reps):
+            g.replay()
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1) * 1e3 / reps)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -82,6 +136,32 @@ if HAS_TRITON:
         w = 1.0 + u
         l1p = tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
         return tl.maximum(x, 0.0) + l1p
+
+    @triton.jit
+    def wait_prior(PDL: tl.constexpr):
+        """With programmatic dependent launch: block until the previous kernel's writes are visible."""
+        if PDL:
+            gdc_wait()
+
+    @triton.jit
+    def release_dependents(PDL: tl.constexpr):
+        """With programmatic dependent launch: let the next kernel start launching (its gdc_wait still waits)."""
+        if PDL:
+            gdc_launch_dependents()
+
+    @triton.jit
+    def ticket(ptr, n_arrivals):
+        """Count this program's arrival at a per-group ticket; True for the last of ``n_arrivals``, which also resets
+        the ticket to 0 (so the next call, or the next graph replay, starts clean: no memset launch).
+
+        The CTA barrier orders every thread's stores before the (acq_rel, gpu-scope) atomic, so the last arriver sees
+        the others' stores. Programs never wait on each other, so this also runs under the interpreter, which runs
+        programs one after another."""
+        tl.debug_barrier()
+        last = tl.atomic_add(ptr, 1, sem="acq_rel") == n_arrivals - 1
+        if last:
+            tl.store(ptr, 0)
+        return last
 
     @triton.jit
     def act_f32(x, ACT: tl.constexpr):

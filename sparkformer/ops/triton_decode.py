@@ -9,6 +9,10 @@
   ``embed_norm`` (token from a device tensor -> scaled embedding -> first RMSNorm), ``residual_norm`` (optional
   post-norm of a sub-block output, residual add, next pre-norm), ``rope_cache`` (RoPE of q and k at the device
   position, k/v written into the cache: dense row-major or Spark blocked-predictor layout) and ``geglu_act``.
+- ``res_norm_gemv``: the previous sub-block's residual add (with its post-norm) and the next pre-norm folded into
+  the prologue of the GEMV that consumes them (q/k/v): one launch instead of two, no normalised vector round trip.
+  Every program recomputes the norm (d floats from L2); program 0 writes the new residual into the other buffer of
+  a ping-pong pair, so no program reads a residual another is overwriting.
 
 All read the position / length from device tensors, so a captured CUDA graph replays at any position.
 """
@@ -21,7 +25,8 @@ import torch
 
 from sparkformer.ops.triton_common import ACT_IDS, HAS_TRITON, INTERPRET, act_f32, next_pow2, tanh_f32, tl, triton
 
-__all__ = ["DenseAttnPlan", "dense_attn_decode_triton", "embed_norm", "geglu_act", "residual_norm", "rope_cache"]
+__all__ = ["DenseAttnPlan", "dense_attn_decode_triton", "embed_norm", "geglu_act", "res_norm_gemv", "residual_norm",
+           "rope_cache"]
 
 if HAS_TRITON:
 
@@ -129,6 +134,42 @@ if HAS_TRITON:
         tl.store(h_ptr + dd, h, mask=dm)
         tl.store(xn_ptr + dd, (_rms(h, dm, D, eps) * tl.load(wpre_ptr + dd, mask=dm, other=0.0)).to(
             xn_ptr.dtype.element_ty), mask=dm)
+
+    @triton.jit
+    def _res_norm_gemv_kernel(o_ptr, h_ptr, hout_ptr, wpost_ptr, wpre_ptr, w_ptr, stride_w, y_ptr, N, D, eps,
+                              RESID: tl.constexpr, POST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        dd = tl.arange(0, BLOCK_D)
+        dm = dd < D
+        h = tl.load(h_ptr + dd, mask=dm, other=0.0)
+        inv_o = 0.0
+        if RESID:
+            o = tl.load(o_ptr + dd, mask=dm, other=0.0).to(tl.float32)
+            if POST:
+                inv_o = 1.0 / tl.sqrt(tl.sum(o * o, axis=0) / D + eps)
+                o = o * inv_o * tl.load(wpost_ptr + dd, mask=dm, other=0.0)
+            h = h + o
+            if pid == 0:
+                tl.store(hout_ptr + dd, h, mask=dm)
+        inv_h = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = rows < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):  # the normalised input, chunk by chunk from the (L1/L2-hot) residual
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cm = cols < D
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+            hc = tl.load(h_ptr + cols, mask=cm, other=0.0)
+            if RESID:
+                oc = tl.load(o_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                if POST:
+                    oc = oc * inv_o * tl.load(wpost_ptr + cols, mask=cm, other=0.0)
+                hc = hc + oc
+            # rounded to the weights' dtype first, as the unfused path's normalised vector is
+            xc = (hc * inv_h * tl.load(wpre_ptr + cols, mask=cm, other=0.0)).to(w_ptr.dtype.element_ty)
+            acc += w.to(tl.float32) * xc.to(tl.float32)[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rm)
 
     @triton.jit
     def _rope_one(x_ptr, e, em, pos, cos_a, sin_a, cos_b, sin_b, RA, HD):
@@ -248,6 +289,21 @@ def residual_norm(o: torch.Tensor, h: torch.Tensor, w_post: torch.Tensor | None,
     d = h.shape[0]
     _residual_norm_kernel[(1,)](o, h, w_post if w_post is not None else w_pre, w_pre, xn, d, float(eps),
                                 POST=w_post is not None, BLOCK=next_pow2(d), num_warps=8)
+
+
+def res_norm_gemv(o: torch.Tensor | None, h: torch.Tensor, h_out: torch.Tensor | None, w_post: torch.Tensor | None,
+                  w_pre: torch.Tensor, w: torch.Tensor, y: torch.Tensor, eps: float, block_n: int = 16,
+                  block_k: int = 512, warps: int = 4) -> None:
+    """y = W @ (rms_norm(h') * w_pre) with h' = h + rms_norm(o) * w_post (or h + o without a post-norm, or h alone
+    when ``o`` is None); h' is written to ``h_out`` (which must not be ``h``). The fused form of ``residual_norm``
+    followed by ``torch.mv``; reference: those two."""
+    d, n = h.shape[0], w.shape[0]
+    if o is not None and h_out is h:
+        raise ValueError("h_out must be another buffer than h (other programs still read h)")
+    _res_norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        o if o is not None else h, h, h_out if h_out is not None else h, w_post if w_post is not None else w_pre,
+        w_pre, w, w.stride(0), y, n, d, float(eps), RESID=o is not None, POST=w_post is not None, BLOCK_N=block_n,
+        BLOCK_K=min(block_k, next_pow2(d)), BLOCK_D=next_pow2(d), num_warps=warps)
 
 
 def rope_cache(qkv: torch.Tensor, pos: torch.Tensor, q_out: torch.Tensor, rope_a, rope_b, cache: tuple,

@@ -1,23 +1,24 @@
 """Spark attention decode (one query position, all heads) in Triton: the GPU twin of
 ``spark_attn_decode_reference`` (see ``sparkformer.ops.spark_attn_decode`` for the cache layout and the rule).
 
-Three launches, none of which needs the host to know the context length (it is read from a device tensor, so one
-CUDA graph serves every position):
+Two launches per layer, no cast, neither needing the host to know the context length (read from a device tensor,
+so one CUDA graph serves every position):
 
-1. scores   grid (n_kv, key blocks): p_j = scale * q[:r] . kp[:, j] (then soft-cap) for both/all query heads of a
-            kv group from one read of the feature-major predictor tile; stores p and per-block (count, mean, M2,
-            max) partials. Blocks outside [lo, length) do nothing.
-2. select   grid (heads, key chunks): every program combines the partials into theta = mean + std * ndtri(1 - k/n)
-            (z from ``stat_topk.stat_z_table``, indexed by n, so it equals the reference's z exactly), keeps
-            its chunk's keys with p > theta, appends them to the head's candidate list (atomic counter) and adds
-            their exp(p - max) to the head's softmax denominator.
-3. output   grid (heads, splits): finishes the selection -- when more than k keys survived, the hard cap keeps the
-            k best by (p, position) (a bitonic top-k over 64-bit keys (ordered p bits << 32 | position), the
-            reference's tie rule), and the denominator is recomputed over them; when none survived (degenerate
-            scores) the k best of all valid keys -- then gathers the kept keys' other half and values:
-            out = sum_j softmax(p)_j * softplus(scale * q[r:] . kr_j) * v_j, fp32 atomics across splits.
+A1 scores  grid (n_kv, key blocks): p_j = scale * q[:r] . kp[:, j] (then soft-cap) for every query head of a kv
+           group from one read of the feature-major predictor tile; stores p and the block's (count, mean, M2, max).
+           Blocks outside [lo, length) do nothing.
+A2 select  grid (heads, splits): every program of a head combines the partials into theta = mean + std *
+           ndtri(1 - k/n) (z from ``stat_topk.stat_z_table`` indexed by n: the reference's z bit for bit) and counts
+           the survivors p > theta. If more than k survive (the hard cap), or none (degenerate scores: the k best of
+           all valid keys), the exact k-th best key is found by radix select: 8-bit histogram passes over the key
+           (order-preserving fp32 bits of p, then the position, so ties go to the more recent key, as in the
+           reference) -- no sort. Split s then takes the kept keys of ranks [s * BLOCK_J, (s + 1) * BLOCK_J) in
+           position order, gathers their other key half and value rows (both loads before use), and computes
+           sum_j softmax(p)_j * softplus(scale * q[r:] . kr_j) * v_j over them. The splits' partial outputs go to
+           per-split slots; a self-resetting per-head ticket lets the last split sum them (fixed order:
+           deterministic) and write the result in the output's dtype, straight into the o-projection input.
 
-Every program of launch 3 repeats the (cheap: ~k candidates) cap step, which saves a launch.
+Every split repeats the selection (~n scores from L2), which costs less than another launch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from sparkformer.ops.stat_topk import stat_z_table
-from sparkformer.ops.triton_common import HAS_TRITON, next_pow2, softplus_f32, tanh_f32, tl, triton
+from sparkformer.ops.triton_common import (HAS_TRITON, INTERPRET, launch_opts, next_pow2, release_dependents,
+                                           softplus_f32, tanh_f32, ticket, tl, triton, wait_prior)
 
 __all__ = ["SparkAttnPlan", "spark_attn_decode_triton", "triton_spark_attn_decode"]
 
@@ -45,10 +47,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_score_kernel(q_ptr, stride_qh, kp_ptr, s_kv, s_blk, s_r, s_b, KB, len_ptr, p_ptr, stride_ph,
-                           part_ptr, stride_part_h, cnt_ptr, zsum_ptr, R, WINDOW, scale, softcap,
-                           G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
+                           part_ptr, stride_part_h, R, WINDOW, scale, softcap,
+                           G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
         g = tl.program_id(0)
         b = tl.program_id(1)
+        wait_prior(PDL)
         length, lo = _valid_range(len_ptr, WINDOW)
         j = b * BLOCK_L + tl.arange(0, BLOCK_L)
         valid = (j >= lo) & (j < length)
@@ -72,9 +75,7 @@ if HAS_TRITON:
             tl.store(base + 1, mean_b)
             tl.store(base + 2, tl.sum(dev * dev, axis=0))
             tl.store(base + 3, tl.max(tl.where(valid, p, float("-inf")), axis=0))
-            if b == 0:  # reset the per-head accumulators of launches 2 and 3
-                tl.store(cnt_ptr + h, 0)
-                tl.store(zsum_ptr + h, 0.0)
+        release_dependents(PDL)
 
     @triton.jit
     def _attn_stats(part_ptr, b0, b1, BLOCK_P: tl.constexpr):
@@ -101,12 +102,67 @@ if HAS_TRITON:
         return n, mean, tl.sum(m2, axis=0), tl.max(mx, axis=0)
 
     @triton.jit
-    def _attn_select_kernel(len_ptr, p_ptr, stride_ph, part_ptr, stride_part_h, ztab_ptr, cand_ptr, candp_ptr,
-                            stride_ch, cnt_ptr, zsum_ptr, m_ptr, out_ptr, stride_oh, DV, K, WINDOW,
-                            BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, CHUNK: tl.constexpr,
-                            BLOCK_DV: tl.constexpr):
+    def _order_key(p, pos, PB: tl.constexpr):
+        """Non-negative int64 keys ordered like (p, pos): p's fp32 bits made order-preserving as an unsigned 32-bit
+        number, shifted above the PB position bits (ties in p -> the later position is larger)."""
+        bits = tl.where(p == 0.0, 0.0, p).to(tl.int32, bitcast=True)  # -0.0 ties with 0.0, as in a sort
+        o = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order
+        u = o.to(tl.int64) + 2147483647 + 1  # unsigned order, 0 .. 2^32 - 1 (int32 literals only)
+        return (u << PB) | pos.to(tl.int64)
+
+    @triton.jit
+    def _radix_cutoff(p_row, lo, length, theta, K, PB: tl.constexpr, CH: tl.constexpr):
+        """The key of the K-th largest (p, position) among valid positions with p > theta (there are more than K):
+        one 256-bin histogram per 8-bit digit, most significant first, keeping only keys under the prefix found so
+        far; stops as soon as the prefix's bin holds exactly the keys still needed (usually before the position
+        bits, i.e. when there is no tie in p at the cutoff)."""
+        TB: tl.constexpr = ((32 + PB + 7) // 8) * 8  # key bits, rounded up to whole digits
+        NPASS: tl.constexpr = TB // 8
+        bins = tl.arange(0, 256)
+        prefix = tl.full([], 0, tl.int64)
+        need = K
+        cut = tl.full([], 0, tl.int64)
+        done = K * 0
+        for i in tl.static_range(NPASS):
+            if done == 0:
+                hist = tl.zeros([256], dtype=tl.int32)
+                for c0 in range(lo, length, CH):
+                    j = c0 + tl.arange(0, CH)
+                    jm = j < length
+                    p = tl.load(p_row + j, mask=jm, other=0.0)
+                    key = _order_key(p, j, PB)
+                    # digit i sits at bit TB - 8 (i + 1); written out, not in a variable: a constexpr assigned in an
+                    # unrolled loop is a tensor to the compiler (the interpreter would not notice)
+                    under = jm & (p > theta) & ((key >> (TB - 8 * i)) == prefix)
+                    hist += tl.histogram(((key >> (TB - 8 * i - 8)) & 255).to(tl.int32), 256, mask=under)
+                above_eq = tl.cumsum(hist, axis=0, reverse=True)  # keys under the prefix with digit >= bin
+                dstar = tl.max(tl.where(above_eq >= need, bins, -1), axis=0)
+                need = need - tl.sum(tl.where(bins > dstar, hist, 0), axis=0)
+                prefix = (prefix << 8) | dstar.to(tl.int64)
+                in_bin = tl.sum(tl.where(bins == dstar, hist, 0), axis=0)
+                if in_bin == need:  # every key in this bin is kept: the cutoff is the bin's lowest key
+                    cut = prefix << (TB - 8 * i - 8)
+                    done = K * 0 + 1
+        return cut
+
+    @triton.jit
+    def _attn_select_kernel(q_ptr, stride_qh, kr_ptr, kr_skv, kr_sl, v_ptr, v_skv, v_sl, len_ptr, p_ptr, stride_ph,
+                            part_ptr, stride_part_h, ztab_ptr, slot_ptr, ticket_ptr, out_ptr, stride_oh,
+                            kept_ptr, capped_ptr, R, DR, DV, K, WINDOW, scale,
+                            G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, CH: tl.constexpr,
+                            BLOCK_J: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            PB: tl.constexpr, CAP_MODE: tl.constexpr, PDL: tl.constexpr):
         h = tl.program_id(0)
-        c = tl.program_id(1)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        g = h // G
+        # the query's other half and the index ranges do not depend on A1: load before waiting (PDL)
+        dr = tl.arange(0, BLOCK_DR)
+        drm = dr < DR
+        q2 = tl.load(q_ptr + h * stride_qh + R + dr, mask=drm, other=0.0).to(tl.float32)
+        dv = tl.arange(0, BLOCK_DV)
+        dvm = dv < DV
+        wait_prior(PDL)
         length, lo = _valid_range(len_ptr, WINDOW)
         n_i = length - lo
         n, mean, m2, pmax = _attn_stats(part_ptr + h * stride_part_h, lo // BLOCK_L, tl.cdiv(length, BLOCK_L),
@@ -114,108 +170,67 @@ if HAS_TRITON:
         z = tl.load(ztab_ptr + n_i)
         theta = mean + tl.sqrt(m2 / tl.maximum(n, 1.0)) * z
         theta = tl.where(n_i <= K, float("-inf"), theta)  # at most k valid keys: keep them all
-        j = lo + c * CHUNK + tl.arange(0, CHUNK)
-        valid = j < length
-        p = tl.load(p_ptr + h * stride_ph + j, mask=valid, other=float("-inf"))
-        sv = valid & (p > theta)
-        sv_i = sv.to(tl.int32)
-        ns = tl.sum(sv_i, axis=0)
-        if ns > 0:
-            base = tl.atomic_add(cnt_ptr + h, ns)
-            slot = base + tl.cumsum(sv_i, axis=0) - 1
-            tl.store(cand_ptr + h * stride_ch + slot, j, mask=sv)
-            tl.store(candp_ptr + h * stride_ch + slot, p, mask=sv)
-            tl.atomic_add(zsum_ptr + h, tl.sum(tl.where(sv, tl.exp(p - pmax), 0.0), axis=0), sem="relaxed")
-        if c == 0:
-            tl.store(m_ptr + h, pmax)
-            dd = tl.arange(0, BLOCK_DV)
-            for d0 in range(0, DV, BLOCK_DV):
-                tl.store(out_ptr + h * stride_oh + d0 + dd, tl.zeros([BLOCK_DV], dtype=tl.float32),
-                         mask=d0 + dd < DV)
-
-    @triton.jit
-    def _order_key(p, pos):
-        """int64 keys ordered like (p, pos): p's fp32 bits made order-preserving as int32, then the position."""
-        bits = p.to(tl.int32, bitcast=True)
-        o = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        return (o.to(tl.int64) << 32) | pos.to(tl.int64)
-
-    @triton.jit
-    def _source_keys(degen, ii, im, lo, p_row, cand_row, candp_row):
-        """(position, score) of source entries ii (valid where im): the head's candidate list, or for a degenerate
-        head all valid keys. Masks mix a vector with the scalar ``degen`` through tl.where: Triton's interpreter
-        (3.9) types ``vector & scalar`` as int32, which tl.load refuses as a mask."""
-        from_list = tl.where(degen, False, im)
-        from_all = tl.where(degen, im, False)
-        pos = tl.where(degen, lo + ii, tl.load(cand_row + ii, mask=from_list, other=0))
-        pv = tl.where(degen, tl.load(p_row + lo + ii, mask=from_all, other=0.0),
-                      tl.load(candp_row + ii, mask=from_list, other=0.0))
-        return pos, pv
-
-    @triton.jit
-    def _attn_output_kernel(q_ptr, stride_qh, kr_ptr, kr_skv, kr_sl, v_ptr, v_skv, v_sl, len_ptr, p_ptr, stride_ph,
-                            cand_ptr, candp_ptr, stride_ch, cnt_ptr, zsum_ptr, m_ptr, out_ptr, stride_oh,
-                            kept_ptr, capped_ptr, R, DR, DV, K, WINDOW, scale,
-                            G: tl.constexpr, KP2: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_DR: tl.constexpr,
-                            BLOCK_DV: tl.constexpr):
-        h = tl.program_id(0)
-        split = tl.program_id(1)
-        n_splits = tl.num_programs(1)
-        g = h // G
-        length, lo = _valid_range(len_ptr, WINDOW)
-        n = length - lo
-        c = tl.load(cnt_ptr + h)
-        degen = (c == 0) & (n > 0)  # nothing cleared theta: fall back to the k best of all valid keys
-        nsrc = tl.where(degen, n, c)
-        m = tl.load(m_ptr + h)
-        zsum = tl.load(zsum_ptr + h)
-        cutoff = tl.full([], _I64_MIN, tl.int64)
-        if nsrc > K:
-            # hard cap: streaming top-KP2 of the source's keys, then the k-th largest is the cutoff
-            run = tl.full([KP2], _I64_MIN, tl.int64)
-            for i0 in range(0, nsrc, KP2):
-                ii = i0 + tl.arange(0, KP2)
-                im = ii < nsrc
-                pos, pv = _source_keys(degen, ii, im, lo, p_ptr + h * stride_ph, cand_ptr + h * stride_ch,
-                                       candp_ptr + h * stride_ch)
-                key = tl.where(im, _order_key(pv, pos), _I64_MIN)
-                run = tl.topk(tl.reshape(tl.join(run, key), [2 * KP2]), KP2)
-            cutoff = tl.sum(tl.where(tl.arange(0, KP2) == K - 1, run, 0), axis=0)
-            zacc = tl.zeros([KP2], dtype=tl.float32)
-            for i0 in range(0, nsrc, KP2):
-                ii = i0 + tl.arange(0, KP2)
-                im = ii < nsrc
-                pos, pv = _source_keys(degen, ii, im, lo, p_ptr + h * stride_ph, cand_ptr + h * stride_ch,
-                                       candp_ptr + h * stride_ch)
-                keep = im & (_order_key(pv, pos) >= cutoff)
-                zacc += tl.where(keep, tl.exp(pv - m), 0.0)
-            zsum = tl.sum(zacc, axis=0)
-        inv_z = 1.0 / zsum
+        p_row = p_ptr + h * stride_ph
+        cnt = tl.zeros([CH], dtype=tl.int32)
+        for c0 in range(lo, length, CH):
+            j = c0 + tl.arange(0, CH)
+            jm = j < length
+            cnt += (jm & (tl.load(p_row + j, mask=jm, other=0.0) > theta)).to(tl.int32)
+        count = tl.sum(cnt, axis=0)
+        degen = (count == 0) & (n_i > 0)  # nothing cleared theta: the k best of all valid keys instead
+        theta = tl.where(degen, float("-inf"), theta)
+        nsrc = tl.where(degen, n_i, count)
+        cut = tl.full([], _I64_MIN, tl.int64)
+        if CAP_MODE == 1:  # timing only: always pay for the radix select
+            cut = _radix_cutoff(p_row, lo, length, theta, K, PB, CH)
+        elif CAP_MODE == 0:
+            if nsrc > K:
+                cut = _radix_cutoff(p_row, lo, length, theta, K, PB, CH)
+        # one pass: the softmax denominator over the kept keys, and the positions of this split's ranks
+        jj = tl.arange(0, BLOCK_J)
+        want = split * BLOCK_J + jj
+        pos_j = tl.zeros([BLOCK_J], dtype=tl.int32)
+        p_j = tl.zeros([BLOCK_J], dtype=tl.float32)
+        zacc = tl.zeros([CH], dtype=tl.float32)
+        base = K * 0
+        for c0 in range(lo, length, CH):
+            j = c0 + tl.arange(0, CH)
+            jm = j < length
+            p = tl.load(p_row + j, mask=jm, other=0.0)
+            keep = jm & (p > theta) & (_order_key(p, j, PB) >= cut)
+            zacc += tl.where(keep, tl.exp(p - pmax), 0.0)
+            ki = keep.to(tl.int32)
+            rank = base + tl.cumsum(ki, axis=0) - 1
+            nk = tl.sum(ki, axis=0)
+            if (base < split * BLOCK_J + BLOCK_J) & (base + nk > split * BLOCK_J):  # some of my ranks are here
+                match = keep[None, :] & (rank[None, :] == want[:, None])  # (BLOCK_J, CH)
+                pos_j += tl.sum(tl.where(match, j[None, :], 0), axis=1)
+                p_j += tl.sum(tl.where(match, p[None, :], 0.0), axis=1)
+            base += nk
+        zsum = tl.sum(zacc, axis=0)
+        mine = want < base
+        # gather the kept keys' other half and values together, then the gate and the weighted sum
+        kr = tl.load(kr_ptr + g * kr_skv + pos_j[:, None] * kr_sl + dr[None, :], mask=mine[:, None] & drm[None, :],
+                     other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + g * v_skv + pos_j[:, None] * v_sl + dv[None, :], mask=mine[:, None] & dvm[None, :],
+                     other=0.0).to(tl.float32)
+        gate = softplus_f32(scale * tl.sum(kr * q2[None, :], axis=1))
+        w = tl.where(mine, tl.exp(p_j - pmax) / zsum * gate, 0.0)
+        part = tl.sum(w[:, None] * vv, axis=0)
         if split == 0:
             tl.store(kept_ptr + h, tl.minimum(nsrc, K).to(tl.int64))
-            tl.store(capped_ptr + h, ((c > K) & ~degen).to(tl.int8))
-        # gather the kept keys of this split: other key half -> softplus gate, values -> weighted sum
-        dr = tl.arange(0, BLOCK_DR)
-        drm = dr < DR
-        q2 = tl.load(q_ptr + h * stride_qh + R + dr, mask=drm, other=0.0).to(tl.float32)
-        dv = tl.arange(0, BLOCK_DV)
-        dvm = dv < DV
-        acc = tl.zeros([BLOCK_J, BLOCK_DV], dtype=tl.float32)
-        for i0 in range(split * BLOCK_J, nsrc, n_splits * BLOCK_J):
-            ii = i0 + tl.arange(0, BLOCK_J)
-            im = ii < nsrc
-            pos, pv = _source_keys(degen, ii, im, lo, p_ptr + h * stride_ph, cand_ptr + h * stride_ch,
-                                   candp_ptr + h * stride_ch)
-            keep = im & (_order_key(pv, pos) >= cutoff)
-            kr = tl.load(kr_ptr + g * kr_skv + pos[:, None] * kr_sl + dr[None, :], mask=keep[:, None] & drm[None, :],
-                         other=0.0).to(tl.float32)
-            gate = softplus_f32(scale * tl.sum(kr * q2[None, :], axis=1))
-            w = tl.where(keep, tl.exp(pv - m) * inv_z * gate, 0.0)
-            vv = tl.load(v_ptr + g * v_skv + pos[:, None] * v_sl + dv[None, :], mask=keep[:, None] & dvm[None, :],
-                         other=0.0).to(tl.float32)
-            acc += w[:, None] * vv
-        tl.atomic_add(out_ptr + h * stride_oh + dv, tl.sum(acc, axis=0), mask=tl.where(n > 0, dvm, False),
-                      sem="relaxed")
+            tl.store(capped_ptr + h, ((count > K) & ~degen).to(tl.int8))
+        if n_splits == 1:
+            tl.store(out_ptr + h * stride_oh + dv, part.to(out_ptr.dtype.element_ty), mask=dvm)
+        else:
+            tl.store(slot_ptr + (h * n_splits + split) * DV + dv, part, mask=dvm)
+            if ticket(ticket_ptr + h, n_splits):  # the last split of this head sums the slots in a fixed order
+                acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+                for s in range(0, n_splits):
+                    acc += tl.load(slot_ptr + (h * n_splits + s) * DV + dv, mask=dvm, other=0.0,
+                                   cache_modifier=".cg")
+                tl.store(out_ptr + h * stride_oh + dv, acc.to(out_ptr.dtype.element_ty), mask=dvm)
+        release_dependents(PDL)
 
 
 @dataclass
@@ -231,29 +246,30 @@ class SparkAttnPlan:
     max_len: int
     k: int
     device: torch.device
-    block_l: int = 64
-    chunk: int = 256
-    block_j: int = 16
-    splits: int = 0  # launch 3 programs per head (0: enough to cover k keys BLOCK_J at a time)
+    block_l: int = 64  # A1: keys per program
+    chunk: int = 512  # A2: scores per step of its scans
+    block_j: int = 16  # A2: kept keys per split (splits = k / block_j)
     warps: int = 4
+    cap_mode: int = 0  # 0 exact; 1 always / 2 never run the radix select (timing only: wrong results)
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         dev = torch.device(self.device)
         self.device = dev
+        self.pdl = bool(self.pdl) and dev.type == "cuda" and not INTERPRET
         self.group = self.n_heads // self.n_kv
         self.n_blocks = triton.cdiv(self.max_len, self.block_l)
         self.block_p = min(1024, next_pow2(self.n_blocks))
-        self.kp2 = next_pow2(self.k)
-        self.splits = self.splits or max(1, triton.cdiv(self.k, self.block_j))
+        self.splits = max(1, triton.cdiv(self.k, self.block_j))
+        self.pos_bits = max(1, int(self.max_len).bit_length())
+        if 32 + self.pos_bits > 63:
+            raise ValueError(f"max_len {self.max_len} too large for 64-bit (score, position) keys")
         H, L = self.n_heads, self.max_len
         f32 = dict(dtype=torch.float32, device=dev)
         self.p = torch.empty(H, L, **f32)
         self.part = torch.empty(H, self.n_blocks * 4, **f32)
-        self.cand = torch.empty(H, L, dtype=torch.int32, device=dev)
-        self.candp = torch.empty(H, L, **f32)
-        self.cnt = torch.zeros(H, dtype=torch.int32, device=dev)
-        self.zsum = torch.zeros(H, **f32)
-        self.m = torch.zeros(H, **f32)
+        self.slots = torch.empty(H * self.splits * self.dv, **f32)
+        self.tickets = torch.zeros(H, dtype=torch.int32, device=dev)  # self-resetting: zero between calls
         self.out = torch.zeros(H, self.dv, **f32)
         self.kept = torch.zeros(H, dtype=torch.int64, device=dev)
         self.capped = torch.zeros(H, dtype=torch.int8, device=dev)
@@ -262,10 +278,11 @@ class SparkAttnPlan:
     def run(self, q: torch.Tensor, kp: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
             scale: float, window: int | None = None, softcap: float | None = None,
             out: torch.Tensor | None = None, kept: torch.Tensor | None = None,
-            capped: torch.Tensor | None = None, stages: int = 3) -> torch.Tensor:
+            capped: torch.Tensor | None = None, stages: int = 2) -> torch.Tensor:
         """q (H, D); kp blocked (n_kv, L // B, r, B) or plain (n_kv, r, L); kr (n_kv, L, D - r); v (n_kv, L, dv);
-        length: int32 device tensor of shape (1,) (filled positions). -> out (H, dv) fp32.
-        ``out`` / ``kept`` (H,) int64 / ``capped`` (H,) int8: where to write (default: the plan's own)."""
+        length: int32 device tensor of shape (1,) (filled positions). -> out (H, dv), written in out's dtype
+        (default: the plan's fp32 buffer). ``kept`` (H,) int64 / ``capped`` (H,) int8: where to write (default:
+        the plan's own). ``stages=1`` runs A1 only (per-kernel timing)."""
         out = self.out if out is None else out
         kept = self.kept if kept is None else kept
         capped = self.capped if capped is None else capped
@@ -273,31 +290,25 @@ class SparkAttnPlan:
             kb, s_kv, s_blk, s_r, s_b = kp.shape[3], kp.stride(0), kp.stride(1), kp.stride(2), kp.stride(3)
         else:
             kb, s_kv, s_blk, s_r, s_b = kp.shape[2], kp.stride(0), 0, kp.stride(1), kp.stride(2)
-        if kr.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1:
-            raise ValueError("q, kr and v need a contiguous last dim")
+        if kr.stride(-1) != 1 or v.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
+            raise ValueError("q, kr, v and out need a contiguous last dim")
         W = int(window or 0)
         cap = float(softcap or 0.0)
-        H, R = self.n_heads, self.r
+        R = self.r
         _attn_score_kernel[(self.n_kv, self.n_blocks)](
             q, q.stride(0), kp, s_kv, s_blk, s_r, s_b, kb, length, self.p, self.p.stride(0), self.part,
-            self.part.stride(0), self.cnt, self.zsum, R, W, float(scale), cap,
-            G=self.group, BLOCK_L=self.block_l, BLOCK_R=next_pow2(R), num_warps=self.warps)
-        if stages < 2:  # per-kernel timing only
+            self.part.stride(0), R, W, float(scale), cap,
+            G=self.group, BLOCK_L=self.block_l, BLOCK_R=next_pow2(R), PDL=self.pdl,
+            **launch_opts(self.warps, self.pdl))
+        if stages < 2:
             return out
-        n_chunks = triton.cdiv(min(self.max_len, W) if W else self.max_len, self.chunk)
-        _attn_select_kernel[(H, n_chunks)](
-            length, self.p, self.p.stride(0), self.part, self.part.stride(0), self.ztab, self.cand, self.candp,
-            self.cand.stride(0), self.cnt, self.zsum, self.m, out, out.stride(0), self.dv, self.k, W,
-            BLOCK_L=self.block_l, BLOCK_P=self.block_p, CHUNK=self.chunk, BLOCK_DV=min(1024, next_pow2(self.dv)),
-            num_warps=self.warps)
-        if stages < 3:
-            return out
-        _attn_output_kernel[(H, self.splits)](
+        _attn_select_kernel[(self.n_heads, self.splits)](
             q, q.stride(0), kr, kr.stride(0), kr.stride(1), v, v.stride(0), v.stride(1), length, self.p,
-            self.p.stride(0), self.cand, self.candp, self.cand.stride(0), self.cnt, self.zsum, self.m, out,
-            out.stride(0), kept, capped, R, self.head_dim - R, self.dv, self.k, W, float(scale),
-            G=self.group, KP2=self.kp2, BLOCK_J=self.block_j, BLOCK_DR=next_pow2(self.head_dim - R),
-            BLOCK_DV=next_pow2(self.dv), num_warps=self.warps)
+            self.p.stride(0), self.part, self.part.stride(0), self.ztab, self.slots, self.tickets, out, out.stride(0),
+            kept, capped, R, self.head_dim - R, self.dv, self.k, W, float(scale),
+            G=self.group, BLOCK_L=self.block_l, BLOCK_P=self.block_p, CH=self.chunk, BLOCK_J=self.block_j,
+            BLOCK_DR=next_pow2(self.head_dim - R), BLOCK_DV=next_pow2(self.dv), PB=self.pos_bits,
+            CAP_MODE=self.cap_mode, PDL=self.pdl, **launch_opts(self.warps, self.pdl))
         return out
 
     @classmethod
@@ -309,13 +320,14 @@ class SparkAttnPlan:
 
 
 def spark_attn_decode_triton(q, kp, kr, v, length: int, k: int, scale: float, window: int | None = None,
-                             softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             softcap: float | None = None, **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton Spark attention decode with the reference's contract: (out (H, dv) in q's dtype, kept (H,) int64,
-    capped (H,) bool)."""
-    plan = SparkAttnPlan.for_cache(q, kp, kr, v, k)
+    capped (H,) bool). ``kw``: launch-shape fields of ``SparkAttnPlan``."""
+    plan = SparkAttnPlan.for_cache(q, kp, kr, v, k, **kw)
     ln = torch.tensor([int(length)], dtype=torch.int32, device=q.device)
-    out = plan.run(q.contiguous(), kp, kr, v, ln, scale, window, softcap)
-    return out.to(q.dtype), plan.kept.clone(), plan.capped.bool()
+    out = torch.empty(q.shape[0], v.shape[2], dtype=q.dtype, device=q.device)
+    plan.run(q.contiguous(), kp, kr, v, ln, scale, window, softcap, out=out)
+    return out, plan.kept.clone(), plan.capped.bool()
 
 
 if HAS_TRITON:

@@ -66,4 +66,12 @@ inline std::string set_isa(std::string name) {
   return K()->name;
 }
 
+// The FFN activation of an op's `act` argument ("gelu_tanh" | "silu") as a kernel code (spk::Act).
+inline int act_code(const std::string& name) {
+  if (name == "gelu_tanh") return kGeluTanh;
+  if (name == "silu") return kSilu;
+  TORCH_CHECK(false, "sparkformer: unknown activation '", name, "' (gelu_tanh | silu)");
+  return -1;
+}
+
 }  // namespace spk

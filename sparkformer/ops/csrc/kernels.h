@@ -22,6 +22,9 @@
 
 namespace spk {
 
+// The gated FFN activations the fused kernels implement (the ops take their names, see act_code in ops.cpp).
+enum Act : int { kGeluTanh = 0, kSilu = 1 };
+
 struct Kernels {
   const char* name;
 
@@ -39,12 +42,12 @@ struct Kernels {
   void (*ffn_neuron)(const void* k2, int64_t n2, const void* v, int64_t nv, bool bf16, const int32_t* tok,
                      const float* a, int64_t cnt, const float* x, int64_t ldx, float* y, int64_t ldy);
 
-  // GeGLU neurons [j0, j1): h_j = gelu_tanh(dot(g_j, x)) * dot(u_j, x); acc[0:nd] += h_j * d_j.
+  // Gated FFN neurons [j0, j1): h_j = act(dot(g_j, x)) * dot(u_j, x); acc[0:nd] += h_j * d_j (act: Act).
   // g, u: rows of length n (=len(x)); d: rows of length nd (W_down transposed). hs: 2 * (j1 - j0)
   // floats of scratch.
   void (*geglu_rows)(const void* g, int64_t ldg, const void* u, int64_t ldu, const void* d,
                      int64_t ldd, int64_t n, int64_t nd, bool bf16, const float* x, float* acc,
-                     int64_t j0, int64_t j1, float* hs);
+                     int64_t j0, int64_t j1, float* hs, int act);
 
   // Feature-major scores: out[h*ldo + j - j0] = sum_{c<r} q[h*r + c] * kp[c*ldc + j],
   // h < nq, j in [j0, j1). One streaming pass over r rows of keys for nq queries at once.
@@ -78,6 +81,7 @@ struct Kernels {
   void (*softcap)(float* p, int64_t n, float cap);           // p = cap * tanh(p / cap)
   float (*exp_sub)(const float* p, int64_t n, float m, float* out);  // out = exp(p - m); returns sum
   void (*gelu_tanh)(float* p, int64_t n);                    // p = gelu_tanh(p)
+  void (*activate)(float* p, int64_t n, int act);            // p = act(p), act: Act
   float (*max)(const float* p, int64_t n);
   // idx[0:cnt] = the j in [0, n) with p[j] > theta, ascending; returns cnt. Writes only idx[0:n).
   int64_t (*compact_gt)(const float* p, int64_t n, float theta, int32_t* idx);

@@ -9,11 +9,14 @@
 #define SPK_NAME "avx2"
 #include "kernels_impl.h"
 #include "quant_impl.h"
+#include "sparse_impl.h"
 #pragma GCC pop_options
 
 const spk::Kernels* spk::kernels_avx2() { return &spk_avx2::table; }
 const spk::QuantKernels* spk::quant_kernels_avx2() { return &spk_avx2::qtable; }
+const spk::SparseKernels* spk::sparse_kernels_avx2() { return &spk_avx2::sparse_table; }
 #else
 const spk::Kernels* spk::kernels_avx2() { return nullptr; }  // not an x86-64 build
 const spk::QuantKernels* spk::quant_kernels_avx2() { return nullptr; }
+const spk::SparseKernels* spk::sparse_kernels_avx2() { return nullptr; }
 #endif

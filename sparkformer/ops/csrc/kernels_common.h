@@ -11,3 +11,4 @@
 
 #include "kernels.h"
 #include "quant.h"
+#include "sparse.h"

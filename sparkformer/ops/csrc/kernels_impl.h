@@ -130,9 +130,7 @@ static void ffn_neuron(const void* k2, int64_t n2, const void* v, int64_t nv, bo
     ffn_neuron_t(static_cast<const float*>(k2), n2, static_cast<const float*>(v), nv, tok, a, cnt, x, ldx, y, ldy);
 }
 
-static void gelu_tanh(float* p, int64_t n);
-
-// GeGLU neurons [j0, j1) in two passes, both pure forward streams with nothing written to memory but
+// Gated FFN neurons [j0, j1) in two passes, both pure forward streams with nothing written to memory but
 // small scratch: (1) per neuron its gate row and its up row (two streams: with pack_geglu the gate and
 // up matrices are m*d apart) -> h_j; (2) the down rows four far-apart streams at a time (j, j+q, j+2q,
 // j+3q), so the read-modify-write of acc happens once per four rows. (The earlier one-pass version --
@@ -140,7 +138,7 @@ static void gelu_tanh(float* p, int64_t n);
 // hs: 2 * (j1 - j0) floats of scratch.
 template <class T>
 static void geglu_rows_t(const T* g, int64_t ldg, const T* u, int64_t ldu, const T* d, int64_t ldd, int64_t n,
-                         int64_t nd, const float* x, float* acc, int64_t j0, int64_t j1, float* hs) {
+                         int64_t nd, const float* x, float* acc, int64_t j0, int64_t j1, float* hs, int act) {
   const int64_t cnt = j1 - j0;
   float* hg = hs;
   float* hu = hs + cnt;
@@ -151,7 +149,7 @@ static void geglu_rows_t(const T* g, int64_t ldg, const T* u, int64_t ldu, const
     hg[j - j0] = o[0];
     hu[j - j0] = o[1];
   }
-  gelu_tanh(hg, cnt);
+  act_inplace(hg, cnt, act);
   for (int64_t i = 0; i < cnt; ++i) hg[i] *= hu[i];
   const int64_t q = cnt / 4;
   for (int64_t i = 0; i < q; ++i) {
@@ -164,13 +162,14 @@ static void geglu_rows_t(const T* g, int64_t ldg, const T* u, int64_t ldu, const
 }
 
 static void geglu_rows(const void* g, int64_t ldg, const void* u, int64_t ldu, const void* d, int64_t ldd, int64_t n,
-                       int64_t nd, bool bf16, const float* x, float* acc, int64_t j0, int64_t j1, float* hs) {
+                       int64_t nd, bool bf16, const float* x, float* acc, int64_t j0, int64_t j1, float* hs,
+                       int act) {
   if (bf16)
     geglu_rows_t(static_cast<const uint16_t*>(g), ldg, static_cast<const uint16_t*>(u), ldu,
-                 static_cast<const uint16_t*>(d), ldd, n, nd, x, acc, j0, j1, hs);
+                 static_cast<const uint16_t*>(d), ldd, n, nd, x, acc, j0, j1, hs, act);
   else
     geglu_rows_t(static_cast<const float*>(g), ldg, static_cast<const float*>(u), ldu,
-                 static_cast<const float*>(d), ldd, n, nd, x, acc, j0, j1, hs);
+                 static_cast<const float*>(d), ldd, n, nd, x, acc, j0, j1, hs, act);
 }
 
 // Feature-major scores: CB key-feature rows per pass over the output block, so the accumulators
@@ -529,18 +528,7 @@ static float exp_sub(const float* p, int64_t n, float m, float* out) {
   return tail;
 }
 
-static void gelu_tanh(float* p, int64_t n) {
-  int64_t i = 0;
-#if SPK_ISA > 0
-  const vf k0 = vset(0.7978845608028654f), k1 = vset(0.044715f), half = vset(0.5f), one = vset(1.0f);
-  for (; i + VW <= n; i += VW) {
-    vf z = vld(p + i);
-    vf u = vmul(k0, vfma(vmul(k1, vmul(z, z)), z, z));
-    vst(p + i, vmul(vmul(half, z), vadd(one, vtanh(u))));
-  }
-#endif
-  for (; i < n; ++i) p[i] = gelu_tanh1(p[i]);
-}
+static void gelu_tanh(float* p, int64_t n) { act_inplace(p, n, spk::kGeluTanh); }
 
 static float max_(const float* p, int64_t n) {
   float m = -INFINITY;
@@ -580,7 +568,7 @@ static int64_t compact_gt(const float* p, int64_t n, float theta, int32_t* idx) 
 
 static const spk::Kernels table = {
     SPK_NAME, matvec, ffn_gather, ffn_neuron, geglu_rows, scores_fm, scores_blk, scores_rm, values_rm, attn_gather,
-    sum_sumsq, softcap, exp_sub, gelu_tanh, max_, compact_gt,
+    sum_sumsq, softcap, exp_sub, gelu_tanh, act_inplace, max_, compact_gt,
 };
 
 }  // namespace SPK_NS

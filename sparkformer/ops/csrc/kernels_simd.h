@@ -220,6 +220,34 @@ static inline float gelu_tanh1(float z) {
   return 0.5f * z * (1.0f + std::tanh(k0 * (z + k1 * z * z * z)));
 }
 
+// silu(z) = z / (1 + exp(-z)); exp overflows to inf for z < -88 and the quotient is then -0, as in torch.
+static inline float silu1(float z) { return z / (1.0f + std::exp(-z)); }
+
+#if SPK_ISA > 0
+static inline vf vgelu_tanh(vf z) {
+  const vf u = vmul(vset(0.7978845608028654f), vfma(vmul(vset(0.044715f), vmul(z, z)), z, z));
+  return vmul(vmul(vset(0.5f), z), vadd(vset(1.0f), vtanh(u)));
+}
+// vexp clamps its argument to [-87, 88], so very negative z gives z / ~1e38 (~0) and large z gives z.
+static inline vf vsilu(vf z) { return vdiv(z, vadd(vset(1.0f), vexp(vsub(vzero(), z)))); }
+#endif
+
+// p = act(p) for the FFN activations of spk::Act (kernels.h); unknown codes are refused by the ops.
+static void act_inplace(float* p, int64_t n, int act) {
+  int64_t i = 0;
+  if (act == spk::kSilu) {
+#if SPK_ISA > 0
+    for (; i + VW <= n; i += VW) vst(p + i, vsilu(vld(p + i)));
+#endif
+    for (; i < n; ++i) p[i] = silu1(p[i]);
+  } else {
+#if SPK_ISA > 0
+    for (; i + VW <= n; i += VW) vst(p + i, vgelu_tanh(vld(p + i)));
+#endif
+    for (; i < n; ++i) p[i] = gelu_tanh1(p[i]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Dot products. R rows at once share each load of x; U accumulators per row hide FMA latency.
 // ------------------------------------------------------------------------------------------------

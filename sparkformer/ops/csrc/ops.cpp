@@ -87,8 +87,11 @@ void reduce_parts(const float* acc, int64_t parts, int64_t n, float* out) {
 // Ops
 // ------------------------------------------------------------------------------------------------
 // Spark FFN for one token. Returns (y (d_out,) in x's dtype, number of selected neurons (int64 scalar)).
+// `act`: the activation of the selected neurons' predictor margins, act(s - theta) ("gelu_tanh" | "silu").
 std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, const Tensor& k2, const Tensor& v,
-                                            double fraction, const std::optional<Tensor>& workspace) {
+                                            double fraction, const std::optional<Tensor>& workspace,
+                                            const std::string& act) {
+  const int act_id = act_code(act);
   TORCH_CHECK(x.dim() == 1 && k1.dim() == 2 && k2.dim() == 2 && v.dim() == 2,
               "spark_ffn_decode: expected x (d,), k1 (d_ff, r), k2 (d_ff, d - r), v (d_ff, d_out)");
   const bool bf16 = weight_is_bf16(k1, "k1");
@@ -120,7 +123,7 @@ std::tuple<Tensor, Tensor> spark_ffn_decode(const Tensor& x, const Tensor& k1, c
   const float theta = stat_threshold(s, d_ff, fraction);
   const int64_t cnt = kern->compact_gt(s, d_ff, theta, idx);
   for (int64_t t = 0; t < cnt; ++t) a[t] = s[idx[t]] - theta;
-  kern->gelu_tanh(a, cnt);
+  kern->activate(a, cnt, act_id);
   // 4. selected rows of K2 and V; each thread a slice of the list with its own accumulator
   Tensor y = at::empty({dv}, xf.options());
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(P, cnt / 8));
@@ -217,10 +220,11 @@ std::tuple<Tensor, Tensor> spark_ffn_prefill(const Tensor& x2, const Tensor& p, 
   return {y, counts};
 }
 
-// Dense GeGLU for one token: y = W_down (gelu_tanh(W_gate x) * (W_up x)), with W_down given
-// transposed (w_down_t: (m, d_out), one row per neuron) so every weight read streams row by row.
+// Dense gated FFN for one token: y = W_down (act(W_gate x) * (W_up x)), act gelu_tanh (GeGLU) or silu (SwiGLU),
+// with W_down given transposed (w_down_t: (m, d_out), one row per neuron) so every weight read streams row by row.
 Tensor geglu_decode(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down_t,
-                    const std::optional<Tensor>& workspace) {
+                    const std::optional<Tensor>& workspace, const std::string& act) {
+  const int act_id = act_code(act);
   TORCH_CHECK(x.dim() == 1 && w_gate.dim() == 2 && w_up.dim() == 2 && w_down_t.dim() == 2,
               "geglu_decode: expected x (d,), w_gate (m, d), w_up (m, d), w_down_t (m, d_out)");
   const bool bf16 = weight_is_bf16(w_gate, "w_gate");
@@ -242,7 +246,7 @@ Tensor geglu_decode(const Tensor& x, const Tensor& w_gate, const Tensor& w_up, c
       std::fill(ap, ap + dout, 0.0f);
       const int64_t j0 = m * p / parts, j1 = m * (p + 1) / parts;
       kern->geglu_rows(w_gate.data_ptr(), w_gate.stride(0), w_up.data_ptr(), w_up.stride(0), w_down_t.data_ptr(),
-                       w_down_t.stride(0), d, dout, bf16, xf.data_ptr<float>(), ap, j0, j1, hs + 2 * j0);
+                       w_down_t.stride(0), d, dout, bf16, xf.data_ptr<float>(), ap, j0, j1, hs + 2 * j0, act_id);
     }
   });
   Tensor y = at::empty({dout}, xf.options());
@@ -522,15 +526,17 @@ double stat_threshold_op(const Tensor& p, double fraction, bool one_pass) {
 
 TORCH_LIBRARY(sparkformer, m) {
   m.def(
-      "spark_ffn_decode(Tensor x, Tensor k1, Tensor k2, Tensor v, float fraction, Tensor(a!)? workspace=None)"
-      " -> (Tensor, Tensor)");
+      "spark_ffn_decode(Tensor x, Tensor k1, Tensor k2, Tensor v, float fraction, Tensor(a!)? workspace=None,"
+      " str act=\"gelu_tanh\") -> (Tensor, Tensor)");
   m.def(
       "spark_attn_decode(Tensor q, Tensor kp, Tensor kr, Tensor v, int length, int k, float scale,"
       " int? window=None, float? softcap=None, Tensor(a!)? workspace=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "spark_ffn_prefill(Tensor x2, Tensor p, Tensor k2, Tensor v, float fraction, int block=256)"
       " -> (Tensor, Tensor)");
-  m.def("geglu_decode(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor(a!)? workspace=None) -> Tensor");
+  m.def(
+      "geglu_decode(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor(a!)? workspace=None,"
+      " str act=\"gelu_tanh\") -> Tensor");
   m.def(
       "dense_attn_decode(Tensor q, Tensor k, Tensor v, int length, float scale, int? window=None,"
       " float? softcap=None, Tensor(a!)? workspace=None) -> Tensor");

@@ -1,0 +1,381 @@
+"""Activation-sparse decode kernels (sparkformer.ops.sparse_ffn_decode) and the act= of the fused gated FFNs.
+
+Every C++ op is compared with its plain-PyTorch reference on every ISA the CPU has (the ``isa`` fixture), fp32 and
+bf16 weights, both activations. The kernels widen bf16 to fp32 exactly and accumulate in fp32, so they meet the
+fp32 reference on the same (upcast) weights at 1e-4 of the output's scale; the pure-torch fallback multiplies bf16
+in bf16 (3e-2). Threshold decisions are compared exactly except within a hair of the threshold, where a different
+summation order may flip them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparkformer.ops import _extension
+from sparkformer.ops.dense_decode import geglu_decode, pack_geglu
+from sparkformer.ops.spark_ffn_decode import spark_ffn_decode
+from sparkformer.ops.sparse_ffn_decode import cats_ffn_decode, fused_act_name, gated_ffn_gather, sparse_input_matvec
+
+HAVE_EXT = _extension.available()
+needs_ext = pytest.mark.skipif(not HAVE_EXT, reason=f"C++ extension unavailable: {_extension.error()}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+ACTS = ["gelu_tanh", "silu"]
+# (m, d, d_out): tails of every vector width (16, 8), d_out != d, and the SmolLM2 FFN width
+SHAPES = [(133, 77, 45), (256, 96, 96), (1536, 64, 40), (17, 5, 3)]
+
+
+def close(actual, expected, rtol, what="", atol=0.0):
+    """max |actual - expected| <= rtol * max |expected| + atol."""
+    actual, expected = actual.float(), expected.float()
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    ref = expected.abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * max(ref, 1e-6) + atol, f"{what}: max err {err:.3g} vs max |ref| {ref:.3g}"
+
+
+def term_scale(x, w_gate, w_up, w_down_t) -> float:
+    """A bound on the gated FFN's terms, max over outputs of |W_down| (|W_gate| |x| * |W_up| |x|): with few neurons
+    the output may be far smaller than its terms (cancellation), and fp32 summation order then shows relative to
+    the terms, not to the output."""
+    xa = x.float().abs()
+    return float((w_down_t.float().abs().t() @ ((w_gate.float().abs() @ xa) * (w_up.float().abs() @ xa))).max())
+
+
+def _ffn(seed, m, d, dout, dtype):
+    g = torch.Generator().manual_seed(seed)
+    gu = (torch.randn(m, 2, d, generator=g) / d**0.5).to(dtype)
+    wd_t = (torch.randn(m, dout, generator=g) / m**0.5).to(dtype)
+    return torch.randn(d, generator=g), gu, wd_t
+
+
+def _near(score: torch.Tensor, thr: float) -> int:
+    """How many scores lie within rounding distance of the threshold (their decision may differ)."""
+    return int(((score - thr).abs() <= 1e-5 * max(score.abs().max().item(), 1e-6)).sum())
+
+
+# ------------------------------------------------------------------------------------------------
+# gated_ffn_gather
+# ------------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_gather_matches_reference(isa, dtype, act, shape):
+    m, d, dout = shape
+    x, gu, wd_t = _ffn(0, m, d, dout, dtype)
+    g = torch.Generator().manual_seed(1)
+    for k in (1, 3, 16, 21, m // 2, m):  # group tails of 16 / 4 / 1, half, all
+        for idx_dtype in (torch.int32, torch.int64):
+            idx = torch.randperm(m, generator=g)[:k].to(idx_dtype)
+            ref = gated_ffn_gather(x, gu, wd_t, idx, act, impl="reference")
+            y = gated_ffn_gather(x, gu, wd_t, idx, act, impl="ext")
+            assert y.shape == (dout,) and y.dtype == x.dtype
+            atol = 1e-6 * term_scale(x, gu[idx.long(), 0], gu[idx.long(), 1], wd_t[idx.long()])
+            close(y, ref, 1e-4, f"{isa} {act} k={k}", atol)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    close(gated_ffn_gather(x, gu, wd_t, idx, act, impl="torch"), ref, tol, "torch path")
+
+
+@needs_ext
+def test_gated_gather_all_neurons_equals_dense_and_edges(isa):
+    x, gu, wd_t = _ffn(2, 200, 72, 72, torch.bfloat16)
+    wg, wu = gu[:, 0], gu[:, 1]
+    for act in ACTS:
+        dense = geglu_decode(x, wg, wu, wd_t, impl="reference", act=act)
+        close(gated_ffn_gather(x, gu, wd_t, torch.arange(200), act, impl="ext"), dense, 1e-4, act)
+        # empty selection: exactly zero
+        y = gated_ffn_gather(x, gu, wd_t, torch.empty(0, dtype=torch.long), act, impl="ext")
+        assert torch.equal(y, torch.zeros(72))
+        # repeated neurons count twice, as in the reference
+        idx = torch.tensor([5, 5, 7], dtype=torch.int32)
+        close(gated_ffn_gather(x, gu, wd_t, idx, act, impl="ext"),
+              gated_ffn_gather(x, gu, wd_t, idx, act, impl="reference"), 1e-4, "repeats")
+    # bf16 activation in, bf16 out; a strided (non-contiguous) gate_up view
+    xb = x.bfloat16()
+    assert gated_ffn_gather(xb, gu, wd_t, torch.arange(50), "silu", impl="ext").dtype == torch.bfloat16
+    big = torch.randn(200, 3, 72).bfloat16()
+    view = big[:, 1:]
+    close(gated_ffn_gather(x, view, wd_t, torch.arange(0, 200, 3), "silu", impl="ext"),
+          gated_ffn_gather(x, view, wd_t, torch.arange(0, 200, 3), "silu", impl="reference"), 1e-4, "strided")
+
+
+@needs_ext
+def test_gated_gather_threads():
+    x, gu, wd_t = _ffn(3, 512, 64, 64, torch.float32)
+    idx = torch.randperm(512)[:300]
+    ref = gated_ffn_gather(x, gu, wd_t, idx, "silu", impl="reference")
+    n = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            close(gated_ffn_gather(x, gu, wd_t, idx, "silu", impl="ext"), ref, 1e-4, f"{t} threads")
+    finally:
+        torch.set_num_threads(n)
+
+
+@needs_ext
+def test_gated_gather_refuses_bad_arguments():
+    x, gu, wd_t = _ffn(4, 64, 32, 16, torch.float32)
+    idx = torch.arange(10)
+    with pytest.raises(ValueError, match="activation"):
+        gated_ffn_gather(x, gu, wd_t, idx, "relu")
+    for impl, err in (("ext", RuntimeError), ("torch", ValueError), ("reference", ValueError)):
+        with pytest.raises(err, match="gate_up"):
+            gated_ffn_gather(x, gu[:, 0], wd_t, idx, "silu", impl=impl)
+        with pytest.raises(err, match="gate_up"):
+            gated_ffn_gather(x[:31], gu, wd_t, idx, "silu", impl=impl)
+    with pytest.raises(ValueError, match="out of range"):
+        gated_ffn_gather(x, gu, wd_t, torch.tensor([64]), "silu", impl="reference")
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        gated_ffn_gather(x, gu, wd_t, idx.float(), "silu", impl="ext")
+    with pytest.raises(RuntimeError, match="out of range"):
+        gated_ffn_gather(x, gu, wd_t, torch.tensor([0, 64]), "silu", impl="ext")
+    with pytest.raises(RuntimeError, match="out of range"):
+        gated_ffn_gather(x, gu, wd_t, torch.tensor([-1]), "silu", impl="ext")
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        gated_ffn_gather(x, gu.half(), wd_t.half(), idx, "silu", impl="ext")
+    with pytest.raises(RuntimeError, match="one dtype"):
+        gated_ffn_gather(x, gu, wd_t.bfloat16(), idx, "silu", impl="ext")
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.sparkformer.gated_ffn_gather(x, gu, wd_t, idx, "gelu")
+    with pytest.raises(ValueError, match="impl"):
+        gated_ffn_gather(x, gu, wd_t, idx, "silu", impl="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# cats_ffn_decode
+# ------------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cats_matches_reference(isa, dtype, act, shape):
+    m, d, dout = shape
+    x, gu, wd_t = _ffn(5, m, d, dout, dtype)
+    if d == dout:  # pack_geglu's layout where it applies, else three separate tensors
+        w = pack_geglu(gu[:, 0].float(), gu[:, 1].float(), wd_t.float().t(), dtype=dtype)
+    else:
+        w = (gu[:, 0].contiguous(), gu[:, 1].contiguous(), wd_t)
+    a = F.silu(w[0].float() @ x) if act == "silu" else F.gelu(w[0].float() @ x, approximate="tanh")
+    for q in (0.0, 0.3, 0.5, 0.9):  # threshold at these quantiles of |act(gate)|: ~all, 70%, 50%, 10% kept
+        thr = float(a.abs().quantile(q)) if q else 0.0
+        ref, n_ref = cats_ffn_decode(x, *w, thr, act, impl="reference")
+        y, n = cats_ffn_decode(x, *w, thr, act, impl="ext")
+        assert y.shape == (dout,) and y.dtype == x.dtype and n.dtype == torch.long and n.dim() == 0
+        assert abs(int(n) - int(n_ref)) <= _near(a.abs(), thr), f"{isa} q={q}: kept {int(n)} vs {int(n_ref)}"
+        if int(n) == int(n_ref):
+            close(y, ref, 1e-4, f"{isa} {act} q={q}", 1e-6 * term_scale(x, *w))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    y_t, n_t = cats_ffn_decode(x, *w, thr, act, impl="torch")
+    if int(n_t) == int(n_ref):  # its bf16 gate may flip a borderline neuron, which moves y by a whole term
+        close(y_t, ref, tol, "torch path")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_cats_edge_cases(isa, dtype):
+    x, gu, wd_t = _ffn(6, 300, 80, 80, dtype)
+    w = pack_geglu(gu[:, 0].float(), gu[:, 1].float(), wd_t.float().t(), dtype=dtype)
+    for act in ACTS:
+        dense = geglu_decode(x, *w, impl="reference", act=act)
+        # a negative threshold keeps every neuron: the dense FFN
+        y, n = cats_ffn_decode(x, *w, -1.0, act, impl="ext")
+        assert int(n) == 300
+        close(y, dense, 1e-4, f"{act} all kept")
+        # a huge threshold keeps none: exactly zero
+        y, n = cats_ffn_decode(x, *w, 1e30, act, impl="ext")
+        assert int(n) == 0 and torch.equal(y, torch.zeros(80, dtype=x.dtype))
+        # threshold 0 drops only exact zeros of the activation (a zero gate row)
+        wg = w.w_gate.clone()
+        wg[::7] = 0
+        y, n = cats_ffn_decode(x, wg, w.w_up, w.w_down_t, 0.0, act, impl="ext")
+        assert int(n) == 300 - len(range(0, 300, 7))
+        close(y, geglu_decode(x, wg, w.w_up, w.w_down_t, impl="reference", act=act), 1e-4, "threshold 0")
+    with pytest.raises(ValueError, match="NaN"):
+        cats_ffn_decode(x, *w, float("nan"), "silu")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cats_ffn_decode(x[:79], *w, 0.1, "silu", impl="ext")
+    with pytest.raises(RuntimeError, match="one dtype"):
+        other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+        cats_ffn_decode(x, w.w_gate, w.w_up.to(other), w.w_down_t, 0.1, "silu", impl="ext")
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cats_ffn_decode(x, w.w_gate.half(), w.w_up.half(), w.w_down_t.half(), 0.1, "silu", impl="ext")
+    with pytest.raises(ValueError, match="activation"):
+        cats_ffn_decode(x, *w, 0.1, "tanh")
+
+
+@needs_ext
+def test_cats_threads_and_bf16_activation():
+    x, gu, wd_t = _ffn(7, 1000, 64, 64, torch.bfloat16)
+    w = (gu[:, 0].contiguous(), gu[:, 1].contiguous(), wd_t)
+    xb = x.bfloat16()
+    ref, n_ref = cats_ffn_decode(xb, *w, 0.05, "silu", impl="reference")
+    n_thr = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            y, n = cats_ffn_decode(xb, *w, 0.05, "silu", impl="ext")
+            assert y.dtype == torch.bfloat16 and int(n) == int(n_ref)
+            close(y, ref, 1 / 128, f"{t} threads")
+    finally:
+        torch.set_num_threads(n_thr)
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse_input_matvec
+# ------------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(576, 576), (77, 45), (1536, 576), (33, 1), (5, 130)], ids=str)
+def test_sparse_input_matvec_matches_reference(isa, dtype, shape):
+    n_in, n_out = shape
+    g = torch.Generator().manual_seed(8)
+    w_t = (torch.randn(n_in, n_out, generator=g) / n_in**0.5).to(dtype)
+    x = torch.randn(n_in, generator=g)
+    for q in (0.0, 0.4, 0.5, 0.95):
+        thr = float(x.abs().quantile(q)) if q else 0.0
+        ref, n_ref = sparse_input_matvec(w_t, x, thr, impl="reference")
+        y, n = sparse_input_matvec(w_t, x, thr, impl="ext")
+        assert int(n) == int(n_ref) and y.shape == (n_out,) and y.dtype == x.dtype
+        close(y, ref, 1e-4, f"{isa} q={q}")
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        y_t, n_t = sparse_input_matvec(w_t, x, thr, impl="torch")
+        assert int(n_t) == int(n_ref)
+        close(y_t, ref, tol, "torch path")
+    # threshold 0 with exact zeros in x skips just those; all kept equals the dense product
+    xz = x.clone()
+    xz[::3] = 0
+    y, n = sparse_input_matvec(w_t, xz, 0.0, impl="ext")
+    assert int(n) == n_in - len(range(0, n_in, 3))
+    close(y, w_t.float().t() @ xz, 1e-4, "zeros skipped")
+    y, n = sparse_input_matvec(w_t, x, -1.0, impl="ext")
+    assert int(n) == n_in
+    close(y, w_t.float().t() @ x, 1e-4, "all kept")
+
+
+@needs_ext
+def test_sparse_input_matvec_edges_and_threads():
+    w_t = torch.randn(600, 100).bfloat16()
+    x = torch.randn(600)
+    y, n = sparse_input_matvec(w_t, x, 1e9, impl="ext")  # nothing kept
+    assert int(n) == 0 and torch.equal(y, torch.zeros(100))
+    xb = x.bfloat16()
+    ref, _ = sparse_input_matvec(w_t, xb, 0.5, impl="reference")
+    n_thr = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            y, _ = sparse_input_matvec(w_t, xb, 0.5, impl="ext")
+            assert y.dtype == torch.bfloat16
+            close(y, ref, 1 / 128, f"{t} threads")
+    finally:
+        torch.set_num_threads(n_thr)
+    with pytest.raises(RuntimeError, match="W\\^T"):
+        sparse_input_matvec(w_t, x[:599], 0.5, impl="ext")
+    with pytest.raises(ValueError, match="W\\^T"):
+        sparse_input_matvec(w_t, x[:599], 0.5, impl="reference")
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        sparse_input_matvec(w_t.double(), x, 0.5, impl="ext")
+    with pytest.raises(RuntimeError, match="contiguous"):
+        sparse_input_matvec(w_t.t().contiguous().t(), x, 0.5, impl="ext")
+    with pytest.raises(ValueError, match="NaN"):
+        sparse_input_matvec(w_t, x, float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------
+# act= of the fused dense gated FFN and of the Spark FFN
+# ------------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_geglu_decode_act(isa, dtype):
+    g = torch.Generator().manual_seed(9)
+    for m, d in ((200, 96), (131, 77), (1536, 576)):
+        wg, wu = torch.randn(m, d, generator=g) / d**0.5, torch.randn(m, d, generator=g) / d**0.5
+        wd = torch.randn(d, m, generator=g) / m**0.5
+        x = torch.randn(d, generator=g)
+        w = pack_geglu(wg, wu, wd, dtype=dtype)
+        for act in ACTS:
+            ref = geglu_decode(x, *w, impl="reference", act=act)
+            fn = F.silu if act == "silu" else (lambda z: F.gelu(z, approximate="tanh"))
+            direct = w.w_down_t.float().t() @ (fn(w.w_gate.float() @ x) * (w.w_up.float() @ x))
+            close(ref, direct, 1e-6, "reference")
+            close(geglu_decode(x, *w, impl="ext", act=act), ref, 1e-4, f"{isa} {act} m={m}")
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            close(geglu_decode(x, *w, impl="torch", act=act), ref, tol, "torch path")
+        # the default is gelu_tanh, bit for bit, and an activation function resolves to its name
+        assert torch.equal(geglu_decode(x, *w, impl="ext"), geglu_decode(x, *w, impl="ext", act="gelu_tanh"))
+        assert torch.equal(geglu_decode(x, *w, impl="ext", act=F.silu), geglu_decode(x, *w, impl="ext", act="silu"))
+    with pytest.raises(ValueError, match="activation"):
+        geglu_decode(x, *w, act="relu")
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.sparkformer.geglu_decode(x, *w, None, "relu")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_spark_ffn_decode_act(isa, dtype):
+    g = torch.Generator().manual_seed(10)
+    d_ff, d, r = 517, 77, 29
+    x = torch.randn(d, generator=g)
+    k1 = (torch.randn(d_ff, r, generator=g) / r**0.5).to(dtype)
+    k2 = (torch.randn(d_ff, d - r, generator=g) / d**0.5).to(dtype)
+    v = (torch.randn(d_ff, d, generator=g) / d_ff**0.5).to(dtype)
+    for act in ACTS:
+        ref, n_ref = spark_ffn_decode(x, k1, k2, v, 0.1, impl="reference", act=act)
+        y, n = spark_ffn_decode(x, k1, k2, v, 0.1, impl="ext", act=act)
+        assert int(n) == int(n_ref)
+        close(y, ref, 1e-4, f"{isa} {act}")
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        close(spark_ffn_decode(x, k1, k2, v, 0.1, impl="torch", act=act)[0], ref, tol, "torch path")
+    assert torch.equal(spark_ffn_decode(x, k1, k2, v, 0.1, impl="ext")[0],
+                       spark_ffn_decode(x, k1, k2, v, 0.1, impl="ext", act="gelu_tanh")[0])
+
+
+def test_fused_act_name():
+    assert fused_act_name("silu") == "silu" and fused_act_name(F.silu) == "silu"
+    from sparkformer.ops.activations import gelu_tanh
+
+    assert fused_act_name(gelu_tanh) == "gelu_tanh"
+    for bad in ("relu", torch.tanh, None):
+        with pytest.raises(ValueError, match="unsupported activation"):
+            fused_act_name(bad)
+
+
+def test_torch_paths_without_extension():
+    """The fallbacks need no extension: they agree with the references (fp32)."""
+    x, gu, wd_t = _ffn(11, 100, 40, 24, torch.float32)
+    idx = torch.arange(0, 100, 2)
+    close(gated_ffn_gather(x, gu, wd_t, idx, "silu", impl="torch"),
+          gated_ffn_gather(x, gu, wd_t, idx, "silu", impl="reference"), 1e-5)
+    w = (gu[:, 0], gu[:, 1], wd_t)
+    y, n = cats_ffn_decode(x, *w, 0.1, "silu", impl="torch")
+    y_ref, n_ref = cats_ffn_decode(x, *w, 0.1, "silu", impl="reference")
+    assert int(n) == int(n_ref)
+    close(y, y_ref, 1e-5)
+    w_t = torch.randn(40, 24)
+    y, n = sparse_input_matvec(w_t, x, 0.5, impl="torch")
+    y_ref, n_ref = sparse_input_matvec(w_t, x, 0.5, impl="reference")
+    assert int(n) == int(n_ref)
+    close(y, y_ref, 1e-5)
+
+
+@needs_ext
+def test_ops_pass_opcheck_and_compile():
+    x, gu, wd_t = _ffn(12, 64, 32, 16, torch.float32)
+    idx = torch.arange(0, 64, 3)
+    w = (gu[:, 0].contiguous(), gu[:, 1].contiguous(), wd_t)
+    w_t = torch.randn(32, 48)
+    torch.library.opcheck(torch.ops.sparkformer.gated_ffn_gather.default, (x, gu, wd_t, idx, "silu"))
+    torch.library.opcheck(torch.ops.sparkformer.cats_ffn_decode.default, (x, *w, 0.1, "silu"))
+    torch.library.opcheck(torch.ops.sparkformer.sparse_input_matvec.default, (w_t, x, 0.5))
+    torch.library.opcheck(torch.ops.sparkformer.geglu_decode.default, (x, *w, None, "silu"))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(x):
+        return gated_ffn_gather(x, gu, wd_t, idx, "silu") * 2, sparse_input_matvec(w_t, x, 0.5)[0] + 1
+
+    a, b = step(x)
+    assert torch.equal(a, gated_ffn_gather(x, gu, wd_t, idx, "silu") * 2)
+    assert torch.equal(b, sparse_input_matvec(w_t, x, 0.5)[0] + 1)
