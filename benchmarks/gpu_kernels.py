@@ -139,7 +139,7 @@ def ffn_items(hz: Harness, dt: torch.dtype, n_layers: int) -> None:
 
     def tuned() -> None:
         t0 = time.perf_counter()
-        plan = SparkFFNPlan.pick(x, *ws[0], f, weights=ws) if hz.cuda else SparkFFNPlan.for_weights(*ws[0], f)
+        plan = SparkFFNPlan.pick(x, *ws[0], f, weights=ws, timer=None if hz.cuda else hz.time_us)
         hz.emit("M2e_tuner_pick", us=getattr(plan, "pick_us", None), shape=plan.shape(),
                 table=getattr(plan, "pick_table", None), tune_s=round(time.perf_counter() - t0, 1))
 

@@ -10,7 +10,6 @@ from sparkformer.decode import make_engine
 from sparkformer.sparsity import LayerThresholds, SparseSpec, SparsityMeter, achieved_sparsity, sparse_forward
 from tiny_models import tiny_spark
 
-torch.set_grad_enabled(False)
 
 
 def _silu_model(layers=2, seed=0):
@@ -22,8 +21,9 @@ def _silu_model(layers=2, seed=0):
                       post_norms=False, embed_scale=False, ffn_activation="silu")
     torch.manual_seed(seed)
     m = SparkLM(cfg).eval()
-    for p in m.parameters():  # larger weights: activations spread enough that thresholds bite
-        p.mul_(3.0)
+    with torch.no_grad():  # larger weights: activations spread enough that thresholds bite
+        for p in m.parameters():
+            p.mul_(3.0)
     return m
 
 

@@ -214,13 +214,18 @@ def test_cuda_engine_generate_and_positions():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_matches_eager():
-    from sparkformer.decode import make_random_engine
+@pytest.mark.parametrize("fuse,pdl", [(False, False), (True, True)])
+def test_cuda_graph_replay_matches_eager(fuse, pdl):
+    """The captured step (tuned launch shapes; optionally the fused norm GEMV and programmatic dependent launch)
+    replays to what the plain eager step computes."""
+    from sparkformer.decode import make_random_engine, random_layout
+    from sparkformer.decode.cuda import CudaEngine
 
     cfg = _tiny_cfg(ffn="spark", attention="spark", d_model=256, ffn_dim=512, spark_ffn_rank=128, head_dim=64,
                     spark_attn_topk=16, sliding_window=32)
     eager = make_random_engine(cfg, torch.bfloat16, max_len=128, device="cuda", seed=3, graph=False)
-    graph = make_random_engine(cfg, torch.bfloat16, max_len=128, device="cuda", seed=3, graph=True)
+    graph = CudaEngine(random_layout(cfg, torch.bfloat16, seed=3, device="cuda"), max_len=128, device="cuda",
+                       graph=True, fuse_norm=fuse, pdl=pdl)
     prompt = list(range(1, 41))
     le, lg = eager.prefill(prompt), graph.prefill(prompt)
     assert rel(lg, le) < 2e-2

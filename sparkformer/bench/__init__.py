@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["topk", "decode", "routed", "batch"]
+BENCHMARKS = ["topk", "decode", "routed", "batch", "sparsify"]
 
 
 def add_cli(sub) -> None:

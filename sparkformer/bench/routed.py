@@ -42,7 +42,9 @@ def bytes_per_token(engine: Engine, context: int, ffn_fraction: float | None) ->
     el = engine.embed.element_size()
     total = engine.head.numel() * el
     kv = 2 * cfg.n_kv_heads * cfg.head_dim * context * el
-    read = engine.stats.summary().get("thresholded_weights_read")
+    st_sum = engine.stats.summary()
+    read = st_sum.get("thresholded_weights_read")
+    gate_up = st_sum.get("ffn_gate_up_activity")  # routers with a verify stage read more gate/up rows than down
     for st in engine.layers:
         sp = st.sparse
         thr = 0
@@ -53,8 +55,8 @@ def bytes_per_token(engine: Engine, context: int, ffn_fraction: float | None) ->
         total += (st.w_qkv.numel() + st.w_o.numel()) * el + kv
         ffn = sum(t.numel() for t in st.ffn) * el
         if st.ffn_kind == "routed":
-            total += round(ffn * ffn_fraction) + sum(p.numel() * p.element_size()
-                                                     for p in st.routed.router.parameters())
+            frac = ffn_fraction if gate_up is None else (2 * gate_up + ffn_fraction) / 3
+            total += round(ffn * frac) + sum(p.numel() * p.element_size() for p in st.routed.router.parameters())
         else:
             total += ffn
         if thr:

@@ -1,15 +1,13 @@
 """One routing abstraction over FFN neurons and bricks: ``Router.scores(x) -> (..., n_units)``, ``Router.select``.
 
-A router sees the FFN input ``x`` of one layer and decides which units run for each token. A unit is one neuron
-(``unit == "neuron"``) or a brick, a group of neurons from a :class:`~sparkformer.bricks.partition.Partition`
-(``unit == "brick"``; ``groups[i]`` is the brick of neuron i). The routers:
+A router sees the FFN input ``x`` of one layer and decides which units run for each token: neurons, or bricks
+(``groups[i]``: the brick of neuron i, a :class:`~sparkformer.bricks.partition.Partition`). The routers:
 
     SparkPredictorRouter   the predictor of a trained SparkLM layer: s = K1 x[:r], the model's own top-k rule
     LowRankPredictor       the sparkified neuron predictor of a pretrained gated FFN (see below), saved to disk
     BrickMLPRouter         a learned brick router (MoEfication): linear or 2-layer MLP, x -> brick scores
     OracleRouter           the true output magnitude |a_i| * ||W_down[:, i]|| (per brick: its L2 norm over members)
     RandomRouter           uniform random scores (a fresh draw per call, from a seeded generator)
-
 Selection (``select``) turns scores into a bool mask over units, per token:
 
     "topk"   exactly round(fraction * n_units) units per token (sort-based, ``torch.topk``)
@@ -20,8 +18,7 @@ Selection (``select``) turns scores into a bool mask over units, per token:
 ``fraction >= 1`` selects everything. :func:`route` applies one router per layer to a model by zeroing the
 activation (input of the down projection) of the unselected neurons; with everything selected the output is
 bit-identical to the model's. A decode engine asks :meth:`Router.decode_form` for a router it can run itself.
-Fitting routers on recorded FFN inputs: :mod:`sparkformer.bricks.ffn_inputs`, :mod:`sparkformer.bricks.brick_routers`,
-:mod:`sparkformer.bricks.sparkify`; measuring them: :mod:`sparkformer.bricks.router_eval`.
+Fitting: :mod:`~sparkformer.bricks.brick_routers`, :mod:`~sparkformer.bricks.sparkify`; measuring: ``router_eval``.
 
 The LowRankPredictor (scores for the lead's "predicted gated FFN" decode kernel)::
 
@@ -33,6 +30,7 @@ The LowRankPredictor (scores for the lead's "predicted gated FFN" decode kernel)
                                                  output magnitude of neuron i)
     keep i where s_i > theta(s, stat_fraction)      then h_i = act(W_gate[i] x) * (W_up[i] x) only for kept i,
                                                     y = W_down[:, kept] h_kept
+    verify stage (optional)       of the kept i, only those with |h_i| * w_i > verify_threshold read W_down[:, i]
 """
 
 from __future__ import annotations
@@ -316,6 +314,31 @@ class LowRankPredictor(Router):
             self.A = None
             self.register_buffer("dims", dims)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+        # optional verify stage (``set_verify``): the prediction proposes a superset, the exact output decides
+        self.verify_threshold: float | None = None
+        self.register_buffer("verify_weights", None)
+
+    def set_verify(self, weights: torch.Tensor, threshold: float) -> "LowRankPredictor":
+        """Keep, of the predicted neurons, those with |act(g_i) u_i| * weights_i > threshold."""
+        if weights.numel() != self.n_neurons:
+            raise ValueError(f"verify weights: {weights.numel()} entries for {self.n_neurons} neurons")
+        self.verify_weights, self.verify_threshold = weights.detach().float().flatten().clone(), float(threshold)
+        return self
+
+    @property
+    def needs_activation(self) -> bool:  # the verify stage reads the layer's exact activation
+        return self.verify_threshold is not None
+
+    def neuron_mask(self, x, activation=None, **select_kw):
+        m = super().neuron_mask(x, None, **select_kw)
+        if self.verify_threshold is not None and activation is None:
+            raise ValueError("this predictor verifies its selection with the exact activation; pass activation=")
+        return m if self.verify_threshold is None else m & (activation.abs() * self.verify_weights
+                                                              > self.verify_threshold)
+
+    def verify_form(self) -> tuple[torch.Tensor, float] | None:
+        """(weights (n,) fp32, threshold) of the verify stage, or None."""
+        return None if self.verify_threshold is None else (self.verify_weights.contiguous(), self.verify_threshold)
 
     @property
     def input(self) -> str:
@@ -365,10 +388,12 @@ class LowRankPredictor(Router):
 
     def config(self):
         return {**super().config(), "input": self.input, "output": self.output, "act": self.act, "rank": self.rank,
-                "bias": self.bias is not None}
+                "bias": self.bias is not None, "verify_threshold": self.verify_threshold}
 
     def tensors(self):
         t = {**super().tensors(), "B": self.B.detach()}
+        if self.verify_weights is not None:
+            t["verify_weights"] = self.verify_weights
         if self.A is not None:
             t["A"] = self.A.detach()
         else:
@@ -379,8 +404,11 @@ class LowRankPredictor(Router):
 
     @classmethod
     def from_saved(cls, cfg, tensors):
-        return cls(tensors["B"], tensors.get("A"), tensors.get("dims"), cfg.get("output", "gate"),
-                   cfg.get("act", "silu"), tensors.get("bias"), tensors.get("groups"), **_sel_kw(cfg))
+        r = cls(tensors["B"], tensors.get("A"), tensors.get("dims"), cfg.get("output", "gate"),
+                cfg.get("act", "silu"), tensors.get("bias"), tensors.get("groups"), **_sel_kw(cfg))
+        if cfg.get("verify_threshold") is not None:
+            r.set_verify(tensors["verify_weights"], cfg["verify_threshold"])
+        return r
 
 
 class BrickMLPRouter(Router):

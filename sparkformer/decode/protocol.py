@@ -77,6 +77,7 @@ class DecodeStats:
     cap_fired: int = 0
     prefill_ffn_neurons: int = 0  # sparse Spark FFN prefill: summed over layers and prompt tokens
     prefill_ffn_rows: int = 0  # (layer, prompt token) pairs behind prefill_ffn_neurons
+    ffn_gate_up_neurons: int = 0  # routed FFN: neurons whose gate/up rows were read (>= ffn_neurons with verify)
     sparse_weights_read: float = 0.0  # thresholded matrices (sparkformer.sparsity): weights read, summed over tokens
     sparse_weights: int = 0  # those matrices' weights, summed the same way
 
@@ -87,6 +88,8 @@ class DecodeStats:
         if self.ffn_layers:
             out["ffn_neurons_per_layer"] = self.ffn_neurons / self.ffn_layers
             out["ffn_activity"] = self.ffn_neurons / max(1, self.ffn_width)
+            if self.ffn_gate_up_neurons:
+                out["ffn_gate_up_activity"] = self.ffn_gate_up_neurons / max(1, self.ffn_width)
         if self.sparse_weights:
             out["thresholded_weights_read"] = self.sparse_weights_read / self.sparse_weights
         if self.key_rows:

@@ -24,10 +24,13 @@ class RoutedFFN:
     gate_up: torch.Tensor  # (m, 2, d): each neuron's gate and up rows side by side
     w_down_t: torch.Tensor  # (m, d)
     fast: tuple | None  # router.decode_form(dtype): (A, B, n, f, act) or None
+    verify: tuple | None = None  # router.verify_form(): (weights (m,) fp32, threshold) or None
+    last_gate_up: int = 0  # neurons whose gate/up rows the last token read (the predicted set)
 
     def to(self, device: torch.device) -> "RoutedFFN":
         fast = None if self.fast is None else (self.fast[0].to(device), self.fast[1].to(device), *self.fast[2:])
-        return RoutedFFN(self.router.to(device), self.gate_up.to(device), self.w_down_t.to(device), fast)
+        verify = None if self.verify is None else (self.verify[0].to(device), self.verify[1])
+        return RoutedFFN(self.router.to(device), self.gate_up.to(device), self.w_down_t.to(device), fast, verify)
 
 
 def attach_router(layer, router, w_gate: torch.Tensor, w_up: torch.Tensor, index: int, dtype: torch.dtype) -> None:
@@ -41,7 +44,8 @@ def attach_router(layer, router, w_gate: torch.Tensor, w_up: torch.Tensor, index
     r = copy.deepcopy(router).to(dtype).eval()
     form = r.decode_form(dtype) if hasattr(r, "decode_form") else None
     gate_up = torch.stack([w_gate, w_up], 1).to(dtype).contiguous()
-    layer.routed = RoutedFFN(r, gate_up, layer.ffn[2], form)
+    verify = r.verify_form() if hasattr(r, "verify_form") else None
+    layer.routed = RoutedFFN(r, gate_up, layer.ffn[2], form, verify)
     layer.ffn_kind = "routed"
 
 
@@ -56,16 +60,26 @@ def routed_neurons(rf: RoutedFFN, x: torch.Tensor, mv: Callable) -> torch.Tensor
 
 
 def routed_ffn_decode(rf: RoutedFFN, xn: torch.Tensor, act: Callable, dtype: torch.dtype,
-                      mv: Callable) -> tuple[torch.Tensor, int]:
+                      mv: Callable, gather: Callable | None = None) -> tuple[torch.Tensor, int]:
     """Gated FFN over the neurons the router keeps for this token: one gather of their gate/up rows, one of their
-    W_down columns. Returns (y (d,) in ``dtype``, neurons run)."""
+    W_down columns (``gather(x, gate_up, w_down_t, idx)``: a fused kernel for the whole step, when given and the
+    router has no verify stage). With a verify stage, only the predicted neurons whose exact |act(g) u| * w passes
+    the threshold read their W_down row. Returns (y (d,), neurons run)."""
     x = xn.to(dtype)
     idx = routed_neurons(rf, x, mv)
+    rf.last_gate_up = idx.numel()
+    if rf.verify is None and gather is not None:
+        return gather(x, rf.gate_up, rf.w_down_t, idx), idx.numel()
     gu = (rf.gate_up.index_select(0, idx).view(-1, x.numel()) @ x).float().view(-1, 2)
     h = act(gu[:, 0]) * gu[:, 1]
+    if rf.verify is not None:
+        w, t = rf.verify
+        keep = (h.abs() * w.index_select(0, idx) > t).nonzero().squeeze(1)
+        idx, h = idx.index_select(0, keep), h.index_select(0, keep)
     return h.to(dtype) @ rf.w_down_t.index_select(0, idx), idx.numel()
 
 
-def routed_prefill_mask(rf: RoutedFFN, xn: torch.Tensor) -> torch.Tensor:
-    """(T, m) mask of the neurons kept per prompt token: the same selections as decode."""
-    return rf.router.neuron_mask(xn)
+def routed_prefill_mask(rf: RoutedFFN, xn: torch.Tensor, activation: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, m) mask of the neurons kept per prompt token: the same selections as decode (``activation``: the exact
+    act(g) * u, for routers with a verify stage)."""
+    return rf.router.neuron_mask(xn, activation if getattr(rf.router, "needs_activation", False) else None)

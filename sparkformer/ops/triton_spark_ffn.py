@@ -310,18 +310,21 @@ class SparkFFNPlan:
 
     @classmethod
     def pick(cls, x, k1, k2, v, fraction: float, candidates: list[dict] | None = None, reps: int = 20,
-             weights: list[tuple] | None = None, **common) -> "SparkFFNPlan":
+             weights: list[tuple] | None = None, timer=None, **common) -> "SparkFFNPlan":
         """Time launch shapes as CUDA-graph replays over ``weights`` (several layers' (k1, k2, v), so the timing
         reads cold weights: one layer's K1 fits in an H100/H200's L2) and return the fastest plan (its time in
-        ``pick_us``, every candidate's in ``pick_table``). Off CUDA: the default plan."""
-        if k1.device.type != "cuda":
-            return cls.for_weights(k1, k2, v, fraction, **common)
+        ``pick_us``, every candidate's in ``pick_table``). ``timer(fn) -> us`` replaces the graph timing (the
+        interpreter test runs this code path with a plain clock). Off CUDA without a timer: the default plan."""
+        if timer is None:
+            if k1.device.type != "cuda":
+                return cls.for_weights(k1, k2, v, fraction, **common)
+            timer = lambda fn: cuda_graph_us(fn, reps)  # noqa: E731
         weights = weights or [(k1, k2, v)]
         best, table = None, []
         for c in candidates or cls.CANDIDATES:
             plan = cls.for_weights(k1, k2, v, fraction, **{**common, **c})
             try:
-                t = cuda_graph_us(lambda: [plan.run(x, *w) for w in weights], reps) / len(weights)
+                t = timer(lambda: [plan.run(x, *w) for w in weights]) / len(weights)
             except Exception as e:  # a shape this GPU cannot compile (registers, shared memory): skip it
                 table.append({**c, "error": type(e).__name__})
                 continue

@@ -46,6 +46,7 @@ class SparsifySettings:
     rank: int = 128  # predictor rank
     fit: str = "lsq"  # predictor fit: lsq (least squares on recorded inputs) | none (weights only)
     train_steps: int = 0  # predictor: Adam steps per layer after the closed-form fit
+    verify: float = 1.0  # predictor: propose verify x the kept neurons, keep those whose exact output passes
     capabilities: str = "default"  # calibration / held-out domains (sparkformer.bricks.capabilities)
     seq_len: int = 128
     calib_windows: int = 8  # per domain
@@ -64,8 +65,8 @@ class SparsifySettings:
             raise ValueError(f"--scope model is a teal option; {self.method} sparsifies the FFN (drop --scope)")
         if self.allocation not in ("greedy", "uniform"):
             raise ValueError(f"--allocation {self.allocation!r}; allowed: greedy, uniform")
-        if self.rank < 1 or self.train_steps < 0:
-            raise ValueError("--rank >= 1 and --train-steps >= 0")
+        if self.rank < 1 or self.train_steps < 0 or self.verify < 1.0:
+            raise ValueError("--rank >= 1, --train-steps >= 0 and --verify >= 1")
         if self.fit not in ("lsq", "none"):
             raise ValueError(f"--fit {self.fit!r}; allowed: lsq, none")
         return self
@@ -96,7 +97,7 @@ def apply_method(model, s: SparsifySettings, calib: torch.Tensor, table=None, X=
         return M.teal(model, calib, s.sparsity, s.scope, s.allocation, sens, table, log)
     if s.method == "cats":
         return M.cats(model, calib, s.sparsity, s.allocation, sens, table, log)
-    return M.predictor(model, calib, s.sparsity, s.rank, s.fit, s.train_steps, X, log)
+    return M.predictor(model, calib, s.sparsity, s.rank, s.fit, s.train_steps, X, s.verify, log)
 
 
 def run_sparsify(s: SparsifySettings, loaded=None, log: Callable[[str], None] = log) -> dict[str, Any]:
@@ -185,6 +186,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--rank", type=int, default=d.rank, help="predictor rank")
     p.add_argument("--fit", default=d.fit, choices=("lsq", "none"), help="predictor fit")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="predictor Adam steps per layer")
+    p.add_argument("--verify", type=float, default=d.verify,
+                   help="predictor: propose VERIFY x the kept neurons, keep those whose exact |act(g) u| passes a "
+                        "calibrated threshold (1: no verification)")
     p.add_argument("--capabilities", default=d.capabilities, help="calibration / held-out domains")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--calib-windows", type=int, default=d.calib_windows, help="calibration windows per domain")

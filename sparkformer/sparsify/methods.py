@@ -66,15 +66,38 @@ def record_inputs(model, calib: torch.Tensor, batch: int = 8) -> list[torch.Tens
 
 
 def predictor(model, calib: torch.Tensor, sparsity: float, rank: int = 128, fit: str = "lsq", train_steps: int = 0,
-              X: list[torch.Tensor] | None = None, log: Callable | None = None) -> Sparsified:
-    from sparkformer.bricks.sparkify import SparkifyConfig, sparkify_model
+              X: list[torch.Tensor] | None = None, verify: float = 1.0, log: Callable | None = None) -> Sparsified:
+    """Low-rank predictors (``bricks.sparkify.fit_predictor``) keeping ``1 - sparsity`` of the neurons. ``verify``
+    > 1: the predictor proposes ``verify`` times as many neurons; their gate/up rows are read, and only those whose
+    exact |act(g_i) u_i| * ||W_down[:, i]|| passes a per-layer threshold (calibrated so that ``1 - sparsity`` of the
+    neurons pass on the calibration tokens) read their down row and contribute."""
+    from sparkformer.bricks.neurons import NeuronView
+    from sparkformer.bricks.routing import ACTS
+    from sparkformer.bricks.sparkify import SparkifyConfig, gated_parts, sparkify_model
 
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
+    if verify < 1.0:
+        raise ValueError(f"verify={verify}: the proposed set is verify x the kept neurons, so verify >= 1")
+    kept = 1.0 - sparsity
+    proposed = min(1.0, verify * kept)
     X = X if X is not None else record_inputs(model, calib)
-    cfg = SparkifyConfig(rank=rank, fit=fit, train_steps=train_steps, fraction=1.0 - sparsity)
+    cfg = SparkifyConfig(rank=rank, fit=fit, train_steps=train_steps, fraction=proposed)
     routers, infos = sparkify_model(model, X, cfg, log=log)
-    return Sparsified(routers=routers, info={"config": cfg.__dict__, "fit": infos})
+    if verify > 1.0:
+        view = NeuronView(model)
+        for r, layer, x in zip(routers, view, X):
+            Wg, Wu, dn, act = gated_parts(layer)
+            xs = x[:: max(1, x.shape[0] // 4096)].float()
+            with torch.no_grad():
+                a = ACTS[act](xs @ Wg.T) * (xs @ Wu.T)
+                score = (a.abs() * dn) * r.neuron_mask(xs)
+            k = max(1, round(kept * score.numel()))
+            t = float(score.flatten().kthvalue(score.numel() - k).values) if k < score.numel() else 0.0
+            r.set_verify(dn, t)
+    info = {"config": cfg.__dict__, "fit": infos, "verify": verify, "proposed_fraction": proposed,
+            "kept_fraction": kept}
+    return Sparsified(routers=routers, info=info)
 
 
 def oracle(model, sparsity: float) -> Sparsified:
