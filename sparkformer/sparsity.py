@@ -67,7 +67,7 @@ class SparseSpec:
             if lt.gate_up is not None and lt.gate_act is not None:
                 raise ValueError(f"layer {i}: gate_up (input) and gate_act (CATS) thresholds together are not "
                                  "supported; use one of them")
-        if self.scope not in ("ffn", "model"):
+        if self.scope not in ("ffn", "model"):  # what the target counts: FFN weights, or every decoder matrix's
             raise ValueError(f"scope={self.scope!r}; allowed: ffn, model")
         return self
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from sparkformer.ops import _extension
 from sparkformer.ops.dense_decode import geglu_decode, pack_geglu
 from sparkformer.ops.spark_ffn_decode import spark_ffn_decode
-from sparkformer.ops.sparse_ffn_decode import cats_ffn_decode, fused_act_name, gated_ffn_gather, sparse_input_matvec
+from sparkformer.ops.sparse_ffn_decode import cats_ffn_decode, fused_act_name, gated_ffn_gather, \
+    gated_ffn_gather_verify, sparse_input_matvec
 
 HAVE_EXT = _extension.available()
 needs_ext = pytest.mark.skipif(not HAVE_EXT, reason=f"C++ extension unavailable: {_extension.error()}")
@@ -76,6 +77,33 @@ def test_gated_gather_matches_reference(isa, dtype, act, shape):
             close(y, ref, 1e-4, f"{isa} {act} k={k}", atol)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     close(gated_ffn_gather(x, gu, wd_t, idx, act, impl="torch"), ref, tol, "torch path")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_gated_gather_verify_matches_reference(isa, dtype, shape):
+    m, d, dout = shape
+    x, gu, wd_t = _ffn(2, m, d, dout, dtype)
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(m, generator=g) + 0.5
+    idx = torch.randperm(m, generator=g)[: max(1, 2 * m // 3)]
+    h = gated_ffn_gather_verify(x, gu, wd_t, idx, "silu", w, -1.0, impl="reference")  # threshold < 0 keeps all
+    assert int(h[1]) == idx.numel()
+    close(h[0], gated_ffn_gather(x, gu, wd_t, idx, "silu", impl="reference"), 1e-5, "verify keeps all")
+    gu_f = gu.float()[idx]
+    hh = F.silu(gu_f[:, 0] @ x) * (gu_f[:, 1] @ x)
+    for q in (0.0, 0.5, 0.9):  # thresholds between the neurons' exact scores
+        t = float(torch.quantile(hh.abs() * w[idx], q)) * 1.0001
+        ref, n_ref = gated_ffn_gather_verify(x, gu, wd_t, idx, "silu", w, t, impl="reference")
+        y, n = gated_ffn_gather_verify(x, gu, wd_t, idx, "silu", w, t, impl="ext")
+        assert abs(int(n) - int(n_ref)) <= _near(hh.abs() * w[idx], t)
+        if int(n) == int(n_ref):
+            close(y, ref, 1e-4, f"{isa} q={q}", 1e-6 * term_scale(x, gu[idx, 0], gu[idx, 1], wd_t[idx]))
+    y, n = gated_ffn_gather_verify(x, gu, wd_t, idx[:0], "silu", w, 0.0, impl="ext")
+    assert int(n) == 0 and float(y.abs().max()) == 0.0
+    with pytest.raises(RuntimeError, match="weights"):
+        gated_ffn_gather_verify(x, gu, wd_t, idx, "silu", w[:-1], 0.0, impl="ext")
 
 
 @needs_ext

@@ -26,18 +26,23 @@ from sparkformer.bench.routed import bytes_per_token, prompt_ids, time_decode
 
 # (method, scope, asked sparsity): teal's is a fraction of the scope's weights, cats / predictor / oracle's of FFN
 # neurons
-DEFAULT_POINTS = ("teal:ffn:0.3,teal:ffn:0.5,teal:ffn:0.7,teal:model:0.3,teal:model:0.4,teal:model:0.5,"
-                  "cats:ffn:0.5,cats:ffn:0.7,predictor:ffn:0.5,predictor:ffn:0.7,oracle:ffn:0.5,oracle:ffn:0.7")
+# predictor points may end in :v<factor> (the verify stage: propose factor x the kept neurons)
+DEFAULT_POINTS = ("teal:ffn:0.3,teal:ffn:0.5,teal:model:0.3,teal:model:0.4,teal:down:0.2,"
+                  "cats:ffn:0.3,cats:ffn:0.5,predictor:ffn:0.5,predictor:ffn:0.7,predictor:ffn:0.7:v1.5,"
+                  "predictor:ffn:0.7:v2,oracle:ffn:0.5,oracle:ffn:0.7")
 
 
-def parse_points(spec: str) -> list[tuple[str, str, float]]:
+def parse_points(spec: str) -> list[tuple[str, str, float, float]]:
+    """(method, scope, sparsity, verify) per comma-separated item method:scope:sparsity[:v<factor>]."""
     out = []
     for item in spec.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 3 or parts[0] not in ("teal", "cats", "predictor", "oracle"):
-            raise ValueError(f"--points item {item!r}: give method:scope:sparsity, method one of teal, cats, "
-                             "predictor, oracle (e.g. teal:ffn:0.5)")
-        out.append((parts[0], parts[1], float(parts[2])))
+        ok = len(parts) in (3, 4) and parts[0] in ("teal", "cats", "predictor", "oracle") and (
+            len(parts) == 3 or (parts[0] == "predictor" and parts[3].startswith("v")))
+        if not ok:
+            raise ValueError(f"--points item {item!r}: give method:scope:sparsity[:v<factor>], method one of teal, "
+                             "cats, predictor, oracle (e.g. teal:ffn:0.5, predictor:ffn:0.7:v1.5)")
+        out.append((parts[0], parts[1], float(parts[2]), float(parts[3][1:]) if len(parts) == 4 else 1.0))
     return out
 
 
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tables: dict[str, Any] = {}  # sensitivity tables, one per (method, scope): reused across sparsities
     X = None  # recorded FFN inputs for the predictor
     res_points = []
-    for method, scope, target in points:
+    for method, scope, target, verify in points:
         t = time.time()
         if method == "oracle":
             sp = M.oracle(model, target)
@@ -103,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 X = M.record_inputs(model, calib)
             s = SparsifySettings(model=args.model, out="", method=method, sparsity=target,
                                  scope=scope if method == "teal" else "ffn", allocation=args.allocation,
-                                 rank=args.rank).validate()
+                                 rank=args.rank, verify=verify).validate()
             key = f"{method}:{scope}"
             sp = apply_method(model, s, calib, table=tables.get(key), X=X, log=lambda m: print(m, flush=True))
             if sp.info.get("table") is not None:
@@ -111,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ev = heldout_eval(model, dw.heldout, sp.spec, sp.routers)
         summ = summarize(SparsifySettings(model=args.model, out="", method="predictor" if method == "oracle"
                                           else method, sparsity=target, scope=scope), dense, ev)
-        point = {"method": method, "scope": scope, "target": target, "sparsity": summ["sparsity"],
+        point = {"method": method, "scope": scope, "target": target, "verify": verify, "sparsity": summ["sparsity"],
                  "weights_skipped": summ["weights_skipped"], "ppl": ev["ppl"], "ppl_increase": summ["ppl_increase"],
                  "per_domain_increase": summ["per_domain_increase"], "training_free": method in ("teal", "cats"),
                  "continued_training": False, "speedup": None, "ideal_speedup": None}
@@ -120,10 +125,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             point.update(_speed(model, dense_engine, sp.spec, sp.routers, args.dtype, ids, args.context, args.tokens,
                                 args.repeats))
+            es = point["engine_stats"]
+            if "ffn_gate_up_activity" in es:  # routers: gate/up rows of the proposed set, down rows of the kept
+                point["weights_skipped"] = 1.0 - (2 * es["ffn_gate_up_activity"] + es["ffn_activity"]) / 3
         point["seconds"] = time.time() - t
         res_points.append(point)
         sp_s = f"{point['speedup']:.2f}x (ideal {point['ideal_speedup']:.2f}x)" if point["speedup"] else "-"
-        print(f"{method:9s} {scope:5s} asked {target:.2f} achieved {point['sparsity']:.3f} ppl {ev['ppl']:.3f} "
+        print(f"{method:9s} {scope:5s} v{verify:g} asked {target:.2f} achieved {point['sparsity']:.3f} ppl {ev['ppl']:.3f} "
               f"({100 * point['ppl_increase']:+.2f}%) decode {sp_s} [{point['seconds']:.0f} s]", flush=True)
     name = args.model if "/" not in args.model else args.model.rstrip("/").split("/")[-1]
     return {"benchmark": "sparsify-frontier", "model": name, "loaded": describe(loaded), "dtype": args.dtype,
@@ -166,7 +174,8 @@ def plot(res: dict[str, Any], path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     groups: dict[str, list] = {}
     for p in res["points"]:
-        groups.setdefault(f"{p['method']} ({p['scope']})", []).append(p)
+        v = f", verify {p['verify']:g}x" if p.get("verify", 1.0) > 1 else ""
+        groups.setdefault(f"{p['method']} ({p['scope']}{v})", []).append(p)
     for label, ps in groups.items():
         ps = sorted(ps, key=lambda p: p["sparsity"])
         ax[0].plot([p["sparsity"] for p in ps], [100 * p["ppl_increase"] for p in ps], "o-", label=label)

@@ -338,7 +338,8 @@ class LowRankPredictor(Router):
 
     def verify_form(self) -> tuple[torch.Tensor, float] | None:
         """(weights (n,) fp32, threshold) of the verify stage, or None."""
-        return None if self.verify_threshold is None else (self.verify_weights.contiguous(), self.verify_threshold)
+        w = None if self.verify_weights is None else self.verify_weights.float().contiguous()
+        return None if self.verify_threshold is None else (w, self.verify_threshold)
 
     @property
     def input(self) -> str:

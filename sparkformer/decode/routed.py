@@ -60,16 +60,20 @@ def routed_neurons(rf: RoutedFFN, x: torch.Tensor, mv: Callable) -> torch.Tensor
 
 
 def routed_ffn_decode(rf: RoutedFFN, xn: torch.Tensor, act: Callable, dtype: torch.dtype,
-                      mv: Callable, gather: Callable | None = None) -> tuple[torch.Tensor, int]:
+                      mv: Callable, gather: Callable | None = None,
+                      gather_verify: Callable | None = None) -> tuple[torch.Tensor, int]:
     """Gated FFN over the neurons the router keeps for this token: one gather of their gate/up rows, one of their
-    W_down columns (``gather(x, gate_up, w_down_t, idx)``: a fused kernel for the whole step, when given and the
-    router has no verify stage). With a verify stage, only the predicted neurons whose exact |act(g) u| * w passes
-    the threshold read their W_down row. Returns (y (d,), neurons run)."""
+    W_down columns. With a verify stage, only the predicted neurons whose exact |act(g) u| * w passes the threshold
+    read their W_down row. ``gather(x, gate_up, w_down_t, idx)`` / ``gather_verify(..., idx, w, t) -> (y, kept)``:
+    fused kernels for the whole step, when the engine has them. Returns (y (d,), neurons run)."""
     x = xn.to(dtype)
     idx = routed_neurons(rf, x, mv)
     rf.last_gate_up = idx.numel()
     if rf.verify is None and gather is not None:
         return gather(x, rf.gate_up, rf.w_down_t, idx), idx.numel()
+    if rf.verify is not None and gather_verify is not None:
+        y, kept = gather_verify(x, rf.gate_up, rf.w_down_t, idx, *rf.verify)
+        return y, int(kept)
     gu = (rf.gate_up.index_select(0, idx).view(-1, x.numel()) @ x).float().view(-1, 2)
     h = act(gu[:, 0]) * gu[:, 1]
     if rf.verify is not None:

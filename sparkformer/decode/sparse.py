@@ -89,8 +89,9 @@ def sparse_ffn_decode(sp: SparseLayer, ffn: tuple, xn: torch.Tensor, act: Callab
         gu, n_in = sparse_matvec(sp.gate_up_t, x, th.gate_up, impl)
         read = 2 * n_in / d
     else:
-        xd = x.to(dtype)
-        gu = torch.cat([w_gate @ xd, w_up @ xd]).float()
+        from sparkformer.ops.dense_decode import matvec
+
+        gu = torch.cat([matvec(w_gate, x, impl=impl), matvec(w_up, x, impl=impl)]).float()
         read = 2.0
     h = act(gu[:m]) * gu[m:]
     if th.down is not None:

@@ -163,6 +163,10 @@ def _register_fakes() -> None:
     def _(x, gate_up, w_down_t, idx, act):
         return x.new_empty(w_down_t.shape[1])
 
+    @torch.library.register_fake(lib + "gated_ffn_gather_verify")
+    def _(x, gate_up, w_down_t, idx, act, weights, threshold):
+        return x.new_empty(w_down_t.shape[1]), x.new_empty((), dtype=torch.long)
+
     @torch.library.register_fake(lib + "cats_ffn_decode")
     def _(x, w_gate, w_up, w_down_t, threshold, act):
         return x.new_empty(w_down_t.shape[1]), x.new_empty((), dtype=torch.long)

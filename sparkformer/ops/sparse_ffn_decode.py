@@ -137,6 +137,32 @@ def gated_ffn_gather(x: torch.Tensor, gate_up: torch.Tensor, w_down_t: torch.Ten
     return gated_ffn_gather_reference(x, gate_up, w_down_t, idx, name)
 
 
+def gated_ffn_gather_verify_reference(x, gate_up, w_down_t, idx, act, weights, threshold):
+    """The specification of the verify stage: of the neurons idx, those with |h_i| * weights[i] > threshold."""
+    fn = ACTIVATIONS[fused_act_name(act)]
+    idx = _check_idx(idx, gate_up.shape[0])
+    gu = gate_up.index_select(0, idx).float() @ x.float()
+    h = fn(gu[:, 0]) * gu[:, 1]
+    keep = h.abs() * weights.float().index_select(0, idx) > threshold
+    y = w_down_t.index_select(0, idx[keep]).float().t() @ h[keep]
+    return y.to(x.dtype), keep.sum()
+
+
+def gated_ffn_gather_verify(x: torch.Tensor, gate_up: torch.Tensor, w_down_t: torch.Tensor, idx: torch.Tensor,
+                            act: str | Callable, weights: torch.Tensor, threshold: float, *,
+                            impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gated_ffn_gather` with a verify stage: of the proposed neurons ``idx`` only those whose exact output
+    magnitude |h_i| * weights[i] exceeds ``threshold`` read their W_down^T row. ``weights``: (m,) fp32.
+    Returns (y in x's dtype, kept: int64 scalar tensor)."""
+    name = act if act in FUSED_ACTIVATIONS else fused_act_name(act)
+    impl = _impl(impl)
+    if impl == "ext":
+        return torch.ops.sparkformer.gated_ffn_gather_verify(x, gate_up, w_down_t, idx, name, weights,
+                                                             float(threshold))
+    _check_gate_up(x, gate_up, w_down_t)
+    return gated_ffn_gather_verify_reference(x, gate_up, w_down_t, idx, name, weights, threshold)
+
+
 # ------------------------------------------------------------------------------------------------
 # CATS
 # ------------------------------------------------------------------------------------------------

@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from sparkformer.ops.activations import softcap
 from sparkformer.sparsity import LayerThresholds, SparseSpec, site_weights, sparse_forward
 
-LEVELS = (0.3, 0.5, 0.7, 0.85)
+LEVELS = (0.35, 0.6, 0.85)  # where each site's KL is measured (interpolated between, 0 at level 0)
 MAX_LEVEL = 0.95
 STEP = 0.05
 SAMPLE = 1 << 16  # |x| values kept per site for its quantiles
-SCOPE_SITES = {"ffn": ("gate_up", "down"), "model": ("qkv", "o", "gate_up", "down"), "cats": ("gate_act",)}
+# "down": the down-projection input alone (neuron-level, on the exact activation: skips W_down rows only)
+SCOPE_SITES = {"ffn": ("gate_up", "down"), "model": ("qkv", "o", "gate_up", "down"), "down": ("down",),
+               "cats": ("gate_act",)}
 
 
 def _scope_weight(W: list[dict[str, int]], scope: str) -> float:
@@ -200,7 +202,7 @@ def calibrate(model, windows: torch.Tensor, scope: str, target: float, allocatio
     if allocation not in ("greedy", "uniform"):
         raise ValueError(f"allocation={allocation!r}; allowed: greedy, uniform")
     sites = SCOPE_SITES[scope]
-    weight_scope = "ffn" if scope == "cats" else scope
+    weight_scope = "ffn" if scope in ("cats", "down") else scope
     n = len(model.layers)
     W = site_weights(model)
     weights = {(i, s): float(site_weight(W[i], s)) for i in range(n) for s in sites}

@@ -41,7 +41,7 @@ class SparsifySettings:
     out: str
     method: str = "teal"  # teal | cats | predictor
     sparsity: float = 0.5  # teal: fraction of the scope's weights not read; cats / predictor: of FFN neurons
-    scope: str = "ffn"  # teal: ffn | model
+    scope: str = "ffn"  # teal: ffn | model | down (the down-projection input alone)
     allocation: str = "greedy"  # teal / cats: greedy (KL-minimising per-site levels) | uniform
     rank: int = 128  # predictor rank
     fit: str = "lsq"  # predictor fit: lsq (least squares on recorded inputs) | none (weights only)
@@ -63,10 +63,10 @@ class SparsifySettings:
             raise ValueError(f"--method {self.method!r}; allowed: {', '.join(M.METHODS)}")
         if not (isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0):
             raise ValueError(f"--sparsity {self.sparsity} must be in [0, 1) (a fraction: 0.5 = half skipped)")
-        if self.scope not in ("ffn", "model"):
-            raise ValueError(f"--scope {self.scope!r}; allowed: ffn, model")
-        if self.scope == "model" and self.method != "teal":
-            raise ValueError(f"--scope model is a teal option; {self.method} sparsifies the FFN (drop --scope)")
+        if self.scope not in ("ffn", "model", "down"):
+            raise ValueError(f"--scope {self.scope!r}; allowed: ffn, model, down")
+        if self.scope != "ffn" and self.method != "teal":
+            raise ValueError(f"--scope {self.scope} is a teal option; {self.method} sparsifies the FFN (drop --scope)")
         if self.allocation not in ("greedy", "uniform"):
             raise ValueError(f"--allocation {self.allocation!r}; allowed: greedy, uniform")
         if self.rank < 1 or self.train_steps < 0 or self.verify < 1.0:
@@ -180,7 +180,7 @@ def summarize(s: SparsifySettings, dense: dict, sparse: dict) -> dict[str, Any]:
     """The headline numbers: achieved sparsity in the method's own unit and the weights skipped per token."""
     if "achieved" in sparse:
         ach = sparse["achieved"]
-        skipped = ach[s.scope if s.method == "teal" else "ffn"]
+        skipped = ach["model" if s.scope == "model" else "ffn"]
         sparsity = skipped if s.method == "teal" else 1.0 - sum(
             1.0 - z["gate_act"] for z in sparse["site_zeros"]) / len(sparse["site_zeros"])
     else:  # routers: neurons kept; gate, up and down rows of dropped neurons are skipped
@@ -213,7 +213,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--sparsity", type=float, default=d.sparsity,
                    help="teal: fraction of the scope's weights not read per token; cats / predictor: fraction of "
                         "FFN neurons skipped")
-    p.add_argument("--scope", default=d.scope, choices=("ffn", "model"), help="teal: FFN only or every matrix")
+    p.add_argument("--scope", default=d.scope, choices=("ffn", "model", "down"),
+                   help="teal: FFN inputs, every matrix's input, or the down-projection input alone")
     p.add_argument("--allocation", default=d.allocation, choices=("greedy", "uniform"),
                    help="per-site levels minimising the KL from the dense model, or one level everywhere")
     p.add_argument("--rank", type=int, default=d.rank, help="predictor rank")

@@ -15,8 +15,12 @@ from sparkformer.sparsity import SparseSpec, SparsityMeter, achieved_sparsity, s
 
 @torch.no_grad()
 def heldout_eval(model, windows: dict[str, torch.Tensor], spec: SparseSpec | None = None, routers=None,
-                 batch: int = 8) -> dict[str, Any]:
-    """Next-token loss over every window position but the first, per domain and overall (token-weighted)."""
+                 batch: int | None = None) -> dict[str, Any]:
+    """Next-token loss over every window position but the first, per domain and overall (token-weighted).
+    ``batch``: windows per forward (default: as many as keep the fp32 logits under ~1 GB; 262k vocabularies)."""
+    if batch is None:
+        T = next(iter(windows.values())).shape[1]
+        batch = max(1, min(8, int(1e9 // (4 * T * model.config.vocab_size))))
     meter = SparsityMeter()
     per: dict[str, float] = {}
     tot_loss, tot_n = 0.0, 0

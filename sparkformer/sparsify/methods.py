@@ -3,7 +3,8 @@
 
     teal       training-free magnitude thresholds on the inputs of the matrices (TEAL, arXiv 2408.14690): scope ffn
                (gate/up input, down input) or model (+ q/k/v input, o input); per-site levels allocated to minimise
-               the KL from the dense model (``calibrate.allocate``) or uniform
+               the KL from the dense model (``calibrate.allocate``) or uniform; scope down: the down input alone
+               (neurons skip their W_down row only)
     cats       training-free threshold on |act(gate)| (CATS, arXiv 2404.08763): the gate GEMV runs dense, the neurons
                under the threshold skip their up and down rows; ``sparsity`` = fraction of neurons skipped
     predictor  a low-rank neuron predictor per FFN layer fitted to the model's own gate/up (the Spark predictor idea
@@ -43,8 +44,8 @@ def check_supported(model) -> None:
 
 def teal(model, calib: torch.Tensor, sparsity: float, scope: str = "ffn", allocation: str = "greedy",
          sens_windows: torch.Tensor | None = None, table=None, log: Callable | None = None) -> Sparsified:
-    if scope not in ("ffn", "model"):
-        raise ValueError(f"teal scope={scope!r}; allowed: ffn, model")
+    if scope not in ("ffn", "model", "down"):
+        raise ValueError(f"teal scope={scope!r}; allowed: ffn, model, down")
     spec, info = calibrate(model, calib, scope, sparsity, allocation, sens_windows, method="teal", table=table,
                            log=log)
     return Sparsified(spec=spec, info=info)

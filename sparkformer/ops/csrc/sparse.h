@@ -20,10 +20,11 @@ struct SparseKernels {
   const char* name;
 
   // acc[0:nd] += sum_t act(dot(g + idx[t]*ldgu, x)) * dot(u + idx[t]*ldgu, x) * (d + idx[t]*ldd), rows of
-  // g and u of length n. act: spk::Act. hs: 2 * cnt floats of scratch.
-  void (*gated_gather)(const int32_t* idx, int64_t cnt, const void* g, const void* u, int64_t ldgu, const void* d,
-                       int64_t ldd, int64_t n, int64_t nd, bool bf16, int act, const float* x, float* acc,
-                       float* hs);
+  // g and u of length n. act: spk::Act. hs: 2 * cnt floats of scratch. With vw (verify weights, indexed by neuron)
+  // only the t with |h_t| * vw[idx[t]] > vt read their d row. Returns the number of d rows read.
+  int64_t (*gated_gather)(const int32_t* idx, int64_t cnt, const void* g, const void* u, int64_t ldgu, const void* d,
+                          int64_t ldd, int64_t n, int64_t nd, bool bf16, int act, const float* x, float* acc,
+                          float* hs, const float* vw, float vt);
 
   // CATS over neurons [j0, j1): a_j = act(dot(g_j, x)); for the j with |a_j| > thr,
   // acc[0:nd] += a_j * dot(u_j, x) * d_j. Scratch: idx (j1 - j0 ints), hs (j1 - j0 floats).

@@ -146,8 +146,9 @@ static void rows_dot_t(const int32_t* idx, int64_t cnt, const T* w, int64_t ldw,
 // up row follows its gate row, so each stream runs forward through one neuron's 2d weights. Then the activation
 // over the whole list (vectorised), then the W_down^T rows, streamed the same way.
 template <int S, class T>
-static void gated_gather_t(const int32_t* idx, int64_t cnt, const T* g, const T* u, int64_t ld, const T* d,
-                           int64_t ldd, int64_t n, int64_t nd, int act, const float* x, float* acc, float* hs) {
+static int64_t gated_gather_t(const int32_t* idx, int64_t cnt, const T* g, const T* u, int64_t ld, const T* d,
+                              int64_t ldd, int64_t n, int64_t nd, int act, const float* x, float* acc, float* hs,
+                              const float* vw, float vt) {
   float* hg = hs;
   float* hu = hs + cnt;
   const int64_t q = cnt / S;
@@ -179,19 +180,33 @@ static void gated_gather_t(const int32_t* idx, int64_t cnt, const T* g, const T*
     hu[t] = dot1(u + j * ld, x, n);
   }
   act_inplace(hg, cnt, act);
-  for (int64_t i = 0; i < cnt; ++i) hg[i] *= hu[i];
-  rows_axpy_t<S>(idx, hg, cnt, d, ldd, nd, acc);
+  if (vw == nullptr) {
+    for (int64_t i = 0; i < cnt; ++i) hg[i] *= hu[i];
+    rows_axpy_t<S>(idx, hg, cnt, d, ldd, nd, acc);
+    return cnt;
+  }
+  // verify stage: compact the neurons whose exact output passes; their ids go where hu was (read before written)
+  int32_t* kid = reinterpret_cast<int32_t*>(hu);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < cnt; ++i) {
+    const float h = hg[i] * hu[i];
+    if (std::fabs(h) * vw[idx[i]] > vt) {
+      hg[kept] = h;
+      kid[kept++] = idx[i];
+    }
+  }
+  rows_axpy_t<S>(kid, hg, kept, d, ldd, nd, acc);
+  return kept;
 }
 
-static void gated_gather(const int32_t* idx, int64_t cnt, const void* g, const void* u, int64_t ld, const void* d,
-                         int64_t ldd, int64_t n, int64_t nd, bool bf16, int act, const float* x, float* acc,
-                         float* hs) {
+static int64_t gated_gather(const int32_t* idx, int64_t cnt, const void* g, const void* u, int64_t ld,
+                            const void* d, int64_t ldd, int64_t n, int64_t nd, bool bf16, int act, const float* x,
+                            float* acc, float* hs, const float* vw, float vt) {
   if (bf16)
-    gated_gather_t<kSparseStreams>(idx, cnt, static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(u), ld,
-                                   static_cast<const uint16_t*>(d), ldd, n, nd, act, x, acc, hs);
-  else
-    gated_gather_t<kSparseStreams>(idx, cnt, static_cast<const float*>(g), static_cast<const float*>(u), ld,
-                                   static_cast<const float*>(d), ldd, n, nd, act, x, acc, hs);
+    return gated_gather_t<kSparseStreams>(idx, cnt, static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(u),
+                                          ld, static_cast<const uint16_t*>(d), ldd, n, nd, act, x, acc, hs, vw, vt);
+  return gated_gather_t<kSparseStreams>(idx, cnt, static_cast<const float*>(g), static_cast<const float*>(u), ld,
+                                        static_cast<const float*>(d), ldd, n, nd, act, x, acc, hs, vw, vt);
 }
 
 // ------------------------------------------------------------------------------------------------

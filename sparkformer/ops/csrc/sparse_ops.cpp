@@ -69,8 +69,8 @@ void sum_parts(const float* acc, int64_t parts, int64_t n, float* out) {
 
 // y = sum_t act(gate_{idx[t]} . x) * (up_{idx[t]} . x) * w_down_t[idx[t]] over the given neurons. gate_up
 // (m, 2, d): each neuron's gate and up rows side by side (one forward stream per neuron); idx int32 or int64.
-Tensor gated_ffn_gather(const Tensor& x, const Tensor& gate_up, const Tensor& w_down_t, const Tensor& idx,
-                        const std::string& act) {
+std::tuple<Tensor, Tensor> gather_impl(const Tensor& x, const Tensor& gate_up, const Tensor& w_down_t,
+                                       const Tensor& idx, const std::string& act, const float* vw, float vt) {
   const char* op = "gated_ffn_gather";
   const int act_id = act_code(act);
   TORCH_CHECK(x.dim() == 1 && gate_up.dim() == 3 && gate_up.size(1) == 2 && w_down_t.dim() == 2,
@@ -111,8 +111,9 @@ Tensor gated_ffn_gather(const Tensor& x, const Tensor& gate_up, const Tensor& w_
   float* yp = y.data_ptr<float>();
   if (cnt == 0) {
     std::fill_n(yp, dout, 0.0f);
-    return y.to(x.scalar_type());
+    return {y.to(x.scalar_type()), at::scalar_tensor(int64_t(0), at::kLong)};
   }
+  std::vector<int64_t> kept(parts, 0);
   const SparseKernels* sk = SK();
   const char* gp = static_cast<const char*>(gate_up.data_ptr());
   const void* up = gp + gate_up.stride(1) * gate_up.element_size();
@@ -121,12 +122,32 @@ Tensor gated_ffn_gather(const Tensor& x, const Tensor& gate_up, const Tensor& w_
       const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
       float* ap = acc + p * dout;
       std::fill(ap, ap + dout, 0.0f);
-      sk->gated_gather(ip + t0, t1 - t0, gp, up, gate_up.stride(0), w_down_t.data_ptr(), w_down_t.stride(0), d, dout,
-                       bf16, act_id, xf.data_ptr<float>(), ap, hs + 2 * t0);
+      kept[p] = sk->gated_gather(ip + t0, t1 - t0, gp, up, gate_up.stride(0), w_down_t.data_ptr(),
+                                 w_down_t.stride(0), d, dout, bf16, act_id, xf.data_ptr<float>(), ap, hs + 2 * t0,
+                                 vw, vt);
     }
   });
   sum_parts(acc, parts, dout, yp);
-  return y.to(x.scalar_type());
+  int64_t total = 0;
+  for (int64_t k : kept) total += k;
+  return {y.to(x.scalar_type()), at::scalar_tensor(total, at::kLong)};
+}
+
+Tensor gated_ffn_gather(const Tensor& x, const Tensor& gate_up, const Tensor& w_down_t, const Tensor& idx,
+                        const std::string& act) {
+  return std::get<0>(gather_impl(x, gate_up, w_down_t, idx, act, nullptr, 0.0f));
+}
+
+// The verify stage of a predictor: of the proposed neurons idx, only those with |h_i| * weights[i] > threshold
+// read their W_down^T row. Returns (y, number kept).
+std::tuple<Tensor, Tensor> gated_ffn_gather_verify(const Tensor& x, const Tensor& gate_up, const Tensor& w_down_t,
+                                                   const Tensor& idx, const std::string& act, const Tensor& weights,
+                                                   double threshold) {
+  TORCH_CHECK(weights.dim() == 1 && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+                  weights.size(0) == gate_up.size(0),
+              "sparkformer gated_ffn_gather_verify: weights must be a contiguous fp32 (m,) tensor, got ",
+              weights.scalar_type(), " ", weights.sizes());
+  return gather_impl(x, gate_up, w_down_t, idx, act, weights.data_ptr<float>(), float(threshold));
 }
 
 // CATS: a = act(W_gate x) over all neurons; y = sum_{|a_i| > threshold} a_i * (up_i . x) * w_down_t[i].
@@ -214,6 +235,9 @@ std::tuple<Tensor, Tensor> sparse_input_matvec(const Tensor& w_t, const Tensor& 
 TORCH_LIBRARY_FRAGMENT(sparkformer, m) {
   m.def("gated_ffn_gather(Tensor x, Tensor gate_up, Tensor w_down_t, Tensor idx, str act) -> Tensor");
   m.def(
+      "gated_ffn_gather_verify(Tensor x, Tensor gate_up, Tensor w_down_t, Tensor idx, str act, Tensor weights,"
+      " float threshold) -> (Tensor, Tensor)");
+  m.def(
       "cats_ffn_decode(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, float threshold, str act)"
       " -> (Tensor, Tensor)");
   m.def("sparse_input_matvec(Tensor w_t, Tensor x, float threshold) -> (Tensor, Tensor)");
@@ -221,6 +245,7 @@ TORCH_LIBRARY_FRAGMENT(sparkformer, m) {
 
 TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
   m.impl("gated_ffn_gather", &gated_ffn_gather);
+  m.impl("gated_ffn_gather_verify", &gated_ffn_gather_verify);
   m.impl("cats_ffn_decode", &cats_ffn_decode);
   m.impl("sparse_input_matvec", &sparse_input_matvec);
 }
