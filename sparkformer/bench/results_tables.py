@@ -267,6 +267,22 @@ def _routed(load: Loader) -> Rows:
     return rows
 
 
+def _sparsify(name: str):
+    def rows_of(load: Loader) -> Rows:
+        d = load(RESULTS + f"sparsify_{name}.json")
+        rows = [["method", "scope", "asked", "achieved sparsity", "weights skipped", "held-out ppl", "ppl change",
+                 "decode speedup", "ideal (bytes)", "meas/ideal", "training-free"]]
+        for p in d["points"]:
+            v = f" (verify {p['verify']:g}x)" if p.get("verify", 1.0) > 1 else ""
+            sp = p["speedup"] is not None
+            rows.append([p["method"] + v, p["scope"], f(p["target"]), pct(p["sparsity"]), pct(p["weights_skipped"]),
+                         f(p["ppl"]), pct(p["ppl_increase"], 1, sign=True), bold(f(p["speedup"])) if sp else "-",
+                         f(p["ideal_speedup"]) if sp else "-", f(p["measured_over_ideal"]) if sp else "-",
+                         "yes" if p["training_free"] else "no"])
+        return rows
+    return rows_of
+
+
 TABLES: dict[str, Table] = {
     "flops": Table((FLOPS_SOURCE,), "rrrrrr", _flops),
     "topk_ops": Table((RESULTS + "topk.json",), "lrrr", _topk_ops),
@@ -281,6 +297,8 @@ TABLES: dict[str, Table] = {
     "batch": Table((RESULTS + "batch_ffn_gemma2-2b.json",), "lrrrrrr", _batch),
     "quality": Table((RESULTS + "quality.json",), "lrrrrrr", _quality),
     "routed_decode": Table((RESULTS + "routed_decode.json",), "lrrrrrrrrr", _routed),
+    "sparsify_smollm2": Table((RESULTS + "sparsify_smollm2-135m.json",), "llrrrrrrrrl", _sparsify("smollm2-135m")),
+    "sparsify_gemma3": Table((RESULTS + "sparsify_gemma3-270m.json",), "llrrrrrrrrl", _sparsify("gemma3-270m")),
 }
 
 # Tables whose data is not committed: the check only requires the marker (with its reason) and this entry.

@@ -175,6 +175,14 @@ def _register_fakes() -> None:
     def _(w_t, x, threshold):
         return x.new_empty(w_t.shape[1]), x.new_empty((), dtype=torch.long)
 
+    @torch.library.register_fake(lib + "lowrank_routed_ffn")
+    def _(x, A, B, f, act, gate_up, w_down_t, verify_weights=None, verify_threshold=0.0, score_act=None):
+        return x.new_empty(w_down_t.shape[1]), x.new_empty((), dtype=torch.long), x.new_empty((), dtype=torch.long)
+
+    @torch.library.register_fake(lib + "teal_ffn_decode")
+    def _(x, gate_up_t, w_down_t, t_in, t_down, act):
+        return x.new_empty(w_down_t.shape[1]), x.new_empty((), dtype=torch.long), x.new_empty((), dtype=torch.long)
+
     @torch.library.register_fake(lib + "dense_attn_decode")
     def _(q, k, v, length, scale, window=None, softcap=None, workspace=None):
         return q.new_empty(q.shape[0], v.shape[2])

@@ -1,5 +1,6 @@
 // Torch ops for activation-sparse pretrained models (sparse.h): torch.ops.sparkformer.gated_ffn_gather /
-// cats_ffn_decode / sparse_input_matvec. Argument checks, scratch and threading live here, as in ops.cpp: the work
+// cats_ffn_decode / sparse_input_matvec, and whole FFN steps in one call: lowrank_routed_ffn (a low-rank
+// predictor's scores, the statistical threshold and the gather) and teal_ffn_decode (TEAL's two GEMVs). Argument checks, scratch and threading live here, as in ops.cpp: the work
 // is split over torch's intra-op threads (at::parallel_for), each thread with its own fp32 accumulator, summed at
 // the end. The plain-PyTorch references in sparkformer/ops/sparse_ffn_decode.py are the specification.
 #include <ATen/ATen.h>
@@ -10,12 +11,14 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "dispatch.h"
 #include "sparse.h"
+#include "stats.h"
 
 namespace {
 
@@ -67,6 +70,44 @@ void sum_parts(const float* acc, int64_t parts, int64_t n, float* out) {
     for (int64_t i = 0; i < n; ++i) out[i] += acc[p * n + i];
 }
 
+// Per-part counts of a parallel region (one slot per part; reused across calls, no allocation once grown).
+int64_t* part_counts(int64_t parts) {
+  thread_local std::vector<int64_t> buf;
+  if (int64_t(buf.size()) < parts) buf.resize(size_t(parts));
+  std::fill_n(buf.data(), parts, int64_t(0));
+  return buf.data();
+}
+
+// The gather itself over range-checked int32 ids ip[0:cnt]: yp[0:d_out] = the gated FFN over those neurons (with
+// the verify stage when vw is given); returns the number of W_down^T rows read. Scratch from the caller: acc
+// (n_parts(cnt, 16) * d_out floats), hs (2 * cnt floats). Threads take contiguous slices of the list.
+int64_t gather_run(const int32_t* ip, int64_t cnt, const Tensor& gate_up, const Tensor& w_down_t, bool bf16,
+                   int act_id, const float* xp, float* yp, float* acc, float* hs, const float* vw, float vt) {
+  const int64_t d = gate_up.size(2), dout = w_down_t.size(1);
+  if (cnt == 0) {
+    std::fill_n(yp, dout, 0.0f);
+    return 0;
+  }
+  const int64_t parts = n_parts(cnt, 16);
+  int64_t* kept = part_counts(parts);
+  const SparseKernels* sk = SK();
+  const char* gp = static_cast<const char*>(gate_up.data_ptr());
+  const void* up = gp + gate_up.stride(1) * gate_up.element_size();
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
+      float* ap = acc + p * dout;
+      std::fill(ap, ap + dout, 0.0f);
+      kept[p] = sk->gated_gather(ip + t0, t1 - t0, gp, up, gate_up.stride(0), w_down_t.data_ptr(), w_down_t.stride(0),
+                                 d, dout, bf16, act_id, xp, ap, hs + 2 * t0, vw, vt);
+    }
+  });
+  sum_parts(acc, parts, dout, yp);
+  int64_t total = 0;
+  for (int64_t p = 0; p < parts; ++p) total += kept[p];
+  return total;
+}
+
 // y = sum_t act(gate_{idx[t]} . x) * (up_{idx[t]} . x) * w_down_t[idx[t]] over the given neurons. gate_up
 // (m, 2, d): each neuron's gate and up rows side by side (one forward stream per neuron); idx int32 or int64.
 std::tuple<Tensor, Tensor> gather_impl(const Tensor& x, const Tensor& gate_up, const Tensor& w_down_t,
@@ -108,28 +149,8 @@ std::tuple<Tensor, Tensor> gather_impl(const Tensor& x, const Tensor& gate_up, c
               "): ", lo, " .. ", hi);
   const Tensor xf = activation_f32(x, op);
   Tensor y = at::empty({dout}, xf.options());
-  float* yp = y.data_ptr<float>();
-  if (cnt == 0) {
-    std::fill_n(yp, dout, 0.0f);
-    return {y.to(x.scalar_type()), at::scalar_tensor(int64_t(0), at::kLong)};
-  }
-  std::vector<int64_t> kept(parts, 0);
-  const SparseKernels* sk = SK();
-  const char* gp = static_cast<const char*>(gate_up.data_ptr());
-  const void* up = gp + gate_up.stride(1) * gate_up.element_size();
-  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
-      float* ap = acc + p * dout;
-      std::fill(ap, ap + dout, 0.0f);
-      kept[p] = sk->gated_gather(ip + t0, t1 - t0, gp, up, gate_up.stride(0), w_down_t.data_ptr(),
-                                 w_down_t.stride(0), d, dout, bf16, act_id, xf.data_ptr<float>(), ap, hs + 2 * t0,
-                                 vw, vt);
-    }
-  });
-  sum_parts(acc, parts, dout, yp);
-  int64_t total = 0;
-  for (int64_t k : kept) total += k;
+  const int64_t total = gather_run(ip, cnt, gate_up, w_down_t, bf16, act_id, xf.data_ptr<float>(), y.data_ptr<float>(),
+                                   acc, hs, vw, vt);
   return {y.to(x.scalar_type()), at::scalar_tensor(total, at::kLong)};
 }
 
@@ -230,6 +251,208 @@ std::tuple<Tensor, Tensor> sparse_input_matvec(const Tensor& w_t, const Tensor& 
   return {y.to(x.scalar_type()), at::scalar_tensor(cnt, at::kLong)};
 }
 
+// ------------------------------------------------------------------------------------------------
+// Whole FFN steps in one call: a low-rank predictor's routed FFN, TEAL's two thresholded GEMVs
+// ------------------------------------------------------------------------------------------------
+// x as fp32: its own data when it is a contiguous fp32 tensor, else widened into buf (d floats of scratch).
+const float* x_as_f32(const Tensor& x, float* buf) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.data_ptr<float>();
+  at::from_blob(buf, {x.numel()}, at::TensorOptions().dtype(at::kFloat)).copy_(x);
+  return buf;
+}
+
+int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }  // scratch segments start on 64-byte lines
+
+// sparkformer.ops.stat_topk.stat_threshold(s, f) over s[0:n]: mean + std * ndtri(1 - f), 1 - f clamped to
+// [1e-12, 1 - 1e-12] as stat_z does, population std over the finite entries, two passes about the mean in double;
+// f >= 1 keeps everything (-inf). The vector sums where every entry is finite (and no square overflows fp32),
+// else one scalar pass over the finite entries.
+float routed_threshold(const float* s, int64_t n, double f) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if (f >= 1.0) return -inf;
+  const double z = ndtri(std::min(std::max(1.0 - f, 1e-12), 1.0 - 1e-12));
+  double sum = 0.0, ss = 0.0, mean = 0.0, var = 0.0;
+  K()->sum_sumsq(s, n, 0.0, &sum, &ss);
+  if (std::isfinite(sum) && std::isfinite(ss) && n > 0) {
+    mean = sum / double(n);
+    K()->sum_sumsq(s, n, mean, &sum, &ss);  // second pass about the mean
+    const double dm = sum / double(n);
+    var = std::max(0.0, ss / double(n) - dm * dm);
+    mean += dm;
+  } else {
+    int64_t cnt = 0;
+    sum = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isfinite(s[i])) {
+        sum += s[i];
+        ++cnt;
+      }
+    if (cnt == 0) return std::numeric_limits<float>::max();  // only non-finite scores: keep the +inf ones
+    mean = sum / double(cnt);
+    double c = 0.0;
+    ss = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isfinite(s[i])) {
+        const double e = double(s[i]) - mean;
+        c += e;
+        ss += e * e;
+      }
+    var = std::max(0.0, ss / double(cnt) - (c / double(cnt)) * (c / double(cnt)));
+    mean += c / double(cnt);
+  }
+  const double sd = std::sqrt(var);
+  return float(sd > 0.0 ? mean + sd * z : mean);
+}
+
+// A low-rank predictor's routed FFN step: z = A x, [g; u] = B z (fp32), s_i = |act(g_i) * u_i|, the neurons with
+// s_i > stat_threshold(s, f), then the gather (with the verify stage when verify_weights is given).
+// Three parallel regions: A's rows, B's rows (each thread a range of neurons: its g and u rows, then their scores),
+// the gather. Returns (y in x's dtype, neurons proposed, W_down^T rows read).
+std::tuple<Tensor, Tensor, Tensor> lowrank_routed_ffn(const Tensor& x, const Tensor& A, const Tensor& B, double f,
+                                                      const std::string& act, const Tensor& gate_up,
+                                                      const Tensor& w_down_t,
+                                                      const std::optional<Tensor>& verify_weights,
+                                                      double verify_threshold,
+                                                      const std::optional<std::string>& score_act) {
+  const char* op = "lowrank_routed_ffn";
+  const int act_id = act_code(act);
+  const int sact = score_act.has_value() ? act_code(*score_act) : act_id;
+  TORCH_CHECK(x.dim() == 1 && A.dim() == 2 && B.dim() == 2 && gate_up.dim() == 3 && gate_up.size(1) == 2 &&
+                  w_down_t.dim() == 2,
+              "sparkformer lowrank_routed_ffn: expected x (d,), A (r, d), B (2m, r), gate_up (m, 2, d), w_down_t "
+              "(m, d_out), got x ", x.sizes(), ", A ", A.sizes(), ", B ", B.sizes(), ", gate_up ", gate_up.sizes(),
+              ", w_down_t ", w_down_t.sizes());
+  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()),
+              "sparkformer lowrank_routed_ffn: x must be a floating-point CPU tensor");
+  const bool pbf16 = is_bf16_weight(A, op, "A");
+  is_bf16_weight(B, op, "B");
+  check_same_dtype(A, B, op);
+  const bool bf16 = is_bf16_weight(gate_up, op, "gate_up");
+  is_bf16_weight(w_down_t, op, "w_down_t");
+  check_same_dtype(gate_up, w_down_t, op);
+  const int64_t r = A.size(0), d = A.size(1), m = gate_up.size(0), dout = w_down_t.size(1);
+  TORCH_CHECK(x.size(0) == d && gate_up.size(2) == d && B.size(0) == 2 * m && B.size(1) == r &&
+                  w_down_t.size(0) == m,
+              "sparkformer lowrank_routed_ffn: shape mismatch: x ", x.sizes(), ", A ", A.sizes(), ", B ", B.sizes(),
+              ", gate_up ", gate_up.sizes(), ", w_down_t ", w_down_t.sizes(), " (need A (r, d), B (2m, r))");
+  TORCH_CHECK(f > 0.0 && f <= 1.0, "sparkformer lowrank_routed_ffn: f must be in (0, 1], got ", f);
+  TORCH_CHECK(m > 0 && m < std::numeric_limits<int32_t>::max(), "sparkformer lowrank_routed_ffn: bad neuron count ",
+              m);
+  const float* vw = nullptr;
+  if (verify_weights.has_value()) {
+    const Tensor& w = *verify_weights;
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.scalar_type() == at::kFloat && w.is_contiguous() &&
+                    w.size(0) == m,
+                "sparkformer lowrank_routed_ffn: verify_weights must be a contiguous fp32 (m,) tensor, got ",
+                w.scalar_type(), " ", w.sizes());
+    TORCH_CHECK(!std::isnan(verify_threshold), "sparkformer lowrank_routed_ffn: verify_threshold is NaN");
+    vw = w.data_ptr<float>();
+  }
+  // scratch: x (d) | z (r) | g/u then s (2m) | ids (m) | hs (2m) | per-thread accumulators
+  const int64_t P = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t ox = 0, oz = pad16(d), oy = oz + pad16(r), oi = oy + pad16(2 * m), oh = oi + pad16(m),
+                oa = oh + pad16(2 * m);
+  float* ws = scratch_floats(oa + P * dout);
+  const float* xp = x_as_f32(x, ws + ox);
+  float* z = ws + oz;
+  float* yb = ws + oy;
+  int32_t* idx = reinterpret_cast<int32_t*>(ws + oi);
+  const Kernels* kern = K();
+  // 1. z = A x
+  at::parallel_for(0, r, std::max<int64_t>(8, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    kern->matvec(A.data_ptr(), pbf16, A.stride(0), d, xp, z + b, b, e);
+  });
+  // 2. [g; u] = B z and the scores, over ranges of neurons (s_i overwrites g_i)
+  const char* bp = static_cast<const char*>(B.data_ptr());
+  const void* bu = bp + m * B.stride(0) * B.element_size();
+  at::parallel_for(0, m, std::max<int64_t>(16, 8192 / std::max<int64_t>(r, 1)), [&](int64_t b, int64_t e) {
+    kern->matvec(bp, pbf16, B.stride(0), r, z, yb + b, b, e);
+    kern->matvec(bu, pbf16, B.stride(0), r, z, yb + m + b, b, e);
+    kern->activate(yb + b, e - b, sact);
+    for (int64_t i = b; i < e; ++i) yb[i] = std::fabs(yb[i] * yb[m + i]);
+  });
+  // 3. the statistical threshold and the selection (ascending ids)
+  const float theta = routed_threshold(yb, m, f);
+  const int64_t cnt = kern->compact_gt(yb, m, theta, idx);
+  // 4. the gather
+  Tensor y = at::empty({dout}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t kept = gather_run(idx, cnt, gate_up, w_down_t, bf16, act_id, xp, y.data_ptr<float>(), ws + oa,
+                                  ws + oh, vw, float(verify_threshold));
+  return {y.to(x.scalar_type()), at::scalar_tensor(cnt, at::kLong), at::scalar_tensor(kept, at::kLong)};
+}
+
+// TEAL's gated FFN step: the inputs |x_j| > t_in read their rows of gate_up_t = [W_gate; W_up]^T (d, 2m), giving
+// [g; u] (fp32); h = act(g) * u; the neurons |h_i| > t_down read their W_down^T rows. Threads take column ranges of
+// gate_up_t (every kept row, no reduction), then slices of the kept neurons (own accumulators, summed).
+// Returns (y in x's dtype, inputs kept, neurons kept).
+std::tuple<Tensor, Tensor, Tensor> teal_ffn_decode(const Tensor& x, const Tensor& gate_up_t, const Tensor& w_down_t,
+                                                   double t_in, double t_down, const std::string& act) {
+  const char* op = "teal_ffn_decode";
+  const int act_id = act_code(act);
+  TORCH_CHECK(x.dim() == 1 && gate_up_t.dim() == 2 && w_down_t.dim() == 2,
+              "sparkformer teal_ffn_decode: expected x (d,), gate_up_t (d, 2m), w_down_t (m, d_out), got x ",
+              x.sizes(), ", gate_up_t ", gate_up_t.sizes(), ", w_down_t ", w_down_t.sizes());
+  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()),
+              "sparkformer teal_ffn_decode: x must be a floating-point CPU tensor");
+  const bool bf16 = is_bf16_weight(gate_up_t, op, "gate_up_t");
+  is_bf16_weight(w_down_t, op, "w_down_t");
+  check_same_dtype(gate_up_t, w_down_t, op);
+  const int64_t d = gate_up_t.size(0), m = w_down_t.size(0), dout = w_down_t.size(1);
+  TORCH_CHECK(x.size(0) == d && gate_up_t.size(1) == 2 * m, "sparkformer teal_ffn_decode: shape mismatch: x ",
+              x.sizes(), ", gate_up_t ", gate_up_t.sizes(), ", w_down_t ", w_down_t.sizes(),
+              " (need gate_up_t (d, 2m), w_down_t (m, d_out))");
+  TORCH_CHECK(!std::isnan(t_in) && !std::isnan(t_down), "sparkformer teal_ffn_decode: threshold is NaN");
+  TORCH_CHECK(d < std::numeric_limits<int32_t>::max() && m < std::numeric_limits<int32_t>::max(),
+              "sparkformer teal_ffn_decode: too large");
+  // scratch: x (d) | input ids (d) | their values (d) | g/u then h (2m) | neuron ids (m) | their h (m) | accumulators
+  const int64_t P = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t oii = pad16(d), oc = oii + pad16(d), og = oc + pad16(d), oni = og + pad16(2 * m),
+                ohv = oni + pad16(m), oa = ohv + pad16(m);
+  float* ws = scratch_floats(oa + P * dout);
+  const float* xp = x_as_f32(x, ws);
+  int32_t* iin = reinterpret_cast<int32_t*>(ws + oii);
+  float* c = ws + oc;
+  float* gu = ws + og;
+  int32_t* ih = reinterpret_cast<int32_t*>(ws + oni);
+  float* hv = ws + ohv;
+  float* acc = ws + oa;
+  const SparseKernels* sk = SK();
+  // 1. the kept inputs, then [g; u] over column ranges (multiples of 16 floats: no shared output lines)
+  const int64_t n_in = sk->compact_abs_gt(xp, d, float(t_in), iin);
+  for (int64_t t = 0; t < n_in; ++t) c[t] = xp[iin[t]];
+  const int64_t ncol = 2 * m;
+  const int64_t cparts = std::max<int64_t>(1, std::min<int64_t>(P, n_in * ncol / 16384));
+  const int64_t cw = pad16((ncol + cparts - 1) / cparts);
+  const char* wp = static_cast<const char*>(gate_up_t.data_ptr());
+  const int64_t esz = gate_up_t.element_size();
+  at::parallel_for(0, cparts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t c0 = std::min(ncol, p * cw), c1 = std::min(ncol, (p + 1) * cw);
+      if (c1 <= c0) continue;
+      std::fill(gu + c0, gu + c1, 0.0f);
+      sk->rows_axpy(iin, c, n_in, wp + c0 * esz, gate_up_t.stride(0), c1 - c0, bf16, gu + c0);
+    }
+  });
+  // 2. h = act(g) * u, the kept neurons
+  K()->activate(gu, m, act_id);
+  for (int64_t i = 0; i < m; ++i) gu[i] *= gu[m + i];
+  const int64_t n_h = sk->compact_abs_gt(gu, m, float(t_down), ih);
+  for (int64_t t = 0; t < n_h; ++t) hv[t] = gu[ih[t]];
+  // 3. their W_down^T rows, slices of the list per thread
+  const int64_t parts = n_parts(n_h, 16);
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t t0 = n_h * p / parts, t1 = n_h * (p + 1) / parts;
+      float* ap = acc + p * dout;
+      std::fill(ap, ap + dout, 0.0f);
+      sk->rows_axpy(ih + t0, hv + t0, t1 - t0, w_down_t.data_ptr(), w_down_t.stride(0), dout, bf16, ap);
+    }
+  });
+  Tensor y = at::empty({dout}, at::TensorOptions().dtype(at::kFloat));
+  sum_parts(acc, parts, dout, y.data_ptr<float>());
+  return {y.to(x.scalar_type()), at::scalar_tensor(n_in, at::kLong), at::scalar_tensor(n_h, at::kLong)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparkformer, m) {
@@ -241,6 +464,12 @@ TORCH_LIBRARY_FRAGMENT(sparkformer, m) {
       "cats_ffn_decode(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, float threshold, str act)"
       " -> (Tensor, Tensor)");
   m.def("sparse_input_matvec(Tensor w_t, Tensor x, float threshold) -> (Tensor, Tensor)");
+  m.def(
+      "lowrank_routed_ffn(Tensor x, Tensor A, Tensor B, float f, str act, Tensor gate_up, Tensor w_down_t,"
+      " Tensor? verify_weights=None, float verify_threshold=0.0, str? score_act=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "teal_ffn_decode(Tensor x, Tensor gate_up_t, Tensor w_down_t, float t_in, float t_down, str act)"
+      " -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
@@ -248,4 +477,6 @@ TORCH_LIBRARY_IMPL(sparkformer, CPU, m) {
   m.impl("gated_ffn_gather_verify", &gated_ffn_gather_verify);
   m.impl("cats_ffn_decode", &cats_ffn_decode);
   m.impl("sparse_input_matvec", &sparse_input_matvec);
+  m.impl("lowrank_routed_ffn", &lowrank_routed_ffn);
+  m.impl("teal_ffn_decode", &teal_ffn_decode);
 }

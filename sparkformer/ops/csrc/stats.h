@@ -1,7 +1,7 @@
 // Statistics of the ops: the inverse normal CDF, the statistical top-k threshold (two passes about the mean,
 // or one from the sums the scoring pass accumulated) and the hard cap's best-k of the candidates.
 // The definition they implement, and are tested against (tests/test_stat_topk.py, every ISA), is
-// sparkformer/ops/stat_topk.py: stat_threshold. Included by ops.cpp only.
+// sparkformer/ops/stat_topk.py: stat_threshold. Included by ops.cpp and sparse_ops.cpp (ndtri).
 #pragma once
 
 #include <algorithm>
