@@ -196,3 +196,23 @@ def test_predictor_with_verify_and_continued_training_folder(tmp_path):
         torch.testing.assert_close(eng.step(ids[-1]), ref[-1], atol=1e-4, rtol=1e-4)
         st = eng.stats.summary()
         assert st["ffn_gate_up_activity"] >= st["ffn_activity"]
+
+
+def test_cli_refuses_bad_settings_before_loading(tmp_path, capsys):
+    from sparkformer.cli import main
+
+    assert main(["sparsify", "--model", "nope", "--out", str(tmp_path / "o"), "--sparsity", "1.5"]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
+    assert main(["sparsify", "--model", "nope", "--out", str(tmp_path / "o"), "--method", "cats",
+                 "--scope", "model"]) == 2
+    assert "teal option" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_frontier_points_parse():
+    from sparkformer.bench.sparsify import parse_points
+
+    assert parse_points("teal:ffn:0.5,predictor:ffn:0.7:v2") == [("teal", "ffn", 0.5, 1.0),
+                                                                ("predictor", "ffn", 0.7, 2.0)]
+    with pytest.raises(ValueError, match="method:scope:sparsity"):
+        parse_points("magic:ffn:0.5")
