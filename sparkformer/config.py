@@ -51,11 +51,14 @@ class ModelConfig:
     spark_attn_topk: int = 256  # at most this many keys per query (statistical top-k target)
     spark_attn_hard_cap: bool = False  # also keep only the best k of the survivors (the decode kernels always do)
     sliding_window: int | None = 4096  # used on local layers
-    local_global: str = "alternate"  # alternate (Gemma 2: even layers local) | global | local
+    local_global: str = "alternate"  # alternate (Gemma 2: even layers local) | global | local | periodic
+    local_period: int = 6  # periodic: the last of every local_period layers is global (Gemma 3: 5 local, 1 global)
     attn_logit_softcap: float | None = 50.0
     final_logit_softcap: float | None = 30.0
     query_pre_attn_scalar: float | None = None  # attention scale = scalar**-0.5; default head_dim
     rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # RoPE base on local layers (Gemma 3: 10k, global 1M); None: rope_theta
+    qk_norm: bool = False  # Gemma 3: RMSNorm of each q and k head (norm_style) after the projections, before RoPE
 
     # Statistical top-k options
     topk_method: str = "statistical"  # statistical | exact (torch.topk, the slow baseline)
@@ -94,7 +97,14 @@ class ModelConfig:
             return False
         if self.local_global == "local":
             return True
-        return layer % 2 == 0
+        period = 2 if self.local_global == "alternate" else self.local_period
+        return (layer + 1) % period != 0
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """The RoPE base of ``layer``: ``rope_local_theta`` on local layers when set, else ``rope_theta``."""
+        if self.rope_local_theta is not None and self.is_local(layer):
+            return self.rope_local_theta
+        return self.rope_theta
 
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.is_local(layer) else None
@@ -137,11 +147,16 @@ class ModelConfig:
         need(isinstance(self.spark_attn_topk, int) and self.spark_attn_topk >= 1, "spark_attn_topk", "must be an integer >= 1")
         need(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window >= 1),
              "sliding_window", "must be None (no local layers) or an integer >= 1")
-        need(self.local_global in ("alternate", "global", "local"), "local_global", "allowed: alternate, global, local")
+        need(self.local_global in ("alternate", "global", "local", "periodic"), "local_global",
+             "allowed: alternate, global, local, periodic (the last of every local_period layers global)")
+        need(isinstance(self.local_period, int) and self.local_period >= 2, "local_period",
+             "must be an integer >= 2 (with local_global=periodic: local_period-1 local layers, then 1 global)")
         for fld in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
             v = getattr(self, fld)
             need(v is None or v > 0, fld, "must be None (off) or > 0")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
+        need(self.rope_local_theta is None or self.rope_local_theta > 0, "rope_local_theta",
+             "must be None (local layers use rope_theta) or > 0")
         need(self.topk_method in ("statistical", "exact"), "topk_method", "allowed: statistical, exact")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.norm_style in ("gemma", "llama"), "norm_style", "allowed: gemma, llama")

@@ -66,7 +66,9 @@ def generate_text(model: str, prompt: str, max_new_tokens: int = 100, temperatur
     tok = loaded.tokenizer
     if tok is None:
         raise ValueError(f"{model}: no tokenizer.json with an end-of-text token beside the model; generate needs one")
-    ids = tok.encode(prompt) or [tok.eos_id]
+    ids = tok.encode(prompt)
+    bos = getattr(tok, "bos_id", None)
+    ids = ([bos] if bos is not None else []) + ids or [tok.eos_id]
     ctx = loaded.model.config.max_seq_len
     if len(ids) >= ctx:
         raise ValueError(f"the prompt is {len(ids)} tokens and the model's context is {ctx}: shorten it to at most "

@@ -1,5 +1,5 @@
 """transformers integration: ``SparkConfig`` / ``SparkForCausalLM`` registered with the Auto classes, and
-conversion between our dense model and HF ``Gemma2ForCausalLM``.
+conversion between our dense model and HF ``Gemma2ForCausalLM`` (both ways), and from ``Gemma3ForCausalLM`` and Llama.
 
 transformers is an optional extra (``pip install sparkformer[hf]``); ``import sparkformer`` works without it.
 
@@ -186,6 +186,8 @@ def to_gemma2(model: SparkLM):
         raise ValueError("only dense models (ffn=geglu, attention=dense) convert to Gemma2; this one uses Spark layers")
     if c.local_global != "alternate" or c.sliding_window is None:
         raise ValueError("Gemma2 alternates local and global layers: needs local_global='alternate' and a window")
+    if c.qk_norm or c.rope_local_theta not in (None, c.rope_theta):
+        raise ValueError("Gemma2 has no q/k norms and one RoPE base: needs qk_norm=False, rope_local_theta=None")
     hc = Gemma2Config(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
@@ -201,6 +203,77 @@ def to_gemma2(model: SparkLM):
             sd[_gemma2_key(name)].copy_(p)
     hf.tie_weights()
     return hf.eval()
+
+
+# ---- Gemma 3 (text) -> our model -----------------------------------------------------------------------------------
+def _gemma3_rope_theta(hc, layer_type: str, legacy: str, default: float) -> float:
+    rp = (getattr(hc, "rope_parameters", None) or {}).get(layer_type) or {}
+    rope_type = rp.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"Gemma 3 {layer_type} layers use RoPE scaling {rope_type!r}; only plain RoPE is supported")
+    theta = rp.get("rope_theta") or getattr(hc, legacy, None) or default
+    return float(theta)
+
+
+def gemma3_config_to_model_config(hc) -> ModelConfig:
+    """Our dense ``ModelConfig`` equivalent to an HF ``Gemma3TextConfig`` (q/k norms, a local:global period, a local
+    RoPE base). A multimodal ``Gemma3Config`` is read through its ``text_config``."""
+    hc = getattr(hc, "text_config", None) or hc
+    if getattr(hc, "attention_bias", False):
+        raise ValueError("Gemma 3 checkpoints with attention biases are not supported (our projections have none)")
+    if getattr(hc, "use_bidirectional_attention", False):
+        raise ValueError("Gemma 3 with use_bidirectional_attention=True is not a causal LM; not supported")
+    if getattr(hc, "hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"hidden_activation={hc.hidden_activation!r}: only gelu_pytorch_tanh is supported")
+    n = hc.num_hidden_layers
+    types = list(getattr(hc, "layer_types", None) or [])
+    if not types:
+        period = int(getattr(hc, "sliding_window_pattern", None) or getattr(hc, "_sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad:
+        raise ValueError(f"Gemma 3 layer types {bad} are not supported (only sliding_attention, full_attention)")
+    window = hc.sliding_window if "sliding_attention" in types else None
+    local_global, period = "global", 6
+    if window is not None and "full_attention" not in types:
+        local_global = "local"
+    elif window is not None:
+        period = types.index("full_attention") + 1
+        local_global = "alternate" if period == 2 else "periodic"
+        expect = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+        if period < 2 or types != expect:
+            raise ValueError(f"only a periodic local:global layer pattern (k local, then 1 global) is supported, got "
+                             f"{types}")
+    global_theta = _gemma3_rope_theta(hc, "full_attention", "rope_theta", 1_000_000.0)
+    local_theta = _gemma3_rope_theta(hc, "sliding_attention", "rope_local_base_freq", 10_000.0)
+    return ModelConfig(
+        vocab_size=hc.vocab_size, d_model=hc.hidden_size, n_layers=n, n_heads=hc.num_attention_heads,
+        n_kv_heads=hc.num_key_value_heads, head_dim=hc.head_dim, max_seq_len=hc.max_position_embeddings,
+        ffn="geglu", ffn_dim=hc.intermediate_size, attention="dense", sliding_window=window,
+        local_global=local_global, local_period=period, attn_logit_softcap=hc.attn_logit_softcapping,
+        final_logit_softcap=hc.final_logit_softcapping, query_pre_attn_scalar=hc.query_pre_attn_scalar,
+        rope_theta=global_theta, rope_local_theta=local_theta if window is not None else None, qk_norm=True,
+        rms_norm_eps=hc.rms_norm_eps, tie_embeddings=bool(getattr(hc, "tie_word_embeddings", True)),
+    )
+
+
+def from_gemma3(hf_model) -> SparkLM:
+    """Our dense model with the weights of an HF ``Gemma3ForCausalLM`` (e.g. Gemma-3-270M), or of the language model
+    inside a multimodal ``Gemma3ForConditionalGeneration`` (its vision tower is dropped); logits match HF's."""
+    cfg = gemma3_config_to_model_config(hf_model.config)
+    sd = hf_model.state_dict()
+    embeds = [k for k in sd if k.endswith("embed_tokens.weight")]  # only the language model has token embeddings
+    if len(embeds) != 1:
+        raise ValueError(f"{type(hf_model).__name__}: expected one embed_tokens weight, found {embeds}")
+    prefix = embeds[0][: -len("embed_tokens.weight")]  # "model." or "model.language_model."
+    model = SparkLM(cfg)
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            key = "lm_head.weight" if name == "lm_head.weight" else prefix + _gemma2_key(name)[len("model."):]
+            if key not in sd:
+                raise ValueError(f"{type(hf_model).__name__} has no weight {key!r} (needed for our {name!r})")
+            p.copy_(sd[key])
+    return model.to(next(hf_model.parameters()).dtype).eval()
 
 
 # ---- Llama family (Llama, Mistral, SmolLM2) -> our model ----------------------------------------------------------
@@ -260,12 +333,15 @@ def from_llama(hf_model) -> SparkLM:
 
 
 def from_hf(hf_model) -> SparkLM:
-    """Our model from a supported HF causal LM: Gemma 2, Llama, Mistral (SmolLM2 is Llama)."""
+    """Our model from a supported HF causal LM: Gemma 2, Gemma 3, Llama, Mistral (SmolLM2 is Llama)."""
     mt = getattr(hf_model.config, "model_type", None)
     if mt == "gemma2":
         return from_gemma2(hf_model)
+    if mt in ("gemma3_text", "gemma3"):
+        return from_gemma3(hf_model)
     if mt in ("llama", "mistral"):
         return from_llama(hf_model)
     if mt == "sparkformer":
         return hf_model.model
-    raise ValueError(f"model_type {mt!r} is not supported; supported: gemma2, llama, mistral, sparkformer")
+    raise ValueError(f"model_type {mt!r} is not supported; supported: gemma2, gemma3_text (and the language model of "
+                     "gemma3), llama, mistral, sparkformer")

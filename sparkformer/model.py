@@ -1,7 +1,8 @@
 """The Gemma-2-style decoder with dense | Spark FFN and dense | Spark attention, in one readable file.
 
 Layout (Gemma 2): embeddings * sqrt(d) -> N x [x + post_norm(attn(pre_norm(x))); x + post_norm(ffn(pre_norm(x)))]
--> final norm -> tied LM head -> final logit soft-cap. Local (sliding-window) and global layers alternate.
+-> final norm -> tied LM head -> final logit soft-cap. Local (sliding-window) and global layers alternate (Gemma 2) or
+follow a period (Gemma 3: 5 local, 1 global, with RMSNorm on each q/k head before RoPE and a local RoPE base).
 
 Spark FFN (per token x, split at r):      a = gelu_tanh(stat_topk(K1 x[:r]));  y = V^T (a * K2 x[r:])
 Spark attention (per head, split at r):   w = softmax(stat_topk_inf(q1.k1)) * softplus(q2.k2);  out = w @ v
@@ -182,6 +183,7 @@ class Attention(nn.Module):
         self.window = cfg.window(layer)
         self.scale = cfg.attn_scale
         self.cap = cfg.attn_logit_softcap
+        theta = cfg.layer_rope_theta(layer)
         self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
@@ -191,10 +193,15 @@ class Attention(nn.Module):
             self.topk = cfg.spark_attn_topk
             self.exact = cfg.topk_method == "exact"
             self.hard_cap = cfg.spark_attn_hard_cap
-            self.rope = nn.ModuleList([Rotary(self.rank, cfg.max_seq_len, cfg.rope_theta),
-                                       Rotary(self.hd - self.rank, cfg.max_seq_len, cfg.rope_theta)])
+            self.rope = nn.ModuleList([Rotary(self.rank, cfg.max_seq_len, theta),
+                                       Rotary(self.hd - self.rank, cfg.max_seq_len, theta)])
         else:
-            self.rope = nn.ModuleList([Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta)])
+            self.rope = nn.ModuleList([Rotary(self.hd, cfg.max_seq_len, theta)])
+        if cfg.qk_norm:  # Gemma 3: each q and k head normalised (over head_dim) before RoPE
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.norm_style)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, cfg.norm_style)
+        else:
+            self.q_norm = self.k_norm = None
         self.last_keys_per_query: torch.Tensor | None = None
         self.last_cap_exceeded: torch.Tensor | None = None
 
@@ -209,6 +216,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._rotate(q, pos0), self._rotate(k, pos0)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos0)

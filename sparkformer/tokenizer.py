@@ -41,6 +41,10 @@ class Tokenizer:
                              "documents are separated by one, so add it as a special token")
         self.eos_token = eos_token
         self.eos_id = int(vocab[eos_token])
+        # the token the tokenizer's own post-processor puts first (Gemma's <bos>): models trained with it expect it
+        # at the start of a text; None when it adds nothing (GPT-2 style BPEs, SmolLM2)
+        plain, full = (backend.encode("a", add_special_tokens=s).ids for s in (False, True))
+        self.bos_id = int(full[0]) if len(full) == len(plain) + 1 and full[1:] == plain else None
 
     @property
     def vocab_size(self) -> int:

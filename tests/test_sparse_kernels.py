@@ -407,3 +407,248 @@ def test_ops_pass_opcheck_and_compile():
     a, b = step(x)
     assert torch.equal(a, gated_ffn_gather(x, gu, wd_t, idx, "silu") * 2)
     assert torch.equal(b, sparse_input_matvec(w_t, x, 0.5)[0] + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# lowrank_routed_ffn: a low-rank predictor's whole routed FFN step in one op
+# ------------------------------------------------------------------------------------------------
+# (m, d, d_out, r): vector-width tails, d_out != d, SmolLM2's FFN width with its predictor rank, a tiny one
+LOWRANK_SHAPES = [(133, 77, 45, 29), (256, 96, 96, 16), (1536, 64, 40, 128), (17, 5, 3, 1)]
+
+
+def _predictor(seed, m, d, r, dtype):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(r, d, generator=g) / d**0.5).to(dtype), (torch.randn(2 * m, r, generator=g) / r**0.5).to(dtype)
+
+
+def _lowrank_scores(x, A, B, m, act):
+    """The reference's scores (fp32 on upcast weights) and the score activation."""
+    fn = F.silu if act == "silu" else (lambda z: F.gelu(z, approximate="tanh"))
+    yb = B.float() @ (A.float() @ x.float())
+    return (fn(yb[:m]) * yb[m:]).abs(), fn
+
+
+def _near_theta(s: torch.Tensor, theta: float) -> int:
+    """_near, widened by the kernels' threshold tolerance (THETA_TOL std; -inf: nothing is near)."""
+    from sparkformer.ops.stat_topk import THETA_TOL
+
+    if theta == float("-inf"):
+        return 0
+    tol = 1e-5 * max(s.abs().max().item(), 1e-6) + THETA_TOL * s.std(unbiased=False).item()
+    return int(((s - theta).abs() <= tol).sum())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", LOWRANK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lowrank_routed_ffn_matches_reference(isa, dtype, act, shape):
+    from sparkformer.ops.sparse_ffn_decode import lowrank_routed_ffn
+    from sparkformer.ops.stat_topk import stat_threshold
+
+    m, d, dout, r = shape
+    x, gu, wd_t = _ffn(20, m, d, dout, dtype)
+    A, B = _predictor(21, m, d, r, dtype)
+    s, fn = _lowrank_scores(x, A, B, m, act)
+    vw = torch.rand(m, generator=torch.Generator().manual_seed(22)) + 0.5
+    gf = gu.float() @ x  # (m, 2): exact gate and up outputs
+    h = fn(gf[:, 0]) * gf[:, 1]
+    vscore = h.abs() * vw
+    for f in (0.02, 0.1, 0.3, 1.0):
+        theta = float(stat_threshold(s, f))
+        for vt in (None, -1.0, float(vscore.median()) * 1.0001, 1e30):
+            args = (x, A, B, f, act, gu, wd_t) + (() if vt is None else (vw, vt))
+            ref, np_ref, nk_ref = lowrank_routed_ffn(*args, impl="reference")
+            y, n_prop, n_kept = lowrank_routed_ffn(*args, impl="ext")
+            what = f"{isa} {act} f={f} vt={vt}"
+            assert y.shape == (dout,) and y.dtype == x.dtype and n_prop.dtype == torch.long and n_prop.dim() == 0
+            assert abs(int(n_prop) - int(np_ref)) <= _near_theta(s, theta), what
+            if int(n_prop) != int(np_ref):
+                continue
+            if vt is None:
+                assert int(n_kept) == int(n_prop)
+            elif vt < 0:
+                assert int(n_kept) == int(n_prop), what
+            elif vt == 1e30:
+                assert int(n_kept) == 0 and torch.equal(y, torch.zeros(dout)), what
+            else:
+                assert abs(int(n_kept) - int(nk_ref)) <= _near(vscore, vt), what
+            if int(n_kept) == int(nk_ref):
+                close(y, ref, 1e-4, what, 1e-6 * term_scale(x, gu[:, 0], gu[:, 1], wd_t))
+    y, n_prop, _ = lowrank_routed_ffn(x, A, B, 1.0, act, gu, wd_t, impl="ext")  # every neuron: the dense FFN
+    assert int(n_prop) == m
+    close(y, geglu_decode(x, gu[:, 0].contiguous(), gu[:, 1].contiguous(), wd_t, impl="reference", act=act), 1e-4,
+          "f=1 is dense", 1e-6 * term_scale(x, gu[:, 0], gu[:, 1], wd_t))
+    # the unfused torch composition (decode.routed's): GEMVs in the weights' dtype, z rounded to it
+    ref, np_ref, _ = lowrank_routed_ffn(x, A, B, 0.3, act, gu, wd_t, impl="reference")
+    y_t, np_t, _ = lowrank_routed_ffn(x, A, B, 0.3, act, gu, wd_t, impl="torch")
+    if dtype == torch.float32 and int(np_t) == int(np_ref):
+        close(y_t, ref, 1e-4, "torch path")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_lowrank_routed_ffn_edges_threads_and_errors(isa, dtype):
+    from sparkformer.ops.sparse_ffn_decode import lowrank_routed_ffn
+
+    m, d, dout, r = 1536, 64, 48, 128
+    x, gu, wd_t = _ffn(23, m, d, dout, dtype)
+    A, B = _predictor(24, m, d, r, dtype)
+    # constant scores (B = 0): std 0, theta = their value, nothing above it
+    y, n_prop, n_kept = lowrank_routed_ffn(x, A, torch.zeros_like(B), 0.5, "silu", gu, wd_t, impl="ext")
+    assert int(n_prop) == 0 and int(n_kept) == 0 and torch.equal(y, torch.zeros(dout))
+    # a different score activation (a predictor trained with gelu_tanh on a silu FFN)
+    ref = lowrank_routed_ffn(x, A, B, 0.2, "silu", gu, wd_t, score_act="gelu_tanh", impl="reference")
+    out = lowrank_routed_ffn(x, A, B, 0.2, "silu", gu, wd_t, score_act="gelu_tanh", impl="ext")
+    if int(out[1]) == int(ref[1]):
+        close(out[0], ref[0], 1e-4, "score_act", 1e-6 * term_scale(x, gu[:, 0], gu[:, 1], wd_t))
+    # threads: same counts, same y up to summation order; bf16 x gives bf16 y
+    vw = torch.rand(m) + 0.5
+    base = lowrank_routed_ffn(x, A, B, 0.3, "silu", gu, wd_t, vw, 0.01, impl="ext")
+    n_thr = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            y, n_prop, n_kept = lowrank_routed_ffn(x, A, B, 0.3, "silu", gu, wd_t, vw, 0.01, impl="ext")
+            assert (int(n_prop), int(n_kept)) == (int(base[1]), int(base[2])), f"{t} threads"
+            close(y, base[0], 1e-5, f"{t} threads", 1e-6 * term_scale(x, gu[:, 0], gu[:, 1], wd_t))
+            yb, _, _ = lowrank_routed_ffn(x.bfloat16(), A, B, 0.3, "silu", gu, wd_t, impl="ext")
+            assert yb.dtype == torch.bfloat16
+    finally:
+        torch.set_num_threads(n_thr)
+    op = torch.ops.sparkformer.lowrank_routed_ffn
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        op(x, A, B[:-1], 0.3, "silu", gu, wd_t)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        op(x[:-1], A, B, 0.3, "silu", gu, wd_t)
+    with pytest.raises(RuntimeError, match="expected x"):
+        op(x, A, B, 0.3, "silu", gu[:, 0], wd_t)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(x, A.float(), B.bfloat16(), 0.3, "silu", gu, wd_t)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        op(x, A.half(), B.half(), 0.3, "silu", gu, wd_t)
+    with pytest.raises(RuntimeError, match="verify_weights"):
+        op(x, A, B, 0.3, "silu", gu, wd_t, vw[:-1], 0.1)
+    with pytest.raises(RuntimeError, match="verify_weights"):
+        op(x, A, B, 0.3, "silu", gu, wd_t, vw.double(), 0.1)
+    for f in (0.0, 1.5, float("nan")):
+        with pytest.raises(RuntimeError, match="f must be in"):
+            op(x, A, B, f, "silu", gu, wd_t)
+        with pytest.raises(ValueError, match="f must be in"):
+            lowrank_routed_ffn(x, A, B, f, "silu", gu, wd_t, impl="reference")
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        op(x, A, B, 0.3, "relu", gu, wd_t)
+    with pytest.raises(ValueError, match="A \\(r, d\\)"):
+        lowrank_routed_ffn(x, A, B[:-1], 0.3, "silu", gu, wd_t, impl="torch")
+
+
+# ------------------------------------------------------------------------------------------------
+# teal_ffn_decode: TEAL's gated FFN step in one op
+# ------------------------------------------------------------------------------------------------
+def _teal_weights(gu, wd_t):
+    return torch.cat([gu[:, 0], gu[:, 1]]).t().contiguous(), wd_t  # gate_up_t (d, 2m)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_teal_ffn_decode_matches_reference(isa, dtype, act, shape):
+    from sparkformer.ops.sparse_ffn_decode import teal_ffn_decode
+
+    m, d, dout = shape
+    x, gu, wd_t = _ffn(30, m, d, dout, dtype)
+    gut, wd_t = _teal_weights(gu, wd_t)
+    fn = F.silu if act == "silu" else (lambda z: F.gelu(z, approximate="tanh"))
+    atol = 1e-6 * term_scale(x, gu[:, 0], gu[:, 1], wd_t)
+    for q_in in (None, 0.5, 0.9, 2.0):  # keep all, half, 10%, nothing of the inputs
+        t_in = -1.0 if q_in is None else (1e30 if q_in > 1 else float(x.abs().quantile(q_in)))
+        xm = torch.where(x.abs() > t_in, x, torch.zeros_like(x))
+        g = gut.float().t() @ xm
+        h = (fn(g[:m]) * g[m:]).abs()
+        for q_h in (None, 0.0, 0.5, 0.9, 2.0):
+            t_down = -1.0 if q_h is None else (1e30 if q_h > 1 else float(h.quantile(q_h)) * 1.0001)
+            ref, ni_ref, nh_ref = teal_ffn_decode(x, gut, wd_t, t_in, t_down, act, impl="reference")
+            y, n_in, n_h = teal_ffn_decode(x, gut, wd_t, t_in, t_down, act, impl="ext")
+            what = f"{isa} {act} t_in={t_in:.3g} t_down={t_down:.3g}"
+            assert y.shape == (dout,) and y.dtype == x.dtype and n_h.dtype == torch.long and n_h.dim() == 0
+            assert int(n_in) == int(ni_ref), what
+            assert abs(int(n_h) - int(nh_ref)) <= _near(h, t_down), what
+            if q_in is None:
+                assert int(n_in) == d
+            if q_h is None:
+                assert int(n_h) == m
+            if q_h is not None and q_h > 1:
+                assert int(n_h) == 0 and torch.equal(y, torch.zeros(dout)), what
+            if int(n_h) == int(nh_ref):
+                close(y, ref, 1e-4, what, atol)
+        if q_in is None:  # every input, every neuron: the dense gated FFN
+            dense = geglu_decode(x, gu[:, 0].contiguous(), gu[:, 1].contiguous(), wd_t, impl="reference", act=act)
+            close(teal_ffn_decode(x, gut, wd_t, -1.0, -1.0, act, impl="ext")[0], dense, 1e-4, "dense", atol)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    ref, _, nh_ref = teal_ffn_decode(x, gut, wd_t, 0.3, 0.0, act, impl="reference")
+    y_t, _, nh_t = teal_ffn_decode(x, gut, wd_t, 0.3, 0.0, act, impl="torch")
+    if int(nh_t) == int(nh_ref):
+        close(y_t, ref, tol, "torch path", atol)
+
+
+@needs_ext
+def test_teal_ffn_decode_threads_and_errors():
+    from sparkformer.ops.sparse_ffn_decode import teal_ffn_decode
+
+    x, gu, wd_t = _ffn(31, 1536, 96, 80, torch.bfloat16)
+    gut, wd_t = _teal_weights(gu, wd_t)
+    xb = x.bfloat16()
+    ref, ni_ref, nh_ref = teal_ffn_decode(xb, gut, wd_t, 0.5, 0.01, "silu", impl="reference")
+    n_thr = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            y, n_in, n_h = teal_ffn_decode(xb, gut, wd_t, 0.5, 0.01, "silu", impl="ext")
+            assert y.dtype == torch.bfloat16 and int(n_in) == int(ni_ref)
+            if int(n_h) == int(nh_ref):
+                close(y, ref, 1 / 128, f"{t} threads")
+    finally:
+        torch.set_num_threads(n_thr)
+    op = torch.ops.sparkformer.teal_ffn_decode
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        op(x[:-1], gut, wd_t, 0.5, 0.0, "silu")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        op(x, gut[:, :-1], wd_t, 0.5, 0.0, "silu")
+    with pytest.raises(RuntimeError, match="expected x"):
+        op(x, gut[None], wd_t, 0.5, 0.0, "silu")
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(x, gut, wd_t.float(), 0.5, 0.0, "silu")
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        op(x, gut.half(), wd_t.half(), 0.5, 0.0, "silu")
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(x, gut.t().contiguous().t(), wd_t, 0.5, 0.0, "silu")
+    with pytest.raises(RuntimeError, match="NaN"):
+        op(x, gut, wd_t, float("nan"), 0.0, "silu")
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        op(x, gut, wd_t, 0.5, 0.0, "relu")
+    with pytest.raises(ValueError, match="gate_up_t"):
+        teal_ffn_decode(x[:-1], gut, wd_t, 0.5, 0.0, "silu", impl="reference")
+
+
+@needs_ext
+def test_fused_ffn_steps_pass_opcheck_and_compile():
+    from sparkformer.ops.sparse_ffn_decode import lowrank_routed_ffn, teal_ffn_decode
+
+    x, gu, wd_t = _ffn(32, 64, 32, 16, torch.float32)
+    A, B = _predictor(33, 64, 32, 8, torch.float32)
+    gut, _ = _teal_weights(gu, wd_t)
+    vw = torch.rand(64) + 0.5
+    torch.library.opcheck(torch.ops.sparkformer.lowrank_routed_ffn.default, (x, A, B, 0.3, "silu", gu, wd_t))
+    torch.library.opcheck(torch.ops.sparkformer.lowrank_routed_ffn.default,
+                          (x, A, B, 0.3, "silu", gu, wd_t, vw, 0.01, "gelu_tanh"))
+    torch.library.opcheck(torch.ops.sparkformer.teal_ffn_decode.default, (x, gut, wd_t, 0.5, 0.01, "silu"))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(x):
+        return lowrank_routed_ffn(x, A, B, 0.3, "silu", gu, wd_t, vw, 0.01)[0] * 2, \
+            teal_ffn_decode(x, gut, wd_t, 0.5, 0.01, "silu")[0] + 1
+
+    a, b = step(x)
+    assert torch.equal(a, lowrank_routed_ffn(x, A, B, 0.3, "silu", gu, wd_t, vw, 0.01)[0] * 2)
+    assert torch.equal(b, teal_ffn_decode(x, gut, wd_t, 0.5, 0.01, "silu")[0] + 1)

@@ -325,9 +325,7 @@ class LowRankPredictor(Router):
         self.verify_weights, self.verify_threshold = weights.detach().float().flatten().clone(), float(threshold)
         return self
 
-    @property
-    def needs_activation(self) -> bool:  # the verify stage reads the layer's exact activation
-        return self.verify_threshold is not None
+    needs_activation = property(lambda self: self.verify_threshold is not None)  # verify reads the activation
 
     def neuron_mask(self, x, activation=None, **select_kw):
         m = super().neuron_mask(x, None, **select_kw)
@@ -338,8 +336,8 @@ class LowRankPredictor(Router):
 
     def verify_form(self) -> tuple[torch.Tensor, float] | None:
         """(weights (n,) fp32, threshold) of the verify stage, or None."""
-        w = None if self.verify_weights is None else self.verify_weights.float().contiguous()
-        return None if self.verify_threshold is None else (w, self.verify_threshold)
+        return None if self.verify_threshold is None else (self.verify_weights.float().contiguous(),
+                                                           self.verify_threshold)
 
     @property
     def input(self) -> str:

@@ -79,13 +79,18 @@ class CpuEngine(Engine):
         self._stats = DecodeStats()
         self.timers: dict[str, float] | None = None  # per-component seconds when profiling is on
         hd = cfg.head_dim
-        self._rope = {}
-        for dim in {hd, cfg.spark_attn_rank, hd - cfg.spark_attn_rank}:
-            cos, sin = rope_tables(dim, 0, self.max_len, cfg.rope_theta)
-            self._rope[dim] = (cos.contiguous(), sin.contiguous())
-        # decode RoPE in three ops on q and k together: x * cos + x[perm] * sin_signed, with the rotate-half
-        # permutation and its signs folded into full-width tables (Spark layers: one rotary space per half)
-        self._rope_step = {split: self._rope_step_tables(split) for split in (None, cfg.spark_attn_rank)}
+        # RoPE tables per base (Gemma 3: local layers have their own); self._rope / _rope_step: cfg.rope_theta's
+        self._ropes = {}
+        for theta in {cfg.rope_theta} | {st.rope_theta for st in self.layers if st.rope_theta is not None}:
+            self._rope = {}
+            for dim in {hd, cfg.spark_attn_rank, hd - cfg.spark_attn_rank}:
+                cos, sin = rope_tables(dim, 0, self.max_len, theta)
+                self._rope[dim] = (cos.contiguous(), sin.contiguous())
+            # decode RoPE in three ops on q and k together: x * cos + x[perm] * sin_signed, with the rotate-half
+            # permutation and its signs folded into full-width tables (Spark layers: one rotary space per half)
+            self._rope_step = {split: self._rope_step_tables(split) for split in (None, cfg.spark_attn_rank)}
+            self._ropes[theta] = (self._rope, self._rope_step)
+        self._rope, self._rope_step = self._ropes[cfg.rope_theta]
         self._embed_scale = torch.tensor(math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0, dtype=self.dtype).float()
         self._post = cfg.post_norms
         self._alloc_cache()
@@ -131,10 +136,10 @@ class CpuEngine(Engine):
             perm.append(torch.cat([torch.arange(a + half, b), torch.arange(a, a + half)]))
         return torch.cat(cos, -1).contiguous(), torch.cat(sin, -1).contiguous(), torch.cat(perm)
 
-    def _rope_qk(self, qk: torch.Tensor, pos: int, split: int | None) -> torch.Tensor:
+    def _rope_qk(self, qk: torch.Tensor, pos: int, split: int | None, theta: float | None = None) -> torch.Tensor:
         """RoPE of the stacked q and k heads (H + KV, hd) at one position: ``model.apply_rope`` on the whole head
         (dense) or on each half in its own rotary space (Spark), as the training form does."""
-        cos, sin, perm = self._rope_step[split]
+        cos, sin, perm = (self._ropes[theta][1] if theta is not None else self._rope_step)[split]
         return qk * cos[pos] + qk.index_select(-1, perm) * sin[pos]
 
     # ---- decode ---------------------------------------------------------------------------------------------
@@ -159,7 +164,10 @@ class CpuEngine(Engine):
                 self._count_read(n_in / xn.numel(), sp.w_qkv_t.numel())
             else:
                 qkv = self._mv(st.w_qkv, xn)
-            qk = self._rope_qk(qkv[: (H + KV) * hd].view(H + KV, hd), pos, r if st.attn_kind == "spark" else None)
+            qk = qkv[: (H + KV) * hd].view(H + KV, hd)
+            if st.qk_norms is not None:  # Gemma 3: RMSNorm of each q and k head before RoPE
+                qk = torch.cat([self._rms(qk[:H].float(), st.qk_norms[0]), self._rms(qk[H:].float(), st.qk_norms[1])])
+            qk = self._rope_qk(qk, pos, r if st.attn_kind == "spark" else None, st.rope_theta)
             q, k = qk[:H], qk[H:]
             v = qkv[(H + KV) * hd:].view(KV, hd)
             c = st.cache
@@ -256,8 +264,10 @@ class CpuEngine(Engine):
             k = qkv[:, H * hd: (H + KV) * hd].view(T, KV, hd).transpose(0, 1)
             v = qkv[:, (H + KV) * hd:].view(T, KV, hd).transpose(0, 1)
             split = r if st.attn_kind == "spark" else None
-            q = self._rope_rows(q, pos0, split)
-            k = self._rope_rows(k, pos0, split)
+            if st.qk_norms is not None:  # Gemma 3: RMSNorm of each q and k head before RoPE
+                q, k = self._rms(q, st.qk_norms[0]), self._rms(k, st.qk_norms[1])
+            q = self._rope_rows(q, pos0, split, st.rope_theta)
+            k = self._rope_rows(k, pos0, split, st.rope_theta)
             c = st.cache
             if st.attn_kind == "spark" and sparse:  # T decode steps of the C++ op over the written cache
                 spark_cache_write(c, pos0, k.to(dt), v.to(dt))
@@ -320,7 +330,7 @@ class CpuEngine(Engine):
             m = gu.shape[0] // 2
             ffn = GegluWeights(gu[:m], gu[m:], down.t().contiguous())
         return DecodeLayer(st.attn_kind, st.ffn_kind, st.window, fl(st.w_qkv), fl(st.w_o), st.norms, ffn,
-                           cache=st.cache)
+                           cache=st.cache, qk_norms=st.qk_norms, rope_theta=st.rope_theta)
 
     def _count_read(self, fraction: float, weights: int) -> None:
         """Thresholded matrices: the fraction of their weights this token read."""
@@ -344,13 +354,14 @@ class CpuEngine(Engine):
         s.ffn_width += width
         s.ffn_layers += 1
 
-    def _rope_rows(self, x: torch.Tensor, pos0: int, split: int | None) -> torch.Tensor:
+    def _rope_rows(self, x: torch.Tensor, pos0: int, split: int | None, theta: float | None = None) -> torch.Tensor:
         T = x.shape[-2]
+        rope = self._ropes[theta][0] if theta is not None else self._rope
         if split is None:
-            cos, sin = self._rope[x.shape[-1]]
+            cos, sin = rope[x.shape[-1]]
             return apply_rope(x, cos[pos0: pos0 + T], sin[pos0: pos0 + T])
         a, b = x[..., :split], x[..., split:]
-        (ca, sa), (cb, sb) = self._rope[a.shape[-1]], self._rope[b.shape[-1]]
+        (ca, sa), (cb, sb) = rope[a.shape[-1]], rope[b.shape[-1]]
         return torch.cat([apply_rope(a, ca[pos0: pos0 + T], sa[pos0: pos0 + T]),
                           apply_rope(b, cb[pos0: pos0 + T], sb[pos0: pos0 + T])], -1)
 

@@ -85,6 +85,10 @@ class CudaEngine(Engine):
         if cfg.ffn_activation not in ACTIVATIONS_SUPPORTED:
             raise ValueError(f"the CUDA engine supports activations {ACTIVATIONS_SUPPORTED}, not "
                              f"{cfg.ffn_activation!r}; use device='cpu'")
+        if cfg.qk_norm or any(st.qk_norms is not None or st.rope_theta not in (None, cfg.rope_theta)
+                              for st in layout.layers):
+            raise ValueError("the CUDA engine has no q/k norms or per-layer RoPE bases yet: Gemma-3 style models "
+                             "(qk_norm, rope_local_theta) run on the CPU engine; use device='cpu'")
         dev = torch.device(device)
         layers = _device_layers(layout, dev)
         routed = any(st.ffn_kind == "routed" for st in layers)

@@ -6,7 +6,8 @@
 Layout, chosen so that every per-token read streams:
 - attention: q/k/v projections fused into one (H*hd + 2*KV*hd, d) matrix; o (d, H*hd).
 - norms: one (4, d) fp32 tensor per layer holding the multipliers (1 + w for Gemma-style norms) of the input,
-  post-attention, pre-FFN and post-FFN norms.
+  post-attention, pre-FFN and post-FFN norms; Gemma 3 adds ``qk_norms`` (2, hd), the per-head q and k norms, and
+  a per-layer ``rope_theta`` (local layers use their own RoPE base).
 - Spark FFN: K1 (d_ff, r) contiguous; each neuron's K2 row and V row adjacent in one buffer (``SparkFFNWeights``).
 - GeGLU FFN: [W_gate; W_up; W_down^T] in one (3, m, d) buffer (``GegluWeights``), read as a few long streams.
 - Routed FFN (a dense gated FFN with a router choosing its neurons per token, ``routers=``): each neuron's gate and
@@ -48,6 +49,8 @@ class DecodeLayer:
     routed: RoutedFFN | None = None  # ffn_kind "routed": the router and the gathered layout
     sparse: SparseLayer | None = None  # thresholded input sites (sparkformer.sparsity): transposed weights
     cache: tuple = field(default=())  # filled by the engine
+    qk_norms: torch.Tensor | None = None  # (2, hd) fp32 multipliers of the per-head q and k RMSNorms (Gemma 3)
+    rope_theta: float | None = None  # this layer's RoPE base; None: cfg.rope_theta
 
 
 @dataclass
@@ -128,7 +131,9 @@ def model_layout(model: SparkLM, dtype: torch.dtype, routers=None, sparsity=None
             else:
                 ffn = pack_geglu(f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight, dtype)
             layer = DecodeLayer(a.kind, f.kind, cfg.window(i), w_qkv, a.o_proj.weight.to(dtype).contiguous(), norms,
-                                ffn)
+                                ffn, rope_theta=cfg.layer_rope_theta(i))
+            if getattr(a, "q_norm", None) is not None:
+                layer.qk_norms = torch.stack([a.q_norm.scale(), a.k_norm.scale()]).float()
             if routers[i] is not None:
                 attach_router(layer, routers[i], f.gate_proj.weight, f.up_proj.weight, i, dtype)
             if sparsity is not None:
@@ -177,7 +182,8 @@ def random_layout(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, share: Mo
         else:
             w_qkv, w_o = rnd((H + 2 * KV) * hd, d), rnd(d, H * hd)
         layers.append(DecodeLayer(cfg.attention_kind(i), cfg.ffn_kind(i), cfg.window(i), w_qkv, w_o,
-                                  torch.ones(4, d, device=dev), ffn))
+                                  torch.ones(4, d, device=dev), ffn, rope_theta=cfg.layer_rope_theta(i),
+                                  qk_norms=torch.ones(2, hd, device=dev) if cfg.qk_norm else None))
     embed = share.embed if share is not None else rnd(cfg.vocab_size, d)
     return ModelLayout(cfg, embed, embed, torch.ones(d, device=dev), layers, dtype)
 
@@ -203,7 +209,8 @@ def quantize_layout(layout: ModelLayout, fmt: str) -> ModelLayout:
             ffn = quantize_spark_ffn(*st.ffn, fmt)
         else:
             ffn = quantize_geglu(*st.ffn, fmt)
-        layers.append(DecodeLayer(st.attn_kind, st.ffn_kind, st.window, q(st.w_qkv), q(st.w_o), st.norms, ffn))
+        layers.append(DecodeLayer(st.attn_kind, st.ffn_kind, st.window, q(st.w_qkv), q(st.w_o), st.norms, ffn,
+                                  qk_norms=st.qk_norms, rope_theta=st.rope_theta))
     head = q(layout.head)
     embed = head if layout.embed is layout.head else q(layout.embed)
     return ModelLayout(layout.cfg, embed, head, layout.final_norm, layers, torch.bfloat16, fmt)

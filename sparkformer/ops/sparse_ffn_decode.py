@@ -33,6 +33,7 @@ import torch
 
 from sparkformer.ops import _extension
 from sparkformer.ops.activations import ACTIVATIONS
+from sparkformer.ops.stat_topk import stat_threshold
 
 __all__ = [
     "FUSED_ACTIVATIONS",
@@ -293,8 +294,6 @@ def lowrank_routed_ffn_reference(x, A, B, f, act, gate_up, w_down_t, verify_weig
                                  score_act=None):
     """The specification: fp32 on upcast weights -- z = A x, [g; u] = B z, s = |act(g) * u|, the neurons with
     s > stat_threshold(s, f), then the gather (verify form when ``verify_weights`` is given)."""
-    from sparkformer.ops.stat_topk import stat_threshold
-
     _check_lowrank(x, A, B, gate_up, w_down_t)
     f = _check_fraction(f)
     fn = ACTIVATIONS[fused_act_name(score_act if score_act is not None else act)]
@@ -313,8 +312,6 @@ def lowrank_routed_ffn_torch(x, A, B, f, act, gate_up, w_down_t, verify_weights=
                              score_act=None):
     """The unfused torch composition of ``sparkformer.decode.routed`` (``routed_neurons``, then the gather): GEMVs in
     the weights' dtype, z rounded to it, ~10 small torch ops."""
-    from sparkformer.ops.stat_topk import stat_threshold
-
     fn = ACTIVATIONS[fused_act_name(score_act if score_act is not None else act)]
     act_fn = ACTIVATIONS[fused_act_name(act)]
     m = gate_up.shape[0]

@@ -27,9 +27,15 @@ class DomainWindows:
 
 
 def _windows(tokenizer: Any, texts: list[str], seq_len: int, max_windows: int) -> torch.Tensor:
+    """Windows of the concatenated texts; a tokenizer that starts texts with a BOS token (Gemma) gets it in front of
+    every window, as the model saw in training (its first position is not scored)."""
     from sparkformer.bricks.tokens import token_windows
 
-    return token_windows(tokenizer, texts, seq_len)[:max_windows]
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None:
+        return token_windows(tokenizer, texts, seq_len)[:max_windows]
+    w = token_windows(tokenizer, texts, seq_len - 1)[:max_windows]
+    return torch.cat([torch.full((w.shape[0], 1), bos, dtype=w.dtype), w], 1)
 
 
 def domain_windows(tokenizer: Any, capabilities: str = "default", seq_len: int = 128, calib_windows: int = 4,

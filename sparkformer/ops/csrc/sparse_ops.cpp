@@ -358,6 +358,7 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_routed_ffn(const Tensor& x, const Ten
   float* yb = ws + oy;
   int32_t* idx = reinterpret_cast<int32_t*>(ws + oi);
   const Kernels* kern = K();
+  const SparseKernels* sk = SK();
   // 1. z = A x
   at::parallel_for(0, r, std::max<int64_t>(8, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
     kern->matvec(A.data_ptr(), pbf16, A.stride(0), d, xp, z + b, b, e);
@@ -382,8 +383,8 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_routed_ffn(const Tensor& x, const Ten
 }
 
 // TEAL's gated FFN step: the inputs |x_j| > t_in read their rows of gate_up_t = [W_gate; W_up]^T (d, 2m), giving
-// [g; u] (fp32); h = act(g) * u; the neurons |h_i| > t_down read their W_down^T rows. Threads take column ranges of
-// gate_up_t (every kept row, no reduction), then slices of the kept neurons (own accumulators, summed).
+// [g; u] (fp32); h = act(g) * u; the neurons |h_i| > t_down read their W_down^T rows. Threads take slices of the
+// kept inputs, then of the kept neurons (each with its own accumulators, summed).
 // Returns (y in x's dtype, inputs kept, neurons kept).
 std::tuple<Tensor, Tensor, Tensor> teal_ffn_decode(const Tensor& x, const Tensor& gate_up_t, const Tensor& w_down_t,
                                                    double t_in, double t_down, const std::string& act) {
@@ -404,11 +405,12 @@ std::tuple<Tensor, Tensor, Tensor> teal_ffn_decode(const Tensor& x, const Tensor
   TORCH_CHECK(!std::isnan(t_in) && !std::isnan(t_down), "sparkformer teal_ffn_decode: threshold is NaN");
   TORCH_CHECK(d < std::numeric_limits<int32_t>::max() && m < std::numeric_limits<int32_t>::max(),
               "sparkformer teal_ffn_decode: too large");
-  // scratch: x (d) | input ids (d) | their values (d) | g/u then h (2m) | neuron ids (m) | their h (m) | accumulators
+  // scratch: x (d) | input ids (d) | their values (d) | g/u then h (2m) | neuron ids (m) | their h (m) |
+  // accumulators of the down rows (P * d_out) | of the gate/up rows of threads 1.. (P - 1) * 2m
   const int64_t P = std::max<int64_t>(1, at::get_num_threads());
   const int64_t oii = pad16(d), oc = oii + pad16(d), og = oc + pad16(d), oni = og + pad16(2 * m),
-                ohv = oni + pad16(m), oa = ohv + pad16(m);
-  float* ws = scratch_floats(oa + P * dout);
+                ohv = oni + pad16(m), oa = ohv + pad16(m), oa1 = oa + pad16(P * dout);
+  float* ws = scratch_floats(oa1 + (P - 1) * pad16(2 * m));
   const float* xp = x_as_f32(x, ws);
   int32_t* iin = reinterpret_cast<int32_t*>(ws + oii);
   float* c = ws + oc;
@@ -416,23 +418,26 @@ std::tuple<Tensor, Tensor, Tensor> teal_ffn_decode(const Tensor& x, const Tensor
   int32_t* ih = reinterpret_cast<int32_t*>(ws + oni);
   float* hv = ws + ohv;
   float* acc = ws + oa;
+  float* acc1 = ws + oa1;
   const SparseKernels* sk = SK();
-  // 1. the kept inputs, then [g; u] over column ranges (multiples of 16 floats: no shared output lines)
+  // 1. the kept inputs, then [g; u]: threads take slices of the kept rows (far-apart forward streams; two threads
+  // reading the two halves of the same rows were ~25% slower), each with its own 2m accumulator, summed after
   const int64_t n_in = sk->compact_abs_gt(xp, d, float(t_in), iin);
   for (int64_t t = 0; t < n_in; ++t) c[t] = xp[iin[t]];
   const int64_t ncol = 2 * m;
-  const int64_t cparts = std::max<int64_t>(1, std::min<int64_t>(P, n_in * ncol / 16384));
-  const int64_t cw = pad16((ncol + cparts - 1) / cparts);
-  const char* wp = static_cast<const char*>(gate_up_t.data_ptr());
-  const int64_t esz = gate_up_t.element_size();
-  at::parallel_for(0, cparts, 1, [&](int64_t b, int64_t e) {
+  const int64_t parts1 = n_parts(n_in, 16);
+  at::parallel_for(0, parts1, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
-      const int64_t c0 = std::min(ncol, p * cw), c1 = std::min(ncol, (p + 1) * cw);
-      if (c1 <= c0) continue;
-      std::fill(gu + c0, gu + c1, 0.0f);
-      sk->rows_axpy(iin, c, n_in, wp + c0 * esz, gate_up_t.stride(0), c1 - c0, bf16, gu + c0);
+      const int64_t t0 = n_in * p / parts1, t1 = n_in * (p + 1) / parts1;
+      float* ap = p == 0 ? gu : acc1 + (p - 1) * pad16(ncol);
+      std::fill(ap, ap + ncol, 0.0f);
+      sk->rows_axpy(iin + t0, c + t0, t1 - t0, gate_up_t.data_ptr(), gate_up_t.stride(0), ncol, bf16, ap);
     }
   });
+  for (int64_t p = 1; p < parts1; ++p) {
+    const float* ap = acc1 + (p - 1) * pad16(ncol);
+    for (int64_t i = 0; i < ncol; ++i) gu[i] += ap[i];
+  }
   // 2. h = act(g) * u, the kept neurons
   K()->activate(gu, m, act_id);
   for (int64_t i = 0; i < m; ++i) gu[i] *= gu[m + i];
