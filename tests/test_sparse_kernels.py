@@ -497,6 +497,20 @@ def test_lowrank_routed_ffn_edges_threads_and_errors(isa, dtype):
     # constant scores (B = 0): std 0, theta = their value, nothing above it
     y, n_prop, n_kept = lowrank_routed_ffn(x, A, torch.zeros_like(B), 0.5, "silu", gu, wd_t, impl="ext")
     assert int(n_prop) == 0 and int(n_kept) == 0 and torch.equal(y, torch.zeros(dout))
+    # non-finite scores (the scalar path): statistics over the finite ones, NaN never kept, +inf always
+    from sparkformer.ops.stat_topk import stat_threshold
+
+    Bx = B.float().clone()
+    Bx[1], Bx[m + 2, 0] = float("nan"), float("inf")
+    Bx = Bx.to(dtype)
+    s, _ = _lowrank_scores(x, A, Bx, m, "silu")
+    assert bool(s[1].isnan()) and bool(s[2].isposinf()) and int(torch.isfinite(s).sum()) == m - 2
+    for f in (0.1, 0.5):
+        theta = float(stat_threshold(s, f))
+        ref = lowrank_routed_ffn(x, A, Bx, f, "silu", gu, wd_t, impl="reference")
+        out = lowrank_routed_ffn(x, A, Bx, f, "silu", gu, wd_t, impl="ext")
+        assert int(ref[1]) > 10
+        assert abs(int(out[1]) - int(ref[1])) <= _near_theta(s[torch.isfinite(s)], theta), f"non-finite f={f}"
     # a different score activation (a predictor trained with gelu_tanh on a silu FFN)
     ref = lowrank_routed_ffn(x, A, B, 0.2, "silu", gu, wd_t, score_act="gelu_tanh", impl="reference")
     out = lowrank_routed_ffn(x, A, B, 0.2, "silu", gu, wd_t, score_act="gelu_tanh", impl="ext")

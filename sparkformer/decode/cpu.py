@@ -41,7 +41,8 @@ from sparkformer.ops.rope import apply_rope, rope_tables
 from sparkformer.ops.spark_attn_decode import new_spark_cache, read_key_rows, spark_attn_decode, spark_cache_write
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, spark_ffn_decode
 from sparkformer.ops.spark_ffn_prefill import spark_ffn_prefill
-from sparkformer.ops.sparse_ffn_decode import FUSED_ACTIVATIONS, gated_ffn_gather, gated_ffn_gather_verify
+from sparkformer.ops.sparse_ffn_decode import FUSED_ACTIVATIONS, gated_ffn_gather, gated_ffn_gather_verify, \
+    lowrank_routed_ffn
 from sparkformer.ops.stat_topk import stat_threshold, stat_topk
 
 IMPLS = ("auto", "ext", "torch", "reference")
@@ -63,13 +64,20 @@ class CpuEngine(Engine):
         self._fused_act = cfg.ffn_activation in FUSED_ACTIVATIONS and impl != "torch" and (
             impl != "auto" or _extension.available())
         # routed FFN layers: the fused gather of the kept neurons (C++), when the extension runs the step
-        self._gather = self._gather_verify = None
+        self._gather = self._gather_verify = self._routed_fused = None
         if cfg.ffn_activation in FUSED_ACTIVATIONS and impl in ("auto", "ext") and (
                 impl == "ext" or _extension.available()):
             act_name = cfg.ffn_activation
             self._gather = lambda x, gu, wd, idx: gated_ffn_gather(x, gu, wd, idx, act_name, impl="ext")
             self._gather_verify = lambda x, gu, wd, idx, w, t: gated_ffn_gather_verify(x, gu, wd, idx, act_name, w, t,
                                                                                          impl="ext")
+
+            def fused(x, rf):  # the whole low-rank routed step in one C++ call
+                A, B, _, f, _ = rf.fast
+                w, t = rf.verify if rf.verify is not None else (None, 0.0)
+                return lowrank_routed_ffn(x, A, B, f, act_name, rf.gate_up, rf.w_down_t, w, t,
+                                          score_act=rf.router.act, impl="ext")
+            self._routed_fused = fused
         self.dtype = layout.dtype  # activations and KV cache
         self.weight_format = layout.weight_format
         self.weight_bytes = layout.weight_bytes()
@@ -216,7 +224,7 @@ class CpuEngine(Engine):
                 self._count_ffn(int(n_sel), st.ffn.k1.shape[0])
             elif st.ffn_kind == "routed":
                 y, n_sel = routed_ffn_decode(st.routed, xn, ACTIVATIONS[cfg.ffn_activation], self.dtype, self._mv,
-                                             self._gather, self._gather_verify)
+                                             self._gather, self._gather_verify, self._routed_fused)
                 self._count_ffn(n_sel, st.routed.gate_up.shape[0])
                 self._stats.ffn_gate_up_neurons += st.routed.last_gate_up
             elif self._act is None or self._fused_act:

@@ -17,6 +17,8 @@ import torch
 
 from sparkformer.ops.stat_topk import stat_threshold
 
+FUSED_SCORE_ACTS = ("silu", "gelu_tanh")  # predictor score activations the fused C++ step implements
+
 
 @dataclass
 class RoutedFFN:
@@ -61,11 +63,16 @@ def routed_neurons(rf: RoutedFFN, x: torch.Tensor, mv: Callable) -> torch.Tensor
 
 def routed_ffn_decode(rf: RoutedFFN, xn: torch.Tensor, act: Callable, dtype: torch.dtype,
                       mv: Callable, gather: Callable | None = None,
-                      gather_verify: Callable | None = None) -> tuple[torch.Tensor, int]:
+                      gather_verify: Callable | None = None, fused: Callable | None = None) -> tuple[torch.Tensor, int]:
     """Gated FFN over the neurons the router keeps for this token: one gather of their gate/up rows, one of their
     W_down columns. With a verify stage, only the predicted neurons whose exact |act(g) u| * w passes the threshold
     read their W_down row. ``gather(x, gate_up, w_down_t, idx)`` / ``gather_verify(..., idx, w, t) -> (y, kept)``:
-    fused kernels for the whole step, when the engine has them. Returns (y (d,), neurons run)."""
+    fused kernels for the whole step, when the engine has them; ``fused(x, rf) -> (y, proposed, kept)``: the whole
+    step of a low-rank predictor in one call (scores, threshold, gather, verify). Returns (y (d,), neurons run)."""
+    if fused is not None and rf.fast is not None and getattr(rf.router, "act", None) in FUSED_SCORE_ACTS:
+        y, proposed, kept = fused(xn.float(), rf)
+        rf.last_gate_up = int(proposed)
+        return y, int(kept)
     x = xn.to(dtype)
     idx = routed_neurons(rf, x, mv)
     rf.last_gate_up = idx.numel()

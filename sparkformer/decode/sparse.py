@@ -63,6 +63,12 @@ def masked(x: torch.Tensor, t: float | None) -> torch.Tensor:
     return x if t is None else x * (x.abs() > t)
 
 
+def _ext_ready(impl: str) -> bool:
+    from sparkformer.ops import _extension
+
+    return impl == "ext" or _extension.available()
+
+
 def _ops():
     from sparkformer.ops import sparse_ffn_decode as ops
 
@@ -85,6 +91,11 @@ def sparse_ffn_decode(sp: SparseLayer, ffn: tuple, xn: torch.Tensor, act: Callab
     if th.gate_act is not None:  # CATS
         y, n = _ops().cats_ffn_decode(x, w_gate, w_up, w_down_t, th.gate_act, act_name, impl=impl)
         return y.float(), (m + 2 * int(n)) / (3 * m)
+    if sp.gate_up_t is not None and impl in ("auto", "ext") and _ext_ready(impl) and act_name in _ops().FUSED_ACTIVATIONS:
+        # the whole TEAL FFN step in one C++ call (a negative threshold keeps every entry)
+        t_down = th.down if th.down is not None else -1.0
+        y, n_in, n_h = _ops().teal_ffn_decode(x, sp.gate_up_t, w_down_t, th.gate_up, t_down, act_name, impl="ext")
+        return y.float(), (2 * int(n_in) / d + int(n_h) / m) / 3.0
     if sp.gate_up_t is not None:
         gu, n_in = sparse_matvec(sp.gate_up_t, x, th.gate_up, impl)
         read = 2 * n_in / d

@@ -4,7 +4,6 @@
 //                their W_down^T rows -- the routed / predictor-sparse FFN.
 // cats_rows      CATS (a threshold on the gate activation): every gate row, then up and W_down^T rows only for the
 //                neurons whose |act(gate)| passed.
-// short_rows_matvec  a dense matvec over short rows (a low-rank predictor's B), several rows per horizontal sum.
 // rows_axpy      TEAL-style input sparsity: y = W x with W stored transposed, only the rows of W^T whose input
 //                survived its threshold.
 //
@@ -36,12 +35,6 @@ struct SparseKernels {
 
   // idx[0:cnt] = the j in [0, n) with |p[j]| > thr, ascending; returns cnt. Writes only idx[0:n).
   int64_t (*compact_abs_gt)(const float* p, int64_t n, float thr, int32_t* idx);
-
-  // y[i - r0] = dot(w + i*ld, x[0:n]) for i in [r0, r1), R adjacent rows at a time: for short rows (a low-rank
-  // predictor's B, rows of r), where those R rows are one forward stream and one horizontal sum per row would
-  // dominate. (kernels.h's matvec, one row at a time, is the form for long rows.)
-  void (*short_rows_matvec)(const void* w, bool bf16, int64_t ld, int64_t n, const float* x, float* y, int64_t r0,
-                            int64_t r1);
 
   // acc[0:nout] += sum_t c[t] * (w + idx[t]*ldw)[0:nout].
   void (*rows_axpy)(const int32_t* idx, const float* c, int64_t cnt, const void* w, int64_t ldw, int64_t nout,

@@ -279,30 +279,6 @@ static int64_t cats_rows(const void* g, int64_t ldg, const void* u, int64_t ldu,
                      static_cast<const float*>(d), ldd, n, nd, act, thr, x, acc, j0, j1, idx, hs);
 }
 
-// ------------------------------------------------------------------------------------------------
-// Dense matvec over short rows
-// ------------------------------------------------------------------------------------------------
-constexpr int kShortRows = 4;
-
-template <class T>
-static void short_rows_matvec_t(const T* w, int64_t ld, int64_t n, const float* x, float* y, int64_t r0, int64_t r1) {
-  int64_t i = r0;
-  for (; i + kShortRows <= r1; i += kShortRows) {
-    const T* rows[kShortRows];
-#pragma GCC unroll 8
-    for (int k = 0; k < kShortRows; ++k) rows[k] = w + (i + k) * ld;
-    dot_rows<kShortRows, 2>(rows, x, n, y + (i - r0));
-  }
-  for (; i < r1; ++i) y[i - r0] = dot1(w + i * ld, x, n);
-}
-
-static void short_rows_matvec(const void* w, bool bf16, int64_t ld, int64_t n, const float* x, float* y, int64_t r0,
-                              int64_t r1) {
-  if (bf16) short_rows_matvec_t(static_cast<const uint16_t*>(w), ld, n, x, y, r0, r1);
-  else short_rows_matvec_t(static_cast<const float*>(w), ld, n, x, y, r0, r1);
-}
-
-static const spk::SparseKernels sparse_table = {SPK_NAME, gated_gather, cats_rows, compact_abs_gt, short_rows_matvec,
-                                                rows_axpy};
+static const spk::SparseKernels sparse_table = {SPK_NAME, gated_gather, cats_rows, compact_abs_gt, rows_axpy};
 
 }  // namespace SPK_NS
