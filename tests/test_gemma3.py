@@ -127,6 +127,7 @@ def test_gemma3_config_roundtrip_and_validation(tmp_path):
 
 
 def test_cuda_engine_refuses_gemma3_style():
+    pytest.importorskip("triton")  # the CUDA engine's module needs triton to import at all
     from sparkformer.decode.cuda import CudaEngine
     from sparkformer.decode.layout import model_layout
 
