@@ -20,6 +20,10 @@ from typing import Callable
 
 import torch
 
+from sparkformer.ops import _extension
+from sparkformer.ops import sparse_ffn_decode as ops
+from sparkformer.ops.dense_decode import matvec
+
 __all__ = ["SparseLayer", "make_sparse_layer", "masked", "sparse_matvec", "sparse_ffn_decode"]
 
 
@@ -64,20 +68,12 @@ def masked(x: torch.Tensor, t: float | None) -> torch.Tensor:
 
 
 def _ext_ready(impl: str) -> bool:
-    from sparkformer.ops import _extension
-
     return impl == "ext" or _extension.available()
-
-
-def _ops():
-    from sparkformer.ops import sparse_ffn_decode as ops
-
-    return ops
 
 
 def sparse_matvec(w_t: torch.Tensor, x: torch.Tensor, t: float, impl: str = "auto") -> tuple[torch.Tensor, int]:
     """W x over the inputs with |x_j| > t only, W given as W^T (in, out): (y (out,) fp32, inputs kept)."""
-    y, n = _ops().sparse_input_matvec(w_t, x.float(), t, impl=impl)  # fp32 x: the mask as in the training form
+    y, n = ops.sparse_input_matvec(w_t, x.float(), t, impl=impl)  # fp32 x: the mask as in the training form
     return y.float(), int(n)
 
 
@@ -89,19 +85,17 @@ def sparse_ffn_decode(sp: SparseLayer, ffn: tuple, xn: torch.Tensor, act: Callab
     m, d = w_gate.shape
     x = xn.float()
     if th.gate_act is not None:  # CATS
-        y, n = _ops().cats_ffn_decode(x, w_gate, w_up, w_down_t, th.gate_act, act_name, impl=impl)
+        y, n = ops.cats_ffn_decode(x, w_gate, w_up, w_down_t, th.gate_act, act_name, impl=impl)
         return y.float(), (m + 2 * int(n)) / (3 * m)
-    if sp.gate_up_t is not None and impl in ("auto", "ext") and _ext_ready(impl) and act_name in _ops().FUSED_ACTIVATIONS:
+    if sp.gate_up_t is not None and impl in ("auto", "ext") and _ext_ready(impl) and act_name in ops.FUSED_ACTIVATIONS:
         # the whole TEAL FFN step in one C++ call (a negative threshold keeps every entry)
         t_down = th.down if th.down is not None else -1.0
-        y, n_in, n_h = _ops().teal_ffn_decode(x, sp.gate_up_t, w_down_t, th.gate_up, t_down, act_name, impl="ext")
+        y, n_in, n_h = ops.teal_ffn_decode(x, sp.gate_up_t, w_down_t, th.gate_up, t_down, act_name, impl="ext")
         return y.float(), (2 * int(n_in) / d + int(n_h) / m) / 3.0
     if sp.gate_up_t is not None:
         gu, n_in = sparse_matvec(sp.gate_up_t, x, th.gate_up, impl)
         read = 2 * n_in / d
     else:
-        from sparkformer.ops.dense_decode import matvec
-
         gu = torch.cat([matvec(w_gate, x, impl=impl), matvec(w_up, x, impl=impl)]).float()
         read = 2.0
     h = act(gu[:m]) * gu[m:]

@@ -181,8 +181,8 @@ def summarize(s: SparsifySettings, dense: dict, sparse: dict) -> dict[str, Any]:
     if "achieved" in sparse:
         ach = sparse["achieved"]
         skipped = ach["model" if s.scope == "model" else "ffn"]
-        sparsity = skipped if s.method == "teal" else 1.0 - sum(
-            1.0 - z["gate_act"] for z in sparse["site_zeros"]) / len(sparse["site_zeros"])
+        zeros = [z["gate_act"] for z in sparse["site_zeros"]]  # cats: the mean fraction of neurons dropped
+        sparsity = skipped if s.method == "teal" else sum(zeros) / len(zeros)
     else:  # routers: neurons kept; gate, up and down rows of dropped neurons are skipped
         sparsity = 1.0 - sparse["neurons_kept"]
         skipped = sparsity
