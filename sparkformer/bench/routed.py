@@ -19,7 +19,7 @@ import time
 import torch
 
 from sparkformer.bench.common import OUT_HELP, env_info, finish, summary
-from sparkformer.decode import Engine, make_engine, resolve_dtype
+from sparkformer.decode import QUANT_FORMATS, Engine, make_engine, resolve_dtype
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -39,9 +39,11 @@ def bytes_per_token(engine: Engine, context: int, ffn_fraction: float | None) ->
     the router), and the KV cache of ``context`` positions. Thresholded matrices (``decode.sparse``) count the
     fraction of their weights the engine read, on average over the tokens it decoded (``stats``)."""
     cfg = engine.cfg
+    kv = 2 * cfg.n_kv_heads * cfg.head_dim * context * engine.dtype.itemsize
+    if getattr(engine, "weight_format", None) is not None:  # quantized: every weight the layout holds is read once per token
+        return engine.weight_bytes + kv * len(engine.layers)
     el = engine.embed.element_size()
     total = engine.head.numel() * el
-    kv = 2 * cfg.n_kv_heads * cfg.head_dim * context * el
     st_sum = engine.stats.summary()
     read = st_sum.get("thresholded_weights_read")
     gate_up = st_sum.get("ffn_gate_up_activity")  # routers with a verify stage read more gate/up rows than down
@@ -97,7 +99,7 @@ def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int
                 device: str = "cpu") -> dict:
     """A loaded model (``sparkformer.loading.load_model``) on real text: with routers, routed vs the same model dense
     (interleaved); without, the model alone."""
-    dtype = resolve_dtype(dtype_name)
+    dtype = dtype_name if dtype_name in QUANT_FORMATS else resolve_dtype(dtype_name)
     model, routers, spec = loaded.model, loaded.routers, getattr(loaded, "sparsity", None)
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source}: no tokenizer beside the model; the benchmark feeds real text")
@@ -146,7 +148,7 @@ def bench_dtype(loaded, dtype_name: str, context: int, tokens: int, repeats: int
     del engines
     gc.collect()
     res["hf_ms_per_token"] = None
-    if hf and device == "cpu":
+    if hf and device == "cpu" and dtype_name not in QUANT_FORMATS:  # HF has no such CPU format
         from sparkformer.pretrained import load_causal_lm
 
         base = (loaded.info.get("sparsity", {}).get("model") or loaded.info.get("routers", {}).get("model")

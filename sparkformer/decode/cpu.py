@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparkformer.decode.fused import FusedStep, fused_blockers
 from sparkformer.decode.layout import DecodeLayer, ModelLayout
 from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
 from sparkformer.decode.routed import routed_ffn_decode, routed_prefill_mask
@@ -50,9 +51,10 @@ IMPLS = ("auto", "ext", "torch", "reference")
 
 class CpuEngine(Engine):
     """Batch-1 prefill + decode on CPU; see the module docstring. ``impl``: auto (C++ when it builds), ext, torch or
-    reference (the plain-PyTorch references of the fused kernels)."""
+    reference (the plain-PyTorch references of the fused kernels). ``fused``: run each decode step as one C++ call
+    where the engine allows it (``sparkformer.decode.fused``); False keeps the per-op Python step."""
 
-    def __init__(self, layout: ModelLayout, max_len: int | None = None, impl: str = "auto"):
+    def __init__(self, layout: ModelLayout, max_len: int | None = None, impl: str = "auto", fused: bool = True):
         if impl not in IMPLS:
             raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(IMPLS)}")
         cfg = layout.cfg
@@ -83,6 +85,8 @@ class CpuEngine(Engine):
         self.weight_bytes = layout.weight_bytes()
         self.max_len = check_max_len(cfg, max_len)
         self.impl = impl
+        self.fused = fused
+        self._fused_step: FusedStep | None | bool = None  # built at the first step; False: the engine can't
         self.pos = 0
         self._stats = DecodeStats()
         self.timers: dict[str, float] | None = None  # per-component seconds when profiling is on
@@ -104,6 +108,7 @@ class CpuEngine(Engine):
         self._alloc_cache()
 
     def _alloc_cache(self) -> None:
+        self._fused_step = None  # the plan holds the cache tensors
         cfg, L, dt = self.cfg, self.max_len, self.dtype
         KV, hd, r = cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         for st in self.layers:
@@ -160,8 +165,18 @@ class CpuEngine(Engine):
             raise ValueError(f"context full: position {pos} >= cache size {self.max_len}; build the engine with a "
                              "larger max_len or reset()")
         token = int(token)
+        if not 0 <= token < cfg.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary (0..{cfg.vocab_size - 1})")
         H, KV, hd, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.spark_attn_rank
         impl, prof = self.impl, self.timers is not None
+        if self.fused and not prof:  # one C++ call for the whole token (profiling needs the per-op path)
+            if self._fused_step is None:
+                self._fused_step = FusedStep(self) if not fused_blockers(self) else False
+            if self._fused_step:
+                logits = self._fused_step.step(token, pos, self._stats, H)
+                self.pos = pos + 1
+                self._stats.tokens += 1
+                return logits
         t = time.perf_counter() if prof else 0.0
         h = self._embed_rows(torch.tensor([token]))[0] * self._embed_scale
         for st in self.layers:

@@ -36,7 +36,8 @@ from sparkformer.paths import cache_dir
 
 NAME = "sparkformer_decode_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "quant_ops.cpp", "sparse_ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
+SOURCES = ("ops.cpp", "quant_ops.cpp", "sparse_ops.cpp", "step_ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp",
+           "kernels_scalar.cpp")
 HEADERS = ("kernels.h", "kernels_common.h", "kernels_impl.h", "kernels_simd.h", "dispatch.h", "stats.h", "quant.h",
            "quant_impl.h", "sparse.h", "sparse_impl.h")
 # -fopenmp at compile time only: at::parallel_for is an OpenMP region in the header; the runtime is the
