@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from sparkformer.config import ModelConfig, apply_overrides, get_preset, load_config_file
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "int8": 1,
-               "q8_0": 34 / 32, "q4_0": 18 / 32}  # block-quantized: 32 weights + one fp16 scale per block
-KV_BYTES = {"q8_0": 2, "q4_0": 2}  # quantized engines keep the KV cache in bf16; other dtypes use DTYPE_BYTES
+               "q8_0": 34 / 32, "q4_0": 18 / 32,  # block-quantized: 32 weights + one fp16 scale per block
+               "q4_1": 20 / 32}  # ... + one fp16 scale and one fp16 minimum per block
+KV_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 2}  # quantized engines keep the KV cache in bf16; other dtypes use DTYPE_BYTES
 
 
 @dataclass

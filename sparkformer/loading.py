@@ -181,7 +181,7 @@ def describe(loaded: LoadedModel) -> dict:
                 loaded.info.get("sparsity", {}), default=str))}
 
 
-def add_model_arguments(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = ("fp32", "bf16", "q8_0", "q4_0"),
+def add_model_arguments(p: argparse.ArgumentParser, dtypes: tuple[str, ...] | None = None,
                         device: str = "cpu") -> None:
     """The model options every running command shares: --model (--checkpoint is its old name), --routers,
     --device, --dtype."""
@@ -191,5 +191,9 @@ def add_model_arguments(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = ("
     p.add_argument("--routers", default=None,
                    help="router file or sparsified folder (from `sparkformer bricks sparkify`) for the FFN layers")
     p.add_argument("--device", default=device, help=f"cpu, or cuda / cuda:N (default {device})")
+    from sparkformer.ops.quant import WEIGHT_FORMATS
+
+    dtypes = dtypes or ("fp32", "bf16", *WEIGHT_FORMATS)
     p.add_argument("--dtype", default=dtypes[0], choices=list(dtypes),
-                   help="weights: fp32, bf16, or block-quantized q8_0 / q4_0 (CPU engine; bf16 activations)")
+                   help="weights: fp32, bf16, or block-quantized (CPU engine; bf16 activations): "
+                        + ", ".join(d for d in dtypes if d not in ("fp32", "bf16")))

@@ -350,6 +350,10 @@ def run(args: argparse.Namespace, on_result=None) -> dict:
         overrides["n_layers"] = args.layers
     cfg = get_preset(args.preset, **overrides)
     cuda = args.device != "cpu"
+    per_weight = [d for d in args.dtype.split(",") if d not in DTYPE_BYTES]
+    if per_weight:  # the byte ideal of a random shape assumes one format for every matrix
+        raise ValueError(f"--dtype {','.join(per_weight)}: the random-weight shapes take one format for every matrix "
+                         "(fp32, bf16 or a block format such as q8_0); per-matrix mixes run with --model")
     if getattr(args, "llamacpp", None):  # llama.cpp's CPU decode beside each row (sparkformer.bench.llamacpp)
         if cuda:
             raise ValueError("--llamacpp measures llama.cpp's CPU build: drop it with --device cuda")
