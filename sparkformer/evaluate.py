@@ -88,14 +88,34 @@ def perplexity(model: torch.nn.Module, data: TokenData, split: str = "val", seq_
     return out
 
 
+def eval_data_dir(loaded, data_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """The prepared data a loaded model is evaluated on: ``data_dir``, else a checkpoint's training data, else the
+    default corpora tokenized with the model's tokenizer (prepared once, cached)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if loaded.kind.startswith("checkpoint"):
+        return Path(loaded.info["data_dir"])
+    if loaded.tokenizer_file is None:
+        raise ValueError(f"{loaded.info.get('name', 'this model')}: no tokenizer.json beside the model to tokenize the "
+                         "evaluation text; give --data with a folder prepared with this model's tokenizer "
+                         "(sparkformer data prepare --tokenizer)")
+    import hashlib
+
+    from sparkformer.data import prepare
+    from sparkformer.paths import cache_dir
+
+    sha = hashlib.sha256(Path(loaded.tokenizer_file).read_bytes()).hexdigest()[:12]
+    return Path(prepare(out=cache_dir("data", f"eval-{sha}"), tokenizer=loaded.tokenizer_file, quiet=not progress))
+
+
 def evaluate(model: str | Path, data_dir: str | Path | None = None, split: str = "val",
              seq_len: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
              device: str = "auto", bf16: bool = False, progress: bool = False, routers: str | Path | None = None,
              weights: str | None = None) -> dict:
     """Perplexity per domain of ``model`` (see ``sparkformer.loading.load_model``); ``data_dir`` defaults to the
     data a checkpoint trained on, or for other models to the default corpora tokenized with the model's tokenizer.
-    ``weights``: a block-quantized format (q8_0, q4_0): the model runs with the weights the quantized decode engine
-    reads (``decode.layout.quantized_model``; weights only: the engine also rounds activations per token)."""
+    ``weights``: a block-quantized format (q8_0, q4_0) or mix (q4_0m): the model runs with the weights the quantized
+    decode engine reads (``decode.layout.quantized_model``; weights only: the engine also rounds activations)."""
     from sparkformer.loading import describe, load_model
 
     for name, v in (("seq_len", seq_len), ("max_tokens", max_tokens), ("batch_size", batch_size)):
@@ -114,19 +134,7 @@ def evaluate(model: str | Path, data_dir: str | Path | None = None, split: str =
 
         loaded.model = quantized_model(loaded.model, weights)
     info = loaded.info
-    if data_dir is None and loaded.kind.startswith("checkpoint"):
-        data_dir = info["data_dir"]
-    elif data_dir is None:
-        if loaded.tokenizer_file is None:
-            raise ValueError(f"{model}: no tokenizer.json beside the model to tokenize the evaluation text; give --data "
-                             "with a folder prepared with this model's tokenizer (sparkformer data prepare --tokenizer)")
-        import hashlib
-
-        from sparkformer.data import prepare
-        from sparkformer.paths import cache_dir
-
-        sha = hashlib.sha256(Path(loaded.tokenizer_file).read_bytes()).hexdigest()[:12]
-        data_dir = prepare(out=cache_dir("data", f"eval-{sha}"), tokenizer=loaded.tokenizer_file, quiet=not progress)
+    data_dir = eval_data_dir(loaded, data_dir, progress)
     data = TokenData(data_dir)
     if "tokenizer_sha256" in info and data.manifest["tokenizer_sha256"] != info.get("tokenizer_sha256"):
         raise ValueError(f"{data.dir} was tokenized with another tokenizer than the checkpoint's; give --data with "
@@ -175,7 +183,7 @@ def hf_model_and_tokenizer(checkpoint: str | Path):
 def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(args.model, args.data, args.split, args.seq_len, args.batch_size, args.max_tokens,
                    args.device, args.bf16 or args.dtype == "bf16", progress=True, routers=args.routers,
-                   weights=args.dtype if args.dtype in ("q8_0", "q4_0") else None)
+                   weights=args.dtype if args.dtype not in ("fp32", "bf16") else None)
     print(f"{'domain':<14} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for d, r in res["domains"].items():
         print(f"{d:<14} {r['tokens']:>10,} {r['loss']:>8.4f} {r['ppl']:>10.3f}")
@@ -187,7 +195,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("eval", help="perplexity per domain of a model on the val split",
                               description=__doc__.splitlines()[0])
-    add_model_arguments(p, device="auto")
+    from sparkformer.decode.protocol import QUANT_FORMATS
+
+    add_model_arguments(p, ("fp32", "bf16", *QUANT_FORMATS), device="auto")
     p.add_argument("--data", default=None, help="prepared data folder (default: the one the checkpoint trained on)")
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--seq-len", type=int_at_least(1), default=None,

@@ -21,8 +21,10 @@
   SentencePiece-style (``llama``) vocab of ``vocab_size`` tokens, Gemma's special ids (0 pad, 1 eos, 2 bos, 3 unk),
   the 256 byte tokens, then dummy pieces.
 - Formats (every matrix; the norms stay F32, as the converter and ``llama-quantize`` keep them): ``bf16`` (the bf16
-  layout's bits as they are, or fp32 rounded to nearest even), ``f32``, ``q8_0``, ``q4_0`` (``gguf.quants``, the
-  reference quantizers of llama.cpp's own Python package: the same blocks ``llama-quantize --pure`` writes). The file
+  layout's bits as they are, or fp32 rounded to nearest even), ``f32``, ``q8_0``, ``q4_0``, ``q4_1`` (``gguf.quants``,
+  the reference quantizers of llama.cpp's own Python package: the same blocks ``llama-quantize --pure`` writes, with
+  llama.cpp's reference scales where our q4_0 / q4_1 search them: the same bytes, so the same speed), or a mix of
+  ``sparkformer.ops.quant.MIXES`` (``q4_0m``, ``q4_1m``: each tensor in its role's format, ``GGUF_ROLES``). The file
   is written tensor by tensor, so memory is the layout plus one tensor's encoding.
 """
 
@@ -37,11 +39,17 @@ import torch
 
 from sparkformer.config import ModelConfig
 from sparkformer.decode.layout import ModelLayout
+from sparkformer.ops.quant import MIXES, format_plan
 from sparkformer.paths import cache_dir
 
-FORMATS = ("f32", "bf16", "q8_0", "q4_0")
+FORMATS = ("f32", "bf16", "q8_0", "q4_0", "q4_1", *MIXES)  # a mix (q4_0m): each tensor in its role's format
 # Our engine dtype -> the GGUF format of the same weights (None: not written, too large for the comparison).
-DTYPE_FORMAT = {"bf16": "bf16", "bfloat16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "fp32": "f32", "float32": "f32"}
+DTYPE_FORMAT = {"bf16": "bf16", "bfloat16": "bf16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1", "fp32": "f32",
+                "float32": "f32", **{m: m for m in MIXES}}
+# GGUF tensor (llama.cpp's name, less ``blk.N.`` and ``.weight``) -> our matrix role (sparkformer.ops.quant.ROLES);
+# gemma2's LM head is the token embedding
+GGUF_ROLES = {"token_embd": "head", "attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "attn_output": "o",
+              "ffn_gate": "gate_up", "ffn_up": "gate_up", "ffn_down": "down"}
 EXPORT_VERSION = 1  # part of the cache key: bump when the written file changes
 NO_WINDOW = 1 << 30  # a config without local layers: llama.cpp's gemma2 always has them, so a window beyond any context
 _ROW_CHUNK = 1 << 14  # rows quantized at a time (bounds the fp32 copy of the 256k-row embedding)
@@ -58,7 +66,9 @@ def _gguf():
 def _qtype(fmt: str):
     g = _gguf()
     T = g.GGMLQuantizationType
-    types = {"f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
+    types = {"f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
+    if fmt in MIXES:
+        return types[MIXES[fmt].base]
     if fmt not in types:
         raise ValueError(f"unknown GGUF format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return types[fmt]
@@ -66,7 +76,9 @@ def _qtype(fmt: str):
 
 def _file_type(fmt: str):
     F = _gguf().LlamaFileType
-    return {"f32": F.ALL_F32, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0}[fmt]
+    fmt = MIXES[fmt].base if fmt in MIXES else fmt  # a mix is labelled by its base, as llama.cpp's mixes are
+    return {"f32": F.ALL_F32, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0, "q4_0": F.MOSTLY_Q4_0,
+            "q4_1": F.MOSTLY_Q4_1}[fmt]
 
 
 def check_gemma2(cfg: ModelConfig) -> None:
@@ -142,9 +154,16 @@ def gguf_tensors(layout: ModelLayout) -> Iterator[tuple[str, torch.Tensor]]:
     yield N[T.OUTPUT_NORM], layout.final_norm
 
 
-def tensor_format(t: torch.Tensor, fmt: str) -> str:
-    """The format a tensor is written in: 1-D tensors (norms) stay F32."""
-    return "f32" if t.dim() == 1 else fmt
+def tensor_format(t: torch.Tensor, fmt: str, name: str = "") -> str:
+    """The format tensor ``name`` is written in: 1-D tensors (norms) stay F32; in a mix, its role's format."""
+    if t.dim() == 1:
+        return "f32"
+    if fmt in MIXES:
+        role = GGUF_ROLES.get(name.removesuffix(".weight").split(".")[-1])
+        if role is None:
+            raise ValueError(f"GGUF tensor {name!r} has no matrix role for the mix {fmt}")
+        return format_plan(fmt)(role)
+    return fmt
 
 
 def encoded_nbytes(shape: tuple[int, ...], fmt: str) -> int:
@@ -157,7 +176,8 @@ def encoded_nbytes(shape: tuple[int, ...], fmt: str) -> int:
 
 def encode(t: torch.Tensor, fmt: str) -> np.ndarray:
     """The bytes of ``t`` in ``fmt`` as a numpy array (rows kept): bf16 bits as they are (fp32 rounded to nearest
-    even), F32, or Q8_0 / Q4_0 blocks from ``gguf.quants`` (quantized from the tensor's values, in row chunks)."""
+    even), F32, or Q8_0 / Q4_0 / Q4_1 blocks from ``gguf.quants`` (quantized from the tensor's values, in row
+    chunks)."""
     t = t.detach().cpu()
     if fmt == "f32":
         return t.float().contiguous().numpy()
@@ -170,8 +190,8 @@ def encode(t: torch.Tensor, fmt: str) -> np.ndarray:
 
 
 def write_gguf(layout: ModelLayout, path: str | Path, fmt: str, name: str = "sparkformer-random") -> Path:
-    """Write a dense ``layout`` as a llama.cpp gemma2 GGUF in ``fmt`` (f32, bf16, q8_0, q4_0). Written to a
-    temporary name and renamed, so a file at ``path`` is always complete."""
+    """Write a dense ``layout`` as a llama.cpp gemma2 GGUF in ``fmt`` (f32, bf16, q8_0, q4_0, q4_1, a mix). Written
+    to a temporary name and renamed, so a file at ``path`` is always complete."""
     g = _gguf()
     cfg = layout.cfg
     check_gemma2(cfg)
@@ -196,15 +216,15 @@ def write_gguf(layout: ModelLayout, path: str | Path, fmt: str, name: str = "spa
             getattr(w, f"add_{key}")(value)
     tensors = list(gguf_tensors(layout))
     for tname, t in tensors:  # infos first (GGUF header), then the data tensor by tensor
-        tf = tensor_format(t, fmt)
+        tf = tensor_format(t, fmt, tname)
         w.add_tensor_info(tname, tuple(t.shape), np.dtype(np.float32), encoded_nbytes(tuple(t.shape), tf),
                           raw_dtype=_qtype(tf))
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for _, t in tensors:
-            w.write_tensor_data(encode(t, tensor_format(t, fmt)))
+        for tname, t in tensors:
+            w.write_tensor_data(encode(t, tensor_format(t, fmt, tname)))
         w.close()
     except BaseException:
         w.close()

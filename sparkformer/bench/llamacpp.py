@@ -16,9 +16,12 @@ whose AMX prompt code dies): ``$SPARKFORMER_LLAMA_BENCH_ARGS``.
 
 Formats: our engine dtype -> GGUF of the same weights (``gguf_export.DTYPE_FORMAT``). The random gemma2-shape
 model is written by ``gguf_export.random_gguf``; a pretrained model's GGUF (``smollm2-135m``: the packaged Q4_1
-file) is re-encoded by ``llama-quantize --allow-requantize --pure`` into BF16 / F32 / Q8_0 / Q4_0 (every matrix in
-the one format, as our engines hold it; cached). From Q4_1 that is the same function our engine runs (it loads the
-same file, dequantized), re-quantized once more for Q8_0 / Q4_0.
+file) is re-encoded by ``llama-quantize --allow-requantize --pure`` into BF16 / F32 / Q8_0 / Q4_0 / Q4_1 (every
+matrix in the one format, as our engines hold it; cached), or a mix such as ``q4_0m`` / ``q4_1m`` (per-tensor types,
+``quantize_args``). From Q4_1 that is the same function our engine runs (it loads the same file, dequantized),
+re-quantized once more for Q8_0 / Q4_0. Q4_1 -> Q4_1 keeps SmolLM2's grid (llama.cpp's min/max rule on weights that
+lie on a Q4_1 grid returns them), so ``q4_1m`` (token_embd Q8_0 -> Q8_0, the rest Q4_1) is the packaged file's
+weights, and ``q4_1`` the same with token_embd in Q4_1.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ RUN_FIELDS = ("build_commit", "build_number", "cpu_info", "backends", "model_typ
 # Flash attention off and on: on these 2-core hosts llama.cpp decodes the 2B shape at depth 4096 faster without it
 # (157 vs 201 ms/token BF16) while its default (auto) picks it; the anchor is its fastest configuration.
 FLASH_ATTN = "0,1"
-QUANTIZE_TYPES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+QUANTIZE_TYPES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1"}
 
 
 def resolve_binary(spec: str | Path | None = "auto", name: str = "llama-bench") -> Path:
@@ -122,14 +125,41 @@ def run_llama_bench(model: str | Path, depth: int, threads: int, tokens: int = 3
     return res
 
 
+# our matrix role -> llama-quantize's option naming those tensors (a mix's roles outside its base format)
+ROLE_TENSORS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
+                "down": ("ffn_down",)}
+
+
+def quantize_args(fmt: str) -> list[str]:
+    """llama-quantize's arguments after ``--allow-requantize --pure`` for ``fmt``: a plain format is its type alone
+    (every matrix in it); a mix (``sparkformer.ops.quant.MIXES``) names its other roles' types with
+    ``--token-embedding-type`` / ``--output-tensor-type`` / ``--tensor-type NAME=TYPE`` (honoured under --pure), so
+    llama.cpp holds each tensor in the format our engine does. Returns the options; the type comes last."""
+    from sparkformer.ops.quant import MIXES
+
+    if fmt in QUANTIZE_TYPES:
+        return [QUANTIZE_TYPES[fmt]]
+    if fmt not in MIXES:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join([*QUANTIZE_TYPES, *MIXES])}")
+    mix = MIXES[fmt]
+    opts = ["--token-embedding-type", QUANTIZE_TYPES[mix.format_of("embed")],
+            "--output-tensor-type", QUANTIZE_TYPES[mix.format_of("head")]]  # a tied embedding is the head: both set
+    if mix.format_of("embed") != mix.format_of("head"):
+        raise ValueError(f"{fmt}: llama.cpp quantizes a tied embedding with one type; give embed and head the same")
+    for role, names in ROLE_TENSORS.items():
+        if mix.format_of(role) != mix.base:
+            opts += [a for n in names for a in ("--tensor-type", f"{n}={QUANTIZE_TYPES[mix.format_of(role)]}")]
+    return [*opts, QUANTIZE_TYPES[mix.base]]
+
+
 def quantize_gguf(src: str | Path, dst: str | Path, fmt: str, binary: str | Path | None = "auto") -> Path:
-    """``llama-quantize --allow-requantize --pure SRC DST TYPE`` (every matrix in ``fmt``), written atomically."""
-    if fmt not in QUANTIZE_TYPES:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(QUANTIZE_TYPES)}")
+    """``llama-quantize --allow-requantize --pure [per-tensor types] SRC DST TYPE`` (``quantize_args``: every matrix
+    in ``fmt``, or a mix's formats per tensor), written atomically."""
+    args = quantize_args(fmt)
     exe = resolve_binary(binary, "llama-quantize")
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".part")
-    cmd = [str(exe), "--allow-requantize", "--pure", str(src), str(tmp), QUANTIZE_TYPES[fmt]]
+    cmd = [str(exe), "--allow-requantize", "--pure", *args[:-1], str(src), str(tmp), args[-1]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"llama-quantize failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
@@ -186,8 +216,8 @@ def random_model_row(cfg: ModelConfig, dtype: str, context: int, threads: int, t
 
     fmt = DTYPE_FORMAT.get(dtype)
     if fmt is None or fmt == "f32":
-        return _row(None, f"no llama.cpp figure for dtype {dtype} (compared in bf16, q8_0, q4_0)", context, threads,
-                    tokens, repeats, binary)
+        return _row(None, f"no llama.cpp figure for dtype {dtype} (compared in bf16, q8_0, q4_0, q4_1 and their "
+                    "mixes)", context, threads, tokens, repeats, binary)
     path = random_gguf_path(cfg.replace(ffn="geglu", attention="dense"), fmt, seed)
     if not path.is_file():  # written once, in a process of its own (the full-size layout is GBs)
         path = _in_child(random_gguf, cfg, fmt, seed)
@@ -228,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="gemma2-2b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--model", default=None, help="a built-in name or .gguf instead of the random preset model")
-    ap.add_argument("--dtype", default="bf16", help="comma list of bf16, q8_0, q4_0 (fp32: --model only)")
+    ap.add_argument("--dtype", default="bf16", help="comma list of bf16, q8_0, q4_0, q4_1, a mix such as q4_1m "
+                    "(fp32: --model only)")
     ap.add_argument("--context", default="4096", help="comma list of depths")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--tokens", type=int, default=8)

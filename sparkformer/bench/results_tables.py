@@ -267,6 +267,28 @@ def _routed(load: Loader) -> Rows:
     return rows
 
 
+def _vs_llamacpp_random(load: Loader) -> Rows:
+    d = load(RESULTS + "decode_quant_gemma2-2b.json")
+    rows = [["format", "context", "our dense ms/token", "our Spark ms/token", "llama.cpp ms/token", "dense vs llama.cpp",
+             "Spark vs llama.cpp", "Spark/dense", "byte ideal", "meas/ideal"]]
+    for r in d["runs"]:
+        ll = r["llamacpp_ms_per_token"]
+        rows.append([r["dtype"], str(r["context"]), f(r["dense_ms_per_token"], 1), f(r["spark_ms_per_token"], 1),
+                     f(ll, 1), f(ll / r["dense_ms_per_token"]), bold(f(ll / r["spark_ms_per_token"])),
+                     f(r["speedup"]), f(r["ideal_speedup"]), f(meas_over_ideal(r))])
+    return rows
+
+
+def _vs_llamacpp_model(load: Loader) -> Rows:
+    d = load(RESULTS + "decode_llamacpp_smollm2-135m.json")
+    rows = [["format", "context", "our ms/token", "our GB/s", "llama.cpp ms/token", "ours vs llama.cpp"]]
+    for r in d["runs"]:
+        ll = r["llamacpp_ms_per_token"]
+        rows.append([r["dtype"], str(r["context"]), f(r["dense_ms_per_token"], 2), f(r["dense_gb_per_s"], 1),
+                     f(ll, 2), bold(f(ll / r["dense_ms_per_token"]))])
+    return rows
+
+
 def _sparsify(name: str):
     def rows_of(load: Loader) -> Rows:
         d = load(RESULTS + f"sparsify_{name}.json")
@@ -299,6 +321,8 @@ TABLES: dict[str, Table] = {
     "routed_decode": Table((RESULTS + "routed_decode.json",), "lrrrrrrrrr", _routed),
     "sparsify_smollm2": Table((RESULTS + "sparsify_smollm2-135m.json",), "llrrrrrrrrl", _sparsify("smollm2-135m")),
     "sparsify_gemma3": Table((RESULTS + "sparsify_gemma3-270m.json",), "llrrrrrrrrl", _sparsify("gemma3-270m")),
+    "llamacpp_gemma2": Table((RESULTS + "decode_quant_gemma2-2b.json",), "l" + "r" * 9, _vs_llamacpp_random),
+    "llamacpp_smollm2": Table((RESULTS + "decode_llamacpp_smollm2-135m.json",), "lrrrrr", _vs_llamacpp_model),
 }
 
 # Tables whose data is not committed: the check only requires the marker (with its reason) and this entry.

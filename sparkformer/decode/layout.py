@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from sparkformer.config import ModelConfig
-from sparkformer.decode.routed import RoutedFFN, attach_router
-from sparkformer.decode.sparse import SparseLayer, make_sparse_layer
+from sparkformer.decode.routed import RoutedFFN, attach_router, quantize_routed
+from sparkformer.decode.sparse import SparseLayer, make_sparse_layer, quantize_sparse_layer
 from sparkformer.model import SparkLM
 from sparkformer.ops.dense_decode import GegluWeights, pack_geglu
-from sparkformer.ops.quant import FORMATS, QuantGeglu, QuantMatrix, QuantSparkFFN, quantize, quantize_geglu, \
+from sparkformer.ops.quant import QuantGeglu, QuantMatrix, QuantSparkFFN, format_plan, quantize, quantize_geglu, \
     quantize_spark_ffn
 from sparkformer.ops.spark_ffn_decode import SparkFFNWeights, prepare_spark_ffn
 
@@ -189,58 +189,76 @@ def random_layout(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, share: Mo
 
 
 def quantize_layout(layout: ModelLayout, fmt: str) -> ModelLayout:
-    """Every matrix a decode step reads, in the block-quantized format ``fmt`` (q8_0, q4_0): the LM head (which
-    also serves embedding lookups: one row dequantized per token), q/k/v/o, the dense gate/up/down and the Spark
-    predictor K1, K2 and V (each neuron's K2 and V rows one quantized row). Activations and the KV cache stay in
-    bf16; norms in fp32. Matrices already in ``fmt`` (shared with another layout) are kept as they are."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantized format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if any(st.routed is not None for st in layout.layers):
-        raise ValueError(f"routed (sparkified) FFN layers do not run in {fmt} yet; use dtype bf16 or fp32 with routers")
+    """Every matrix a decode step reads, block-quantized: ``fmt`` is one format for all (q8_0, q4_0) or a mix of
+    ``sparkformer.ops.quant.MIXES`` (e.g. q4_0m: q4_0 layers, q8_0 embedding / LM head), each matrix in its role's
+    format: the LM head (which also serves embedding lookups: one row dequantized per token), q/k/v (one matrix),
+    o, the dense gate/up (one matrix) and down, and the Spark predictor K1 and K2 + V (each neuron's K2 and V rows one
+    quantized row). Activations and the KV cache stay in bf16; norms in fp32. Matrices already quantized (shared with
+    another layout) are kept as they are."""
+    plan = format_plan(fmt)
 
-    def q(t):
-        return t if isinstance(t, QuantMatrix) else quantize(t, fmt)
+    def q(t, role):
+        return t if isinstance(t, QuantMatrix) else quantize(t, plan(role))
 
     layers = []
     for st in layout.layers:
+        # routed / thresholded layers: decode.routed's and decode.sparse's quantized rows
+        routed = None if st.routed is None else quantize_routed(st.routed, plan("gate_up"), plan("down"))
+        sparse = None if st.sparse is None else quantize_sparse_layer(st.sparse, st.ffn, plan)
         if isinstance(st.ffn, (QuantSparkFFN, QuantGeglu)):
             ffn = st.ffn
+        elif routed is not None:  # the routed rows are the layer's FFN: no dense copy
+            ffn = (routed.gate_up, routed.w_down_t)
         elif st.ffn_kind == "spark":
-            ffn = quantize_spark_ffn(*st.ffn, fmt)
+            k1, k2, v = st.ffn
+            ffn = quantize_spark_ffn(k1, k2, v, plan("k2v"), plan("k1"))
         else:
-            ffn = quantize_geglu(*st.ffn, fmt)
-        layers.append(DecodeLayer(st.attn_kind, st.ffn_kind, st.window, q(st.w_qkv), q(st.w_o), st.norms, ffn,
-                                  qk_norms=st.qk_norms, rope_theta=st.rope_theta))
-    head = q(layout.head)
-    embed = head if layout.embed is layout.head else q(layout.embed)
+            ffn = quantize_geglu(*st.ffn, plan("gate_up"), plan("down"))
+        layers.append(DecodeLayer(st.attn_kind, st.ffn_kind, st.window, q(st.w_qkv, "qkv"), q(st.w_o, "o"), st.norms,
+                                  ffn, routed=routed, sparse=sparse, qk_norms=st.qk_norms, rope_theta=st.rope_theta))
+    head = q(layout.head, "head")
+    embed = head if layout.embed is layout.head else q(layout.embed, "embed")
     return ModelLayout(layout.cfg, embed, head, layout.final_norm, layers, torch.bfloat16, fmt)
 
 
-def quantized_model(model: SparkLM, fmt: str) -> SparkLM:
-    """A copy of ``model`` whose weights are what the quantized engine reads (each matrix quantized to ``fmt``
-    along the rows the engine's dot products run over, then dequantized): the training-form forward of it measures
-    the quality cost of the format (weights only; the engine also quantizes activations per token to int8)."""
+def quantized_model(model: SparkLM, fmt, method: str | None = None) -> SparkLM:
+    """A copy of ``model`` whose weights are what the quantized engine reads (each matrix quantized along the rows
+    the engine's dot products run over, then dequantized): the training-form forward of it measures the quality cost
+    of the format (weights only; the engine also quantizes activations per token to int8). ``fmt``: a format or mix
+    name (as ``quantize_layout``), or a function ``(role, layer) -> format or None`` (None: keep that matrix float;
+    layer None for the embedding / LM head), e.g. to measure one matrix type's sensitivity. ``method``: the
+    quantizer's (``sparkformer.ops.quant.quantize``; default: the format's own, as the engine)."""
     import copy
 
     from sparkformer.ops.quant import dequantize
 
-    def fq(w: torch.Tensor) -> torch.Tensor:  # rows along the input dimension, as the engine stores them
-        return dequantize(quantize(w.detach(), fmt), w.dtype)
+    if isinstance(fmt, str):
+        by_role = format_plan(fmt)
+
+        def plan(role, layer):
+            return by_role(role)
+    else:
+        plan = fmt
+
+    def fq(w: torch.Tensor, role: str, layer: int | None) -> torch.Tensor:  # rows along the input dimension
+        f = plan(role, layer)
+        return w if f is None else dequantize(quantize(w.detach(), f, method=method), w.dtype)
 
     out = copy.deepcopy(model).eval()
     with torch.no_grad():
-        for blk in out.layers:
+        for i, blk in enumerate(out.layers):
             a, f = blk.attn, blk.ffn
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj):
-                lin.weight.copy_(fq(lin.weight))
+            for lin, role in ((a.q_proj, "qkv"), (a.k_proj, "qkv"), (a.v_proj, "qkv"), (a.o_proj, "o")):
+                lin.weight.copy_(fq(lin.weight, role, i))
             if f.kind == "spark":  # K1 = predictor, K2 = up rows, V = down columns (one row per neuron)
-                f.predictor.weight.copy_(fq(f.predictor.weight))
-                f.up_proj.weight.copy_(fq(f.up_proj.weight))
-                f.down_proj.weight.copy_(fq(f.down_proj.weight.t()).t())
+                f.predictor.weight.copy_(fq(f.predictor.weight, "k1", i))
+                f.up_proj.weight.copy_(fq(f.up_proj.weight, "k2v", i))
+                f.down_proj.weight.copy_(fq(f.down_proj.weight.t(), "k2v", i).t())
             else:
-                for lin in (f.gate_proj, f.up_proj, f.down_proj):
-                    lin.weight.copy_(fq(lin.weight))
-        out.embed.weight.copy_(fq(out.embed.weight))
-        if out.lm_head is not None:
-            out.lm_head.weight.copy_(fq(out.lm_head.weight))
+                for lin, role in ((f.gate_proj, "gate_up"), (f.up_proj, "gate_up"), (f.down_proj, "down")):
+                    lin.weight.copy_(fq(lin.weight, role, i))
+        tied = out.lm_head is None
+        out.embed.weight.copy_(fq(out.embed.weight, "head" if tied else "embed", None))
+        if not tied:
+            out.lm_head.weight.copy_(fq(out.lm_head.weight, "head", None))
     return out

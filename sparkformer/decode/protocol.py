@@ -25,12 +25,16 @@ import torch
 
 from sparkformer.config import ModelConfig
 from sparkformer.model import sample_next
+from sparkformer.ops.quant import WEIGHT_FORMATS
 
 ENGINE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 COMPONENTS = ("attn_proj", "attention", "ffn", "lm_head")
 
 
-QUANT_FORMATS = ("q8_0", "q4_0")  # block-quantized weights (sparkformer.ops.quant), bf16 activations and cache
+# block-quantized weights (sparkformer.ops.quant), bf16 activations and cache: q8_0, q4_0, q4_1 (every matrix in the
+# one format, as llama-quantize --pure) and the mixes q4_0m / q4_1m (4-bit layers, q8_0 embedding / LM head;
+# ops.quant.MIXES)
+QUANT_FORMATS = WEIGHT_FORMATS
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -47,7 +51,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def resolve_weights(dtype: str | torch.dtype) -> tuple[torch.dtype, str | None]:
     """(float dtype of activations and cache, quantized weight format or None) of an engine ``dtype``: fp32, bf16,
-    or a quantized format (q8_0, q4_0: bf16 activations and cache)."""
+    or a quantized format (q8_0, q4_0, q4_1, the mixes q4_0m / q4_1m: bf16 activations and cache)."""
     if isinstance(dtype, str) and dtype in QUANT_FORMATS:
         return torch.bfloat16, dtype
     return resolve_dtype(dtype), None
