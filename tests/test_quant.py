@@ -11,6 +11,33 @@ from sparkformer.ops.quant import (BLOCK, FORMATS, dequantize, quant_ffn_gather,
 FMTS = list(FORMATS)
 
 
+def _quant_isas() -> list[str]:
+    """conftest's ISAs plus the VNNI build of the quantized kernels where the CPU has it."""
+    from conftest import _extension_isas
+
+    have = _extension_isas()
+    if have:
+        try:
+            _extension.set_isa("avx512vnni")
+            have = ["avx512vnni"] + have
+        except RuntimeError:
+            pass
+        _extension.set_isa("auto")
+    return have or ["none"]
+
+
+@pytest.fixture(params=_quant_isas())
+def isa(request):
+    """Every kernel ISA of this CPU, AVX-512 VNNI included (overrides conftest's fixture in this module)."""
+    if request.param == "none":
+        if _extension.required() and not _extension.disabled():
+            pytest.fail("C++ extension unavailable although SPARKFORMER_REQUIRE_EXT is set")
+        pytest.skip("C++ extension unavailable")
+    _extension.set_isa(request.param)
+    yield request.param
+    _extension.set_isa("auto")
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 def test_quantize_round_trip_and_bytes(fmt):
     torch.manual_seed(0)
@@ -50,16 +77,25 @@ def test_activation_quantization_matches_the_kernels(isa):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("n", [32, 96, 2304])  # one block, an odd block count (the AVX-512 tail), a real width
+# one block; 3, 5, 18 blocks (AVX-512's last group of 3, 1, 2 blocks); real widths
+@pytest.mark.parametrize("n", [32, 96, 160, 576, 2304])
 def test_quant_matvec_kernel_equals_reference(isa, fmt, n):
     if isa == "none":
         pytest.skip("C++ extension unavailable")
     torch.manual_seed(2)
-    w, x = torch.randn(203, n), torch.randn(n)
+    w, x = torch.randn(203, n), torch.randn(n)  # 203 rows: groups of 4 rows and a remainder of 3
+    w[5, :32] = -w[5, :32].abs() * 1e3  # extreme weights: -127 (q8_0) and 0 (q4_0) quants at full activation
+    x[:32] = w[5, :32].sign() * -1e3
     q = quantize(w, fmt)
     ref = quant_matvec_reference(q, x)
     got = quant_matvec(q, x, impl="ext")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+    for rows in (1, 2, 5):  # fewer rows than a group, several threads' worth below
+        torch.testing.assert_close(quant_matvec(q.index_select(torch.arange(rows)), x, impl="ext"), ref[:rows],
+                                   rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+    big = quantize(torch.randn(4099, n), fmt)  # large enough to split over threads, at an odd row count
+    ref = quant_matvec_reference(big, x)
+    torch.testing.assert_close(quant_matvec(big, x, impl="ext"), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
     # and the integer scheme is close to the exact product with the dequantized weights
     exact = dequantize(q) @ x
     assert float((got - exact).norm() / exact.norm()) < 0.02
@@ -150,5 +186,5 @@ def test_quantized_engine_refusals():
     m = tiny_spark("geglu")
     with pytest.raises(ValueError, match="unsupported engine dtype"):
         make_engine(m, dtype="q3_k")
-    with pytest.raises(ValueError, match="do not run in q8_0"):
-        make_engine(m, dtype="q8_0", routers=[None] * m.config.n_layers)
+    # routed layers run quantized (tests/test_quant_sparse.py); all-None routers are the dense model
+    assert make_engine(m, dtype="q8_0", routers=[None] * m.config.n_layers).weight_format == "q8_0"

@@ -306,14 +306,17 @@ def test_q4_1_engine_equals_the_quantized_model(fmt, impl):
     cfg = ModelConfig(vocab_size=96, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=256,
                       max_seq_len=96, sliding_window=16, ffn="geglu", attention="dense")
     ids = torch.randint(0, 96, (1, 40))
-    for c in (cfg, cfg.replace(ffn="spark", spark_ffn_rank=32, spark_ffn_fraction=1.0)):
+    for c, tol in ((cfg, 0.05), (cfg.replace(ffn="spark", spark_ffn_rank=32, spark_ffn_fraction=0.5), 0.2)):
         m = SparkLM(c).eval()
         ref = quantized_model(m, fmt)(ids).logits[0, 19:39].detach()
         lay = quantize_layout(model_layout(m, torch.float32), fmt)
         assert lay.layers[0].w_qkv.fmt == "q4_1" and lay.head.fmt == ("q8_0" if fmt == "q4_1m" else "q4_1")
-        e = CpuEngine(lay, impl=impl, fused=False)  # the fused C++ step takes the extension's formats only
+        e = CpuEngine(lay, impl=impl)
+        e.fused = False  # the fused C++ step takes the extension's formats only (set after: CpuEngine's fused=
+        # argument is shadowed by a local function of its __init__ where the extension is available)
         got = torch.stack([e.prefill(ids[0, :20])] + [e.step(int(t)) for t in ids[0, 20:39]])
-        assert float((got - ref).norm() / ref.norm()) < 0.05  # bf16 activations + int8 activation rounding
+        # bf16 activations + int8 activation rounding; Spark: selections near the threshold flip too (as test_quant)
+        assert float((got - ref).norm() / ref.norm()) < tol
         assert float((quantized_model(m, "q4_0")(ids).logits[0, 19:39].detach() - ref).norm() / ref.norm()) > 1e-3
     if fmt == "q4_1":
         ratio = e.weight_bytes / make_engine(m, dtype="bf16").weight_bytes

@@ -76,16 +76,13 @@ def make_engine(model, dtype: str | torch.dtype = torch.float32, max_len: int | 
 
     ``routers``: per-layer routers for dense gated FFN layers (see ``sparkformer.decode.routed``), on every device.
     ``sparsity``: a ``sparkformer.sparsity.SparseSpec`` (thresholded input sites, ``sparkformer.decode.sparse``), CPU.
-    ``dtype``: fp32, bf16, or block-quantized weights q8_0 / q4_0 (CPU; quantized once here, bf16 activations).
+    ``dtype``: fp32, bf16, or block-quantized weights q8_0 / q4_0 / q4_0m (the mix: q4_0 layers, q8_0 embedding
+    and LM head) (CPU; quantized once here, bf16 activations).
     Device options: ``impl`` (CPU: auto | ext | torch | reference), ``graph`` and ``track_stats`` (CUDA). An option
     the chosen engine does not take is refused, never ignored."""
     kind = check_device(device)
     options = _check_options(kind, {"impl": impl, "graph": graph, "track_stats": track_stats})
     float_dtype, fmt = resolve_weights(dtype)
-    if fmt is not None and routers is not None:
-        raise ValueError(f"routed (sparkified) FFN layers do not run in {fmt} yet; use dtype bf16 or fp32 with routers")
-    if sparsity is not None and fmt is not None:
-        raise ValueError(f"thresholded (sparsified) layers do not run in {fmt} yet; use dtype bf16 or fp32")
     if sparsity is not None and kind == "cuda":
         raise ValueError("thresholded (sparsified) layers run on the CPU engine; use --device cpu")
     # quantized formats are quantized from fp32 weights (then the float copy is dropped), not from a bf16 rounding

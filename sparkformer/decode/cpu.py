@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from sparkformer.decode.fused import FusedStep, fused_blockers
-from sparkformer.decode.layout import DecodeLayer, ModelLayout
+from sparkformer.decode.layout import DecodeLayer, ModelLayout, weight_tensors
+from sparkformer.decode.pages import pack_on_huge_pages
 from sparkformer.decode.protocol import DecodeStats, Engine, check_max_len
-from sparkformer.decode.routed import routed_ffn_decode, routed_prefill_mask
-from sparkformer.decode.sparse import masked, sparse_ffn_decode, sparse_matvec
+from sparkformer.decode.routed import routed_ffn_decode, routed_float_ffn, routed_prefill_mask
+from sparkformer.decode.sparse import ffn_numel, masked, sparse_ffn_decode, sparse_matvec, sparse_prefill_weights
 from sparkformer.ops import _extension
 from sparkformer.ops.activations import ACTIVATIONS, gelu_tanh, softcap
 from sparkformer.ops.attn_prefill import prefill_attention, spark_prefill_attention
@@ -82,6 +83,7 @@ class CpuEngine(Engine):
             self._routed_fused = fused
         self.dtype = layout.dtype  # activations and KV cache
         self.weight_format = layout.weight_format
+        self.huge_pages = pack_on_huge_pages(weight_tensors(layout))  # before anything keeps a pointer to them
         self.weight_bytes = layout.weight_bytes()
         self.max_len = check_max_len(cfg, max_len)
         self.impl = impl
@@ -223,7 +225,7 @@ class CpuEngine(Engine):
             if sp is not None and sp.has_ffn:
                 y, read = sparse_ffn_decode(sp, st.ffn, xn, ACTIVATIONS[cfg.ffn_activation], cfg.ffn_activation,
                                             self.dtype, impl)
-                self._count_read(read, sum(w.numel() for w in st.ffn))
+                self._count_read(read, ffn_numel(st.ffn))
             elif isinstance(st.ffn, QuantSparkFFN):
                 y, n_sel = spark_ffn_decode_quant(xn, st.ffn, cfg.spark_ffn_fraction, self._act or gelu_tanh,
                                                   self.impl)
@@ -239,7 +241,7 @@ class CpuEngine(Engine):
                 self._count_ffn(int(n_sel), st.ffn.k1.shape[0])
             elif st.ffn_kind == "routed":
                 y, n_sel = routed_ffn_decode(st.routed, xn, ACTIVATIONS[cfg.ffn_activation], self.dtype, self._mv,
-                                             self._gather, self._gather_verify, self._routed_fused)
+                                             self._gather, self._gather_verify, self._routed_fused, impl=impl)
                 self._count_ffn(n_sel, st.routed.gate_up.shape[0])
                 self._stats.ffn_gate_up_neurons += st.routed.last_gate_up
             elif self._act is None or self._fused_act:
@@ -345,15 +347,20 @@ class CpuEngine(Engine):
         def fl(w):
             return dequantize(w, dt)
 
-        if isinstance(st.ffn, QuantSparkFFN):
+        if st.routed is not None:  # the per-neuron rows decode gathers from
+            ffn = routed_float_ffn(st.routed, dt)
+        elif isinstance(st.ffn, QuantSparkFFN):
             k2, v = quant_ffn_rows(st.ffn)
             ffn = SparkFFNWeights(fl(st.ffn.k1), fl(k2), fl(v))
         else:
             gu, down = fl(st.ffn.gate_up), fl(st.ffn.down)
             m = gu.shape[0] // 2
             ffn = GegluWeights(gu[:m], gu[m:], down.t().contiguous())
-        return DecodeLayer(st.attn_kind, st.ffn_kind, st.window, fl(st.w_qkv), fl(st.w_o), st.norms, ffn,
-                           cache=st.cache, qk_norms=st.qk_norms, rope_theta=st.rope_theta)
+        w_qkv, w_o = fl(st.w_qkv), fl(st.w_o)
+        if st.sparse is not None:  # thresholded sites: the W^T rows decode reads, so prefill selects on the same
+            w_qkv, w_o, ffn = sparse_prefill_weights(st.sparse, w_qkv, w_o, ffn, dt)
+        return DecodeLayer(st.attn_kind, st.ffn_kind, st.window, w_qkv, w_o, st.norms, ffn, routed=st.routed,
+                           sparse=st.sparse, cache=st.cache, qk_norms=st.qk_norms, rope_theta=st.rope_theta)
 
     def _count_read(self, fraction: float, weights: int) -> None:
         """Thresholded matrices: the fraction of their weights this token read."""

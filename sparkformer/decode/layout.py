@@ -73,6 +73,11 @@ class ModelLayout:
         return sum(storages.values())
 
 
+def weight_tensors(layout: ModelLayout):
+    """Every weight tensor a layout holds (views included; norms aside), for packing or counting."""
+    return _weight_tensors(layout)
+
+
 def _weight_tensors(layout: ModelLayout):
     def plain(w):
         if isinstance(w, QuantMatrix):

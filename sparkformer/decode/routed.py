@@ -5,6 +5,10 @@ it has a cheap decode form, ``decode_form(dtype) -> (A, B, n, f, act) | None``: 
 with ``y = B (A x)``, neurons kept where ``s > stat_threshold(s, f)`` (``sparkformer.bricks.routing.LowRankPredictor``,
 the predictor of ``bricks sparkify``, whose training-form selection is the same threshold). The engines depend only on
 this protocol, not on the bricks package.
+
+Quantized (``quantize_routed``, the CPU engine's q8_0 / q4_0): each neuron's gate and up rows are one contiguous
+quantized row and its W_down^T row another (``ops.quant_sparse.QuantGatedRows``), so a kept neuron is two reads; the
+router stays float, in bf16 (its scores pick the neurons; a low-rank predictor is ~(r / d) of the FFN's weights).
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from typing import Any, Callable
 
 import torch
 
+from sparkformer.ops.dense_decode import GegluWeights
+from sparkformer.ops.quant_sparse import QuantGatedRows, dequantize_gated_rows, quant_gated_gather, \
+    quant_lowrank_routed_ffn, quantize_gated_rows
+from sparkformer.ops.sparse_ffn_decode import fused_act_name
 from sparkformer.ops.stat_topk import stat_threshold
 
 FUSED_SCORE_ACTS = ("silu", "gelu_tanh")  # predictor score activations the fused C++ step implements
@@ -28,6 +36,7 @@ class RoutedFFN:
     fast: tuple | None  # router.decode_form(dtype): (A, B, n, f, act) or None
     verify: tuple | None = None  # router.verify_form(): (weights (m,) fp32, threshold) or None
     last_gate_up: int = 0  # neurons whose gate/up rows the last token read (the predicted set)
+    quant: QuantGatedRows | None = None  # quantized layouts: the rows (gate_up / w_down_t are its uint8 buffers)
 
     def to(self, device: torch.device) -> "RoutedFFN":
         fast = None if self.fast is None else (self.fast[0].to(device), self.fast[1].to(device), *self.fast[2:])
@@ -43,12 +52,38 @@ def attach_router(layer, router, w_gate: torch.Tensor, w_up: torch.Tensor, index
     if getattr(router, "n_neurons", None) != n:
         raise ValueError(f"layer {index}: router is for {getattr(router, 'n_neurons', '?')} neurons, the FFN has {n}; "
                          "were the routers made for another model?")
+    gate_up = torch.stack([w_gate, w_up], 1).to(dtype).contiguous()
+    layer.routed = _routed(router, dtype, gate_up, layer.ffn[2])
+    layer.ffn_kind = "routed"
+
+
+def _routed(router, dtype: torch.dtype, gate_up, w_down_t, quant=None) -> RoutedFFN:
+    """A RoutedFFN over these weights, driven by a copy of ``router`` in ``dtype`` (its decode and verify forms)."""
     r = copy.deepcopy(router).to(dtype).eval()
     form = r.decode_form(dtype) if hasattr(r, "decode_form") else None
-    gate_up = torch.stack([w_gate, w_up], 1).to(dtype).contiguous()
     verify = r.verify_form() if hasattr(r, "verify_form") else None
-    layer.routed = RoutedFFN(r, gate_up, layer.ffn[2], form, verify)
-    layer.ffn_kind = "routed"
+    return RoutedFFN(r, gate_up, w_down_t, form, verify, quant=quant)
+
+
+def quantize_routed(rf: RoutedFFN, fmt: str, down_fmt: str | None = None,
+                    router_dtype: torch.dtype = torch.bfloat16) -> RoutedFFN:
+    """A float routed FFN in a block-quantized format: gate/up rows in ``fmt``, W_down^T rows in ``down_fmt``
+    (default ``fmt``), a copy of the router in ``router_dtype`` (the quantized engine's activation dtype)."""
+    if rf.quant is not None:  # already quantized (a layout shared with another engine)
+        return rf
+    rows = quantize_gated_rows(rf.gate_up[:, 0], rf.gate_up[:, 1], rf.w_down_t, fmt, down_fmt)
+    return _routed(rf.router, router_dtype, rows.gate_up, rows.down.data, rows)
+
+
+def dequantize_routed(rf: RoutedFFN, dtype: torch.dtype) -> RoutedFFN:
+    """The float routed FFN a quantized one stands for (its weights dequantized, the router copied to ``dtype``)."""
+    wg, wu, wd_t = dequantize_gated_rows(rf.quant, dtype)
+    return _routed(rf.router, dtype, torch.stack([wg, wu], 1).contiguous(), wd_t)
+
+
+def routed_float_ffn(rf: RoutedFFN, dtype: torch.dtype) -> GegluWeights:
+    """(w_gate, w_up, w_down_t) of a quantized routed FFN, dequantized (prefill's GEMMs run on them)."""
+    return GegluWeights(*dequantize_gated_rows(rf.quant, dtype))
 
 
 def routed_neurons(rf: RoutedFFN, x: torch.Tensor, mv: Callable) -> torch.Tensor:
@@ -63,12 +98,16 @@ def routed_neurons(rf: RoutedFFN, x: torch.Tensor, mv: Callable) -> torch.Tensor
 
 def routed_ffn_decode(rf: RoutedFFN, xn: torch.Tensor, act: Callable, dtype: torch.dtype,
                       mv: Callable, gather: Callable | None = None,
-                      gather_verify: Callable | None = None, fused: Callable | None = None) -> tuple[torch.Tensor, int]:
+                      gather_verify: Callable | None = None, fused: Callable | None = None,
+                      impl: str = "auto") -> tuple[torch.Tensor, int]:
     """Gated FFN over the neurons the router keeps for this token: one gather of their gate/up rows, one of their
     W_down columns. With a verify stage, only the predicted neurons whose exact |act(g) u| * w passes the threshold
     read their W_down row. ``gather(x, gate_up, w_down_t, idx)`` / ``gather_verify(..., idx, w, t) -> (y, kept)``:
     fused kernels for the whole step, when the engine has them; ``fused(x, rf) -> (y, proposed, kept)``: the whole
-    step of a low-rank predictor in one call (scores, threshold, gather, verify). Returns (y (d,), neurons run)."""
+    step of a low-rank predictor in one call (scores, threshold, gather, verify). Quantized rows (``rf.quant``): the
+    ops of ``ops.quant_sparse`` (``impl`` as theirs). Returns (y (d,), neurons run)."""
+    if rf.quant is not None:
+        return _quant_routed_decode(rf, xn, fused_act_name(act), dtype, mv, impl)
     if fused is not None and rf.fast is not None and getattr(rf.router, "act", None) in FUSED_SCORE_ACTS:
         y, proposed, kept = fused(xn.float(), rf)
         rf.last_gate_up = int(proposed)
@@ -88,6 +127,20 @@ def routed_ffn_decode(rf: RoutedFFN, xn: torch.Tensor, act: Callable, dtype: tor
         keep = (h.abs() * w.index_select(0, idx) > t).nonzero().squeeze(1)
         idx, h = idx.index_select(0, keep), h.index_select(0, keep)
     return h.to(dtype) @ rf.w_down_t.index_select(0, idx), idx.numel()
+
+
+def _quant_routed_decode(rf: RoutedFFN, xn: torch.Tensor, act: str, dtype: torch.dtype, mv: Callable,
+                         impl: str) -> tuple[torch.Tensor, int]:
+    if rf.fast is not None and getattr(rf.router, "act", None) in FUSED_SCORE_ACTS:  # the whole step in one call
+        A, B, _, f, _ = rf.fast
+        y, proposed, kept = quant_lowrank_routed_ffn(xn.float(), A, B, f, act, rf.quant, rf.verify,
+                                                     score_act=rf.router.act, impl=impl)
+    else:
+        idx = routed_neurons(rf, xn.to(dtype), mv)
+        y, kept = quant_gated_gather(xn.float(), rf.quant, idx, act, rf.verify, impl=impl)
+        proposed = idx.numel()
+    rf.last_gate_up = proposed
+    return y, kept
 
 
 def routed_prefill_mask(rf: RoutedFFN, xn: torch.Tensor, activation: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,12 @@ Layout per site (made once, when the engine is built):
               (``cats_ffn_decode``)
 
 Prefill applies the same masks to its GEMMs (same selections as decode and as the training form).
+
+Quantized (``quantize_sparse_layer``, the CPU engine's q8_0 / q4_0): each W^T row above is quantized along the output
+dimension as its own row of blocks (y = sum over kept j of x_j * dequant(row j)); the FFN sites read W_down^T rows
+(``down_t``, quantized along d), CATS the dense layout's gate and up rows (integer dot products). The dense copies the
+float layout also keeps (``DecodeLayer.w_qkv`` ...) are quantized as usual; prefill reads the transposed ones, so its
+selections see the weights decode reads.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ import torch
 
 from sparkformer.ops import _extension
 from sparkformer.ops import sparse_ffn_decode as ops
-from sparkformer.ops.dense_decode import matvec
+from sparkformer.ops.dense_decode import GegluWeights, matvec
+from sparkformer.ops.quant import QuantGeglu, QuantMatrix, dequantize, quant_matvec, quantize
+from sparkformer.ops.quant_sparse import quant_cats_ffn_decode, quant_sparse_input_matvec, quant_teal_ffn_decode
 
-__all__ = ["SparseLayer", "make_sparse_layer", "masked", "sparse_matvec", "sparse_ffn_decode"]
+__all__ = ["SparseLayer", "dequantize_sparse_layer", "ffn_numel", "make_sparse_layer", "masked",
+           "quantize_sparse_layer", "sparse_ffn_decode", "sparse_matvec", "sparse_prefill_weights"]
 
 
 @dataclass
@@ -33,6 +42,7 @@ class SparseLayer:
     w_qkv_t: torch.Tensor | None = None  # (d, n_qkv)
     w_o_t: torch.Tensor | None = None  # (H*hd, d)
     gate_up_t: torch.Tensor | None = None  # (d, 2m)
+    down_t: QuantMatrix | None = None  # quantized layouts, FFN sites: W_down^T (m, d) rows (the float one is ffn[2])
 
     def to(self, device) -> "SparseLayer":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -44,7 +54,8 @@ class SparseLayer:
         return th.gate_up is not None or th.down is not None or th.gate_act is not None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.w_qkv_t, self.w_o_t, self.gate_up_t) if t is not None]
+        ts = (self.w_qkv_t, self.w_o_t, self.gate_up_t, self.down_t)
+        return [t.data if isinstance(t, QuantMatrix) else t for t in ts if t is not None]
 
 
 def make_sparse_layer(thresholds, w_qkv: torch.Tensor, w_o: torch.Tensor, w_gate: torch.Tensor | None,
@@ -62,6 +73,58 @@ def make_sparse_layer(thresholds, w_qkv: torch.Tensor, w_o: torch.Tensor, w_gate
                        t(torch.cat([w_gate, w_up])) if thresholds.gate_up is not None else None)
 
 
+def quantize_sparse_layer(sp: SparseLayer, ffn, plan) -> SparseLayer:
+    """``sp`` (float) with its W^T rows block-quantized along the output dimension, ``plan(role)`` giving each
+    matrix's format (roles of ``ops.quant.ROLES``: qkv, o, gate_up, down); FFN sites also get W_down^T rows from
+    ``ffn`` = the float (w_gate, w_up, w_down_t)."""
+    if any(isinstance(t, QuantMatrix) for t in (sp.w_qkv_t, sp.w_o_t, sp.gate_up_t, sp.down_t)):
+        return sp  # already quantized (a layout shared with another engine)
+
+    def q(t, role):
+        return None if t is None else quantize(t.float(), plan(role))
+
+    down_t = q(ffn[2], "down") if sp.has_ffn else None
+    return SparseLayer(sp.thresholds, q(sp.w_qkv_t, "qkv"), q(sp.w_o_t, "o"), q(sp.gate_up_t, "gate_up"), down_t)
+
+
+def dequantize_sparse_layer(sp: SparseLayer, dtype: torch.dtype) -> SparseLayer:
+    """The float layer a quantized one stands for (``down_t`` dropped: float layers read ``ffn[2]``)."""
+    def f(t):
+        return None if t is None else dequantize(t, dtype)
+
+    return SparseLayer(sp.thresholds, f(sp.w_qkv_t), f(sp.w_o_t), f(sp.gate_up_t))
+
+
+def sparse_prefill_weights(sp: SparseLayer, w_qkv: torch.Tensor, w_o: torch.Tensor, ffn, dtype: torch.dtype):
+    """(w_qkv, w_o, ffn) for prefill's GEMMs of a quantized layer: where a site reads quantized W^T rows in decode,
+    those rows dequantized and transposed back (the dense copies are rounded along the other dimension); the rest as
+    given (``ffn``: float GegluWeights)."""
+    if not any(isinstance(t, QuantMatrix) for t in (sp.w_qkv_t, sp.w_o_t, sp.gate_up_t, sp.down_t)):
+        return w_qkv, w_o, ffn
+
+    def back(t):
+        return dequantize(t, dtype).t()
+
+    if isinstance(sp.w_qkv_t, QuantMatrix):
+        w_qkv = back(sp.w_qkv_t)
+    if isinstance(sp.w_o_t, QuantMatrix):
+        w_o = back(sp.w_o_t)
+    wg, wu, wd_t = ffn
+    if isinstance(sp.gate_up_t, QuantMatrix):
+        gu = back(sp.gate_up_t)
+        wg, wu = gu[: wg.shape[0]], gu[wg.shape[0]:]
+    if sp.down_t is not None:
+        wd_t = dequantize(sp.down_t, dtype)
+    return w_qkv, w_o, GegluWeights(wg, wu, wd_t)
+
+
+def ffn_numel(ffn) -> int:
+    """Weights of a layer's FFN (float tuple or ``QuantGeglu``), the denominator of the thresholded-read stats."""
+    if isinstance(ffn, QuantGeglu):
+        return ffn.gate_up.numel() + ffn.down.numel()
+    return sum(w.numel() for w in ffn)
+
+
 def masked(x: torch.Tensor, t: float | None) -> torch.Tensor:
     """x with the entries |x| <= t zeroed (the training form's mask); x itself when the site is dense."""
     return x if t is None else x * (x.abs() > t)
@@ -72,7 +135,10 @@ def _ext_ready(impl: str) -> bool:
 
 
 def sparse_matvec(w_t: torch.Tensor, x: torch.Tensor, t: float, impl: str = "auto") -> tuple[torch.Tensor, int]:
-    """W x over the inputs with |x_j| > t only, W given as W^T (in, out): (y (out,) fp32, inputs kept)."""
+    """W x over the inputs with |x_j| > t only, W given as W^T (in, out) (float or quantized rows): (y (out,) fp32,
+    inputs kept)."""
+    if isinstance(w_t, QuantMatrix):
+        return quant_sparse_input_matvec(w_t, x, t, impl)
     y, n = ops.sparse_input_matvec(w_t, x.float(), t, impl=impl)  # fp32 x: the mask as in the training form
     return y.float(), int(n)
 
@@ -80,6 +146,8 @@ def sparse_matvec(w_t: torch.Tensor, x: torch.Tensor, t: float, impl: str = "aut
 def sparse_ffn_decode(sp: SparseLayer, ffn: tuple, xn: torch.Tensor, act: Callable, act_name: str, dtype,
                       impl: str = "auto") -> tuple[torch.Tensor, float]:
     """One token through a thresholded gated FFN: (y (d,) fp32, fraction of FFN weights read)."""
+    if isinstance(ffn, QuantGeglu):
+        return _quant_ffn_decode(sp, ffn, xn.float(), act, act_name, impl)
     th = sp.thresholds
     w_gate, w_up, w_down_t = ffn
     m, d = w_gate.shape
@@ -106,3 +174,20 @@ def sparse_ffn_decode(sp: SparseLayer, ffn: tuple, xn: torch.Tensor, act: Callab
         y = (h.to(dtype) @ w_down_t).float()
         read += 1.0
     return y, read / 3.0
+
+
+def _quant_ffn_decode(sp: SparseLayer, ffn: QuantGeglu, x: torch.Tensor, act: Callable, act_name: str,
+                      impl: str) -> tuple[torch.Tensor, float]:
+    """``sparse_ffn_decode`` over quantized weights (``quantize_sparse_layer``'s layout)."""
+    th = sp.thresholds
+    m, d = sp.down_t.shape[0], x.numel()
+    if th.gate_act is not None:  # CATS: the gate rows of the dense layout, then the kept neurons
+        y, n = quant_cats_ffn_decode(x, ffn.gate_up, sp.down_t, th.gate_act, act_name, impl)
+        return y, (m + 2 * n) / (3 * m)
+    t_down = th.down if th.down is not None else -1.0  # negative: every neuron
+    if sp.gate_up_t is not None:
+        y, n_in, n_h = quant_teal_ffn_decode(x, sp.gate_up_t, sp.down_t, th.gate_up, t_down, act_name, impl)
+        return y, (2 * n_in / d + n_h / m) / 3.0
+    gu = quant_matvec(ffn.gate_up, x, impl)  # the down site alone: dense gate/up
+    y, n_h = quant_sparse_input_matvec(sp.down_t, act(gu[:m]) * gu[m:], t_down, impl)
+    return y, (2.0 + n_h / m) / 3.0

@@ -2,7 +2,8 @@
 
 The sources in ``sparkformer/ops/csrc`` are compiled once per (torch version, sources, flags, CPU) and the
 shared library is kept under ``sparkformer.paths.cache_dir("ext", <key>)``; later processes load it in
-milliseconds. The kernels are compiled three times inside that one library (AVX-512, AVX2+FMA, plain C++)
+milliseconds. The kernels are compiled three times inside that one library (AVX-512, AVX2+FMA, plain C++;
+the quantized ones a fourth time, AVX-512 with VNNI)
 and the best one the CPU supports is picked when it loads, so no ``-march=native`` is used. The key still
 includes the CPU's feature flags, so a cache directory shared between machines never hands one CPU a
 build made on another.
@@ -36,15 +37,16 @@ from sparkformer.paths import cache_dir
 
 NAME = "sparkformer_decode_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "quant_ops.cpp", "sparse_ops.cpp", "step_ops.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp",
-           "kernels_scalar.cpp")
+SOURCES = ("ops.cpp", "quant_ops.cpp", "quant_sparse_ops.cpp", "sparse_ops.cpp", "step_ops.cpp",
+           "kernels_avx512vnni.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
 HEADERS = ("kernels.h", "kernels_common.h", "kernels_impl.h", "kernels_simd.h", "dispatch.h", "stats.h", "quant.h",
-           "quant_impl.h", "sparse.h", "sparse_impl.h")
+           "quant_impl.h", "quant_avx512.h", "sparse.h", "sparse_impl.h")
 # -fopenmp at compile time only: at::parallel_for is an OpenMP region in the header; the runtime is the
 # libgomp torch already loaded (linking another copy would give two thread pools).
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-function")
 # CPU features that change which kernels run or how they are compiled.
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx2", "fma", "f16c", "bmi2")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx2", "fma", "f16c",
+              "bmi2")
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "error": None, "path": None}
@@ -269,12 +271,12 @@ def error() -> str | None:
 
 
 def isa() -> str:
-    """The kernel instruction set in use: 'avx512', 'avx2' or 'scalar' ('none' without the extension)."""
+    """The kernel instruction set in use: 'avx512vnni', 'avx512', 'avx2' or 'scalar' ('none' without the extension)."""
     return torch.ops.sparkformer._set_isa("") if available() else "none"
 
 
 def set_isa(name: str) -> str:
-    """Narrow the kernels to 'avx512' | 'avx2' | 'scalar', or 'auto' for the best the CPU has (for tests
+    """Narrow the kernels to 'avx512vnni' | 'avx512' | 'avx2' | 'scalar', or 'auto' for the best the CPU has (for tests
     and benchmarks). Returns the ISA now in use. ``SPARKFORMER_ISA`` sets the same at load time."""
     if not available():
         raise RuntimeError("sparkformer C++ extension unavailable: " + str(error()))

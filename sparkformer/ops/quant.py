@@ -20,10 +20,17 @@ Mixes (``MIXES``, e.g. ``q4_0m``) give each matrix role (``ROLES``) its format, 
 A row is contiguous (scales then quants), so a gather of selected rows (Spark FFN) still reads whole rows.
 
 Dot products quantize the activation vector per call to int8 blocks of 32 (``quantize_act``: d = max|x| / 127,
-round half to even) and sum integer block products scaled by d_w * d_x in fp32, as llama.cpp does (q4_1 adds
-m_w * d_x * sum(x_q) per block: sum_j (d q_j + m) x_j); the pure-torch
+round half to even) and sum integer block products scaled by d_w * d_x in fp32, as llama.cpp does; the pure-torch
 ``*_reference`` functions compute exactly that, and the C++ kernels (``csrc/quant_impl.h``, every ISA) are tested
 equal to them up to fp32 summation order.
+
+q4_1 in C++ (format code 2, ``CODES``; not yet in the kernels, so ``FORMATS`` holds q8_0 / q4_0 and the wrappers run
+q4_1 in torch, ``ext_supports``): a row of n = 32 nb weights is 20 nb bytes, [fp16 d[nb]][fp16 m[nb]][16 nb bytes of
+nibbles], block b's byte j holding q[32 b + j] (low nibble) and q[32 b + j + 16] (high), q in 0..15 unsigned. With
+the activation quantized as for q8_0 / q4_0 (x_q int8, d_x per block), y = sum_b d_x[b] (d[b] sum_j q_j x_q,j +
+m[b] sum_j x_q,j) in fp32: the integer sums are exact (|sum q x_q| <= 15 * 127 * 32), so only the fp32 summation
+order may differ from ``quant_matvec_reference``. The gather / row-accumulation ops read rows the same way (a
+dequantized weight is d q + m) and every op that takes a format code takes 2.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from sparkformer.ops.stat_topk import stat_threshold
 
 CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # every block format -> the format code the C++ ops take
 # The formats the C++ kernels implement (tests/test_quant.py and test_quant_sparse.py run each against its reference
-# on every ISA): q4_1 joins when its kernels land (contract: docs/quantized-decode.md). Until then the wrappers here
+# on every ISA): q4_1 joins when its kernels land (the contract: the module docstring). Until then the wrappers here
 # run q4_1 in torch (``ext_supports``); code that hands formats to C++ itself takes only these.
 FORMATS = {k: CODES[k] for k in ("q8_0", "q4_0")}
 BLOCK = 32

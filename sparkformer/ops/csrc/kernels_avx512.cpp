@@ -1,4 +1,5 @@
-// AVX-512 (F/BW/VL/DQ) build of the decode kernels; only called when the CPU reports these features.
+// AVX-512 (F/BW/VL/DQ) build of the decode kernels; only called when the CPU reports these features. No VNNI
+// here: that has its own build (kernels_avx512vnni.cpp), so this one runs on every AVX-512 CPU.
 #include "kernels_common.h"
 
 #if defined(__x86_64__)

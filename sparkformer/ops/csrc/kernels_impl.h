@@ -16,11 +16,20 @@ namespace SPK_NS {
 // ------------------------------------------------------------------------------------------------
 // Kernels
 // ------------------------------------------------------------------------------------------------
-// One row at a time: with contiguous rows the whole matrix is then a single forward stream, which the
-// hardware prefetcher serves best (several interleaved row streams measured 20-60% slower).
+// Rows i and i + h of the range together: two far-apart forward streams, which the hardware prefetcher serves at
+// full rate (interleaving *adjacent* rows measured 20-60% slower; the far pair 3-10% faster than one row at a time,
+// bf16 from memory, standalone test), each load of x serving both. Per row the same sums as dot1.
 template <class T>
 static void matvec_t(const T* w, int64_t ld, int64_t n, const float* x, float* y, int64_t r0, int64_t r1) {
-  for (int64_t i = r0; i < r1; ++i) y[i - r0] = dot1(w + i * ld, x, n);
+  const int64_t h = (r1 - r0) / 2;
+  for (int64_t i = r0; i < r0 + h; ++i) {
+    const T* rows[2] = {w + i * ld, w + (i + h) * ld};
+    float o[2];
+    dot_rows<2, 2>(rows, x, n, o);
+    y[i - r0] = o[0];
+    y[i + h - r0] = o[1];
+  }
+  if ((r1 - r0) % 2) y[r1 - 1 - r0] = dot1(w + (r1 - 1) * ld, x, n);
 }
 
 static void matvec(const void* w, bool bf16, int64_t ld, int64_t n, const float* x, float* y, int64_t r0, int64_t r1) {

@@ -26,23 +26,40 @@ inline int64_t q_row_bytes(int fmt, int64_t n) {
   return 2 * nb + (fmt == kQ8_0 ? n : n / 2);
 }
 
+// The activation vector of one call, quantized (QuantKernels::quantize fills it; the buffers have the sizes of
+// QActSizes, and everything past the last block is zero so the kernels read whole groups of 4 blocks):
+//   q     int8 [128 ng]   natural order
+//   d     fp32 [4 ng]     block scales
+//   s     int32 [4 ng]    block sums of q (q4_0 undoes its nibble offset of 8 with them)
+//   ord   int8 [128 ng]   q4_0 (AVX-512): per group of 4 blocks the low halves (x 0-15 of each block) then the high
+//                         halves, so one 64-byte load of 4 blocks' packed nibbles meets its x in two vectors
+//   init  int32 [32 ng]   AVX-512: per group the int32 lanes the dot products start from, which take the offsets off
+//                         (q4_0: -8 s; q8_0 with VNNI, whose weights are read as w + 128: -128 s)
+struct QAct {
+  const int8_t* q;
+  const float* d;
+  const int32_t* s;
+  const int8_t* ord;
+  const int32_t* init;
+};
+
+inline int64_t q_groups(int64_t n) { return (n / kQBlock + 3) / 4; }
+
 struct QuantKernels {
   const char* name;
+  // Quantize x (n,) fp32 for format fmt into the buffers of a (see QAct).
+  void (*quantize)(const float* x, int64_t n, int fmt, int8_t* q, float* d, int32_t* s, int8_t* ord, int32_t* init);
   // y[i - r0] = dot(row i, x) for rows [r0, r1) of a quantized matrix with ld bytes between rows.
-  // xq_pairs: xq rearranged by pair_order (the q4_0 kernels of some ISAs read x in that order).
-  void (*matvec)(int fmt, const uint8_t* w, int64_t ld, int64_t n, const int8_t* xq, const float* xd,
-                 const int32_t* xs, const int8_t* xq_pairs, float* y, int64_t r0, int64_t r1);
+  void (*matvec)(int fmt, const uint8_t* w, int64_t ld, int64_t n, const QAct& x, float* y, int64_t r0, int64_t r1);
   // Spark FFN over selected neurons: each neuron's row holds its K2 row (n2 weights) then its V row (nv weights);
   // acc[0:nv] += sum_t a[t] * dot(K2 row of idx[t], x2) * V row of idx[t].
   void (*ffn_gather)(int fmt, const int32_t* idx, const float* a, int64_t cnt, const uint8_t* rows, int64_t ld,
-                     int64_t n2, int64_t nv, const int8_t* xq, const float* xd, const int32_t* xs,
-                     const int8_t* xq_pairs, float* acc);
+                     int64_t n2, int64_t nv, const QAct& x2, float* acc);
   // acc[0:n] += h * row (dequantized).
   void (*axpy)(int fmt, const uint8_t* row, int64_t n, float h, float* acc);
-  // out[0:n] = xq rearranged in the order this ISA's q4_0 dot products read.
-  void (*pair_order)(const int8_t* xq, int64_t n, int8_t* out);
 };
 
+const QuantKernels* quant_kernels_avx512vnni();  // AVX-512 + VNNI (vpdpbusd); the float kernels are the AVX-512 ones
 const QuantKernels* quant_kernels_avx512();
 const QuantKernels* quant_kernels_avx2();
 const QuantKernels* quant_kernels_scalar();

@@ -1,10 +1,10 @@
 // Block-quantized kernel bodies (quant.h), compiled once per instruction set like kernels_impl.h: included by
-// kernels_{avx512,avx2,scalar}.cpp inside their SPK_NS / target pragma. Integer block dot products:
-//   AVX-512BW: two blocks (64 weights) per step; |w| (unsigned) x (x with w's sign) by vpmaddubsw, pairs to int32 by
-//              vpmaddwd, 8 int32 lanes per block scaled by d_w * d_x and accumulated in fp32;
-//   AVX2:      one block per step, the same with vpsignb;
+// kernels_{avx512vnni,avx512,avx2,scalar}.cpp inside their SPK_NS / target pragma. Integer block dot products:
+//   AVX-512:   4 blocks x R rows per step, with or without VNNI (quant_avx512.h);
+//   AVX2:      one block per step; |w| (unsigned) x (x with w's sign) by vpmaddubsw, pairs to int32 by vpmaddwd,
+//              8 int32 lanes per block scaled by d_w * d_x and accumulated in fp32; q4_0 multiplies the unsigned
+//              nibbles (0..15) by x and subtracts 8 * sum(x block) afterwards;
 //   plain C++: the same sums in int32.
-// q4_0 multiplies the unsigned nibbles (0..15) by x and subtracts 8 * sum(x block) afterwards, so no sign trick.
 // vpmaddubsw saturates at +-32767; the largest pair sum here is 2 * 128 * 127 = 32512 (q8) or 2 * 15 * 127 (q4).
 
 #include "quant.h"
@@ -39,92 +39,63 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-#if SPK_ISA == 2
-// Lane -> block (within a step of 8 blocks) of a block pair k's int32 results: q8_0 lanes 0-7 are block 2k and
-// 8-15 block 2k+1; q4_0 (pair order) lanes 0-3 and 8-11 are block 2k, 4-7 and 12-15 block 2k+1. Plain arrays:
-// vector constants would be built by static initialisers, which run on every CPU.
-alignas(64) static const int32_t kPick8[4][16] = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
-    {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
-    {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
-alignas(64) static const int32_t kPick4[4][16] = {
-    {0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1},
-    {2, 2, 2, 2, 3, 3, 3, 3, 2, 2, 2, 2, 3, 3, 3, 3},
-    {4, 4, 4, 4, 5, 5, 5, 5, 4, 4, 4, 4, 5, 5, 5, 5},
-    {6, 6, 6, 6, 7, 7, 7, 7, 6, 6, 6, 6, 7, 7, 7, 7}};
+#ifndef SPK_VNNI
+#define SPK_VNNI 0
 #endif
 
-// xq in q4_0 pair order for the AVX-512 kernel: per pair of blocks [b0 0-15, b1 0-15, b0 16-31, b1 16-31] (an odd
-// last block stays as it is). out has room for n bytes.
-static inline void q4_pair_order(const int8_t* xq, int64_t n, int8_t* out) {
-  const int64_t nb = n / spk::kQBlock;
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    const int8_t* x0 = xq + b * 32;
-    int8_t* o = out + b * 32;
-    std::memcpy(o, x0, 16);
-    std::memcpy(o + 16, x0 + 32, 16);
-    std::memcpy(o + 32, x0 + 16, 16);
-    std::memcpy(o + 48, x0 + 48, 16);
+#if SPK_ISA == 2
+#include "quant_avx512.h"
+#endif
+
+// Activation quantization, plain C++ (AVX2 and scalar builds): see qquantize512 for the contract.
+static void qquantize_plain(const float* x, int64_t n, int fmt, int8_t* q, float* d, int32_t* s, int8_t* ord,
+                            int32_t* init) {
+  const int64_t nb = n / spk::kQBlock, ng = spk::q_groups(n);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::fabs(xb[j]) > amax ? std::fabs(xb[j]) : amax;  // std::max's NaN rule
+    const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+    int32_t sb = 0;
+    for (int j = 0; j < 32; ++j) {
+      // round half to even without libm's nearbyint (slow: it saves the FP environment): |x * id| <= 127, and
+      // adding 1.5 * 2^23 pushes the fraction out of an fp32 mantissa under the default rounding mode (the compiler
+      // may not fold (a + c) - c without -ffast-math)
+      const float shifted = xb[j] * id + 12582912.0f;
+      const int8_t v = int8_t(int32_t(shifted - 12582912.0f));
+      q[b * 32 + j] = v;
+      sb += v;
+    }
+    d[b] = db;
+    s[b] = sb;
   }
-  if (b < nb) std::memcpy(out + b * 32, xq + b * 32, 32);
+  std::memset(q + nb * 32, 0, size_t((ng * 4 - nb) * 32));
+  for (int64_t b = nb; b < ng * 4; ++b) d[b] = 0.0f, s[b] = 0;
+  (void)fmt, (void)ord, (void)init;  // the AVX-512 layouts only
+}
+
+static void qquantize(const float* x, int64_t n, int fmt, int8_t* q, float* d, int32_t* s, int8_t* ord,
+                      int32_t* init) {
+#if SPK_ISA == 2
+  qquantize512(x, n, fmt, q, d, s, ord, init);
+#else
+  qquantize_plain(x, n, fmt, q, d, s, ord, init);
+#endif
 }
 
 // dot(row, x) over nb blocks; row = [fp16 d[nb]][quants].
-static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const int8_t* xq, const float* xd,
-                         const int32_t* xs, const int8_t* xq_pairs) {
+static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const spk::QAct& a) {
+#if SPK_ISA == 2
+  return qdot1(fmt, row, nb, a);
+#else
+  const int8_t* xq = a.q;
+  const float* xd = a.d;
+  const int32_t* xs = a.s;
   const uint16_t* d = reinterpret_cast<const uint16_t*>(row);
   const uint8_t* q = row + 2 * nb;
   int64_t b = 0;
   float total = 0.0f;
-#if SPK_ISA == 2
-  // 8 blocks (256 weights) per step: their 8 fp16 scales times the 8 activation scales in one vector, each block
-  // pair's two scales spread over its int32 lanes by one permute; two accumulators. q4_0 reads a pair's 32 bytes
-  // once into both halves and shifts the upper half by 4 (low nibbles | high nibbles): x must then be in the pair
-  // order [blk0 0-15, blk1 0-15, blk0 16-31, blk1 16-31] (xq_pairs, see q4_pair_order); the offset 8 is taken off
-  // once per row: 8 * sum_b s_b * sum(x block b).
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  __m256 corr = _mm256_setzero_ps();
-  const __m512i ones16 = _mm512_set1_epi16(1), lo4 = _mm512_set1_epi8(0x0F);
-  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  const bool q8 = fmt == spk::kQ8_0;
-  const int8_t* xo = q8 ? xq : xq_pairs;
-  for (; b + 8 <= nb; b += 8) {
-    const __m256 s8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b))),
-                                    _mm256_loadu_ps(xd + b));
-    const __m512 s16 = _mm512_castps256_ps512(s8);
-    if (!q8)
-      corr = _mm256_fmadd_ps(s8, _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + b))),
-                             corr);
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      const __m512i x = _mm512_loadu_si512(xo + (b + 2 * k) * 32);
-      __m512i p;
-      __m512 sc;
-      if (q8) {
-        const __m512i w = _mm512_loadu_si512(q + (b + 2 * k) * 32);
-        const __m512i xsg = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-        p = _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), xsg), ones16);
-        sc = _mm512_permutexvar_ps(_mm512_load_si512(kPick8[k]), s16);
-      } else {
-        const __m512i raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (b + 2 * k) * 16)));
-        const __m512i u = _mm512_and_si512(_mm512_srlv_epi16(raw, shift), lo4);
-        p = _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), ones16);
-        sc = _mm512_permutexvar_ps(_mm512_load_si512(kPick4[k]), s16);
-      }
-      if (k & 1) acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc1);
-      else acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc0);
-    }
-  }
-  total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  if (!q8) {
-    __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(corr), _mm256_extractf128_ps(corr, 1));
-    c4 = _mm_add_ps(c4, _mm_movehl_ps(c4, c4));
-    c4 = _mm_add_ss(c4, _mm_movehdup_ps(c4));
-    total -= 8.0f * _mm_cvtss_f32(c4);
-  }
-#elif SPK_ISA == 1
+#if SPK_ISA == 1
   __m256 acc = _mm256_setzero_ps();
   const __m256i ones16 = _mm256_set1_epi16(1);
   if (fmt == spk::kQ8_0) {
@@ -150,7 +121,7 @@ static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const int8_t* 
   s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
   total = _mm_cvtss_f32(s4);
 #endif
-  for (; b < nb; ++b) {  // plain C++ (and the odd last block of the AVX-512 build)
+  for (; b < nb; ++b) {  // plain C++
     int32_t isum = 0;
     const int8_t* x = xq + b * 32;
     if (fmt == spk::kQ8_0) {
@@ -164,12 +135,17 @@ static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const int8_t* 
     total += float(isum) * (half_to_float(d[b]) * xd[b]);
   }
   return total;
+#endif
 }
 
-static void qmatvec(int fmt, const uint8_t* w, int64_t ld, int64_t n, const int8_t* xq, const float* xd,
-                    const int32_t* xs, const int8_t* xq_pairs, float* y, int64_t r0, int64_t r1) {
+static void qmatvec(int fmt, const uint8_t* w, int64_t ld, int64_t n, const spk::QAct& a, float* y, int64_t r0,
+                    int64_t r1) {
+#if SPK_ISA == 2
+  qmatvec512(fmt, w, ld, n, a, y, r0, r1);
+#else
   const int64_t nb = n / spk::kQBlock;
-  for (int64_t i = r0; i < r1; ++i) y[i - r0] = qdot(fmt, w + i * ld, nb, xq, xd, xs, xq_pairs);
+  for (int64_t i = r0; i < r1; ++i) y[i - r0] = qdot(fmt, w + i * ld, nb, a);
+#endif
 }
 
 #if SPK_ISA >= 1
@@ -232,8 +208,7 @@ static void qaxpy(int fmt, const uint8_t* row, int64_t n, float h, float* acc) {
 // Selected neurons one after another, the rows a few neurons ahead prefetched (each row is one contiguous run of
 // its K2 then its V blocks, so after the first lines the hardware prefetcher streams it).
 static void qffn_gather(int fmt, const int32_t* idx, const float* a, int64_t cnt, const uint8_t* rows, int64_t ld,
-                        int64_t n2, int64_t nv, const int8_t* xq, const float* xd, const int32_t* xs,
-                        const int8_t* xq_pairs, float* acc) {
+                        int64_t n2, int64_t nv, const spk::QAct& x2, float* acc) {
   const int64_t nb2 = n2 / spk::kQBlock, k2_bytes = spk::q_row_bytes(fmt, n2);
   constexpr int kAhead = 4;
   for (int64_t t = 0; t < cnt; ++t) {
@@ -242,11 +217,11 @@ static void qffn_gather(int fmt, const int32_t* idx, const float* a, int64_t cnt
       for (int64_t off = 0; off < 512 && off < ld; off += 64) __builtin_prefetch(nxt + off);
     }
     const uint8_t* row = rows + int64_t(idx[t]) * ld;
-    const float h = a[t] * qdot(fmt, row, nb2, xq, xd, xs, xq_pairs);
+    const float h = a[t] * qdot(fmt, row, nb2, x2);
     qaxpy(fmt, row + k2_bytes, nv, h, acc);
   }
 }
 
-static const spk::QuantKernels qtable = {SPK_NAME, qmatvec, qffn_gather, qaxpy, q4_pair_order};
+static const spk::QuantKernels qtable = {SPK_NAME, qquantize, qmatvec, qffn_gather, qaxpy};
 
 }  // namespace SPK_NS

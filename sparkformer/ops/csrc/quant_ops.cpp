@@ -17,13 +17,6 @@ namespace {
 using at::Tensor;
 using namespace spk;
 
-const QuantKernels* QK() {  // the quantized table of the ISA the float kernels run on (one switch for both)
-  const std::string name = K()->name;
-  if (name == "avx512" && quant_kernels_avx512()) return quant_kernels_avx512();
-  if (name != "scalar" && quant_kernels_avx2()) return quant_kernels_avx2();
-  return quant_kernels_scalar();
-}
-
 void check_fmt(int64_t fmt, int64_t n, const char* what) {
   TORCH_CHECK(fmt == kQ8_0 || fmt == kQ4_0, "sparkformer ", what, ": unknown quantized format ", fmt,
               " (0 = q8_0, 1 = q4_0)");
@@ -37,64 +30,46 @@ void check_rows(const Tensor& w, int64_t bytes, const char* what) {
   TORCH_CHECK(w.size(1) >= bytes, "sparkformer ", what, ": rows of ", w.size(1), " bytes, the format needs ", bytes);
 }
 
-// The quantized activation vector of one call; the buffers are thread-local and reused (a decode step makes ~100
-// of these calls, so allocation would show).
-struct QAct {
-  const int8_t* q;
-  const float* d;
-  const int32_t* s;
-  const int8_t* pairs;  // q in the kernels' q4_0 read order (q4_0 only)
-};
-
-// x (n,) -> int8 blocks of 32: d = max|x| / 127, q = round-half-even(x * (1 / d)), s = sum(q) per block.
-QAct quantize(const Tensor& x, int fmt) {
-  thread_local std::vector<int8_t> q, pairs;
+// x (n,) -> its quantized form for format fmt (quant.h: QAct), in thread-local buffers reused by later calls (a
+// decode step makes ~100 of these calls, so allocation would show). The active ISA's kernels quantize.
+QAct quantize(const Tensor& x, int fmt, const QuantKernels* qk) {
+  thread_local std::vector<int8_t> q, ord;
   thread_local std::vector<float> dv;
-  thread_local std::vector<int32_t> sv;
+  thread_local std::vector<int32_t> sv, init;
   const Tensor xf = x.to(at::kFloat).contiguous();
-  const float* p = xf.data_ptr<float>();
-  const int64_t n = xf.numel(), nb = n / kQBlock;
-  if (int64_t(q.size()) < n + 64) q.resize(size_t(n + 64));
-  if (int64_t(dv.size()) < nb + 1) dv.resize(size_t(nb + 1)), sv.resize(size_t(nb + 1));
-  int8_t* qp = q.data();  // plain pointers: every access to a thread_local in a shared library is a TLS lookup
-  float* dp = dv.data();
-  int32_t* sp = sv.data();
-  for (int64_t b = 0; b < nb; ++b) {
-    const float* xb = p + b * kQBlock;
-    float amax = 0.0f;
-    for (int j = 0; j < kQBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-    int32_t s = 0;
-    for (int j = 0; j < kQBlock; ++j) {
-      // round half to even without libm's nearbyint (slow: it saves the FP environment): |x * id| <= 127, and
-      // adding 1.5 * 2^23 pushes the fraction out of an fp32 mantissa under the default rounding mode (the compiler
-      // may not fold (a + c) - c without -ffast-math)
-      const float shifted = xb[j] * id + 12582912.0f;
-      const int8_t v = int8_t(int32_t(shifted - 12582912.0f));
-      qp[b * kQBlock + j] = v;
-      s += v;
-    }
-    dp[b] = d;
-    sp[b] = s;
+  const int64_t n = xf.numel(), ng = q_groups(n);
+  if (int64_t(q.size()) < 128 * ng) {
+    q.resize(size_t(128 * ng));
+    ord.resize(size_t(128 * ng));
+    dv.resize(size_t(4 * ng));
+    sv.resize(size_t(4 * ng));
+    init.resize(size_t(32 * ng));
   }
-  if (fmt == kQ4_0) {
-    if (pairs.size() < q.size()) pairs.resize(q.size());
-    QK()->pair_order(qp, n, pairs.data());
-  }
-  return {qp, dp, sp, pairs.data()};
+  // plain pointers: every access to a thread_local in a shared library is a TLS lookup
+  QAct a{q.data(), dv.data(), sv.data(), ord.data(), init.data()};
+  qk->quantize(xf.data_ptr<float>(), n, fmt, q.data(), dv.data(), sv.data(), ord.data(), init.data());
+  return a;
 }
 
 Tensor quant_matvec(const Tensor& w, int64_t fmt, int64_t n, const Tensor& x) {
   check_fmt(fmt, n, "quant_matvec");
   check_rows(w, q_row_bytes(int(fmt), n), "quant_matvec");
   TORCH_CHECK(x.dim() == 1 && x.size(0) == n, "sparkformer quant_matvec: x must be (", n, ",), got ", x.sizes());
-  const QAct a = quantize(x, int(fmt));
-  Tensor y = at::empty({w.size(0)}, x.options().dtype(at::kFloat));
   const QuantKernels* qk = QK();
+  const QAct a = quantize(x, int(fmt), qk);
+  const int64_t rows = w.size(0);
+  Tensor y = at::empty({rows}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, w.size(0), 64, [&](int64_t b, int64_t e) {
-    qk->matvec(int(fmt), wp, w.stride(0), n, a.q, a.d, a.s, a.pairs, yp + b, b, e);
+  // one contiguous range per thread (a multiple of 4 rows: whole row groups of the kernels); matrices under 64 KB
+  // on one thread: a parallel region costs a few microseconds
+  const int64_t bytes = rows * w.size(1), parts = std::min<int64_t>(at::get_num_threads(), 1 + bytes / (64 << 10));
+  const int64_t chunk = ((rows + parts - 1) / parts + 3) / 4 * 4;
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t r0 = std::min(rows, p * chunk), r1 = std::min(rows, r0 + chunk);
+      if (r1 > r0) qk->matvec(int(fmt), wp, w.stride(0), n, a, yp + r0, r0, r1);
+    }
   });
   return y;
 }
@@ -117,16 +92,15 @@ Tensor quant_ffn_gather(const Tensor& idx, const Tensor& act, const Tensor& rows
     const auto mm = std::minmax_element(ip, ip + cnt);
     TORCH_CHECK(*mm.first >= 0 && *mm.second < rows.size(0), "sparkformer quant_ffn_gather: index out of range");
   }
-  const QAct a = quantize(x2, int(fmt));
+  const QuantKernels* qk = QK();
+  const QAct a = quantize(x2, int(fmt), qk);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(int64_t(at::get_num_threads()), cnt / 16));
   std::vector<float> acc(size_t(parts * nv), 0.0f);
-  const QuantKernels* qk = QK();
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
       qk->ffn_gather(int(fmt), idx.data_ptr<int32_t>() + t0, act.data_ptr<float>() + t0, t1 - t0,
-                     rows.data_ptr<uint8_t>(), rows.stride(0), n2, nv, a.q, a.d, a.s, a.pairs,
-                     acc.data() + p * nv);
+                     rows.data_ptr<uint8_t>(), rows.stride(0), n2, nv, a, acc.data() + p * nv);
     }
   });
   Tensor y = at::zeros({nv}, x2.options().dtype(at::kFloat));
@@ -139,7 +113,7 @@ Tensor quant_ffn_gather(const Tensor& idx, const Tensor& act, const Tensor& rows
 // Test hook: the activation quantization the ops use -> (q int8 (n,), d fp32 (n / 32,)).
 std::tuple<Tensor, Tensor> quantize_act(const Tensor& x) {
   TORCH_CHECK(x.dim() == 1 && x.size(0) % kQBlock == 0, "sparkformer quantize_act: x must be (32 k,)");
-  const QAct a = quantize(x, kQ8_0);
+  const QAct a = quantize(x, kQ8_0, QK());
   const int64_t n = x.size(0);
   Tensor q = at::empty({n}, x.options().dtype(at::kChar));
   Tensor d = at::empty({n / kQBlock}, x.options().dtype(at::kFloat));
