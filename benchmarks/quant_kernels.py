@@ -1,16 +1,17 @@
 """Micro-benchmark of the dense batch-1 decode kernels at SmolLM2-135M and Gemma-2-2B shapes, per weight format and ISA.
 
-    python benchmarks/quant_kernels.py [--models smollm2,gemma2] [--formats bf16,q8_0,q4_0] [--isa avx512vnni,avx512]
-                                       [--threads 2] [--repeats 5] [--cold 4] [--big]
+    python benchmarks/quant_kernels.py [--models smollm2,gemma2] [--formats bf16,q8_0,q4_0,q4_1]
+                                       [--isa avx512vnni,avx512] [--threads 2] [--repeats 5] [--cold 4] [--big]
 
-Each row is one op as the decode step calls it: ``matvec`` (bf16) or ``quant_matvec`` (q8_0 / q4_0) on a (rows, cols)
-weight -- the attention projections, the gate+up and down FFN matrices, the LM head -- and ``geglu_decode`` (bf16,
-the fused gated FFN). Weights are cold: the op cycles over enough copies that one cycle touches >= 4x the last-level
-cache (--cold), as the decode of a model larger than the cache reads them. us = median time per call (op overhead
-included: activation quantization, threading; the "overhead" row, a (4, 32) matrix, is the cost of a call from
-Python), GB/s = weight bytes / that time; p10 the same at the 10th percentile (on a machine shared with other work
-the median catches preemptions). bf16 runs once for avx512 and avx512vnni (VNNI changes only the integer kernels).
-Rows over 1 GB (Gemma-2's bf16 head) run only with --big. Prints a table, then one JSON line.
+Each row is one op as the decode step calls it: ``matvec`` (bf16) or ``quant_matvec`` (q8_0 / q4_0 / q4_1) on a
+(rows, cols) weight -- the attention projections, the gate+up and down FFN matrices, the LM head -- and
+``geglu_decode`` (bf16, the fused gated FFN). Weights are cold: the op cycles over enough copies that one cycle touches
+>= 4x the last-level cache (--cold), as the decode of a model larger than the cache reads them. us = median time per
+call (op overhead included: activation quantization, threading; the "overhead" row, a (4, 32) matrix, is the cost of a
+call from Python), GB/s = weight bytes / that time (q4_1: 5 bits per weight, its minima included); p10 the same at the
+10th percentile (on a machine shared with other work the median catches preemptions). bf16 runs once for avx512 and
+avx512vnni (VNNI changes only the integer kernels). Rows over 1 GB (Gemma-2's bf16 head) run only with --big. Prints a
+table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparkformer.bench.kernels import llc_bytes  # noqa: E402
 from sparkformer.ops import _extension  # noqa: E402
-from sparkformer.ops.quant import FORMATS, quantize  # noqa: E402
+from sparkformer.ops.quant import CODES, quantize, row_bytes  # noqa: E402
 
 # (name, rows, cols) of each matvec; FFN (d, d_ff, act) of the fused float FFN
 MODELS = {
@@ -74,7 +75,7 @@ def bench_model(model: str, fmts: list[str], isas: list[str], repeats: int, big:
     for fmt in fmts:
         jobs = []
         for name, rows, cols in shapes:
-            nbytes = rows * cols * 2 if fmt == "bf16" else rows * (cols // 32) * (34 if fmt == "q8_0" else 18)
+            nbytes = rows * cols * 2 if fmt == "bf16" else rows * row_bytes(fmt, cols)
             if nbytes > BIG and not big:
                 continue
             copies = _copies(nbytes, cold)
@@ -83,7 +84,7 @@ def bench_model(model: str, fmts: list[str], isas: list[str], repeats: int, big:
             if fmt == "bf16":
                 fn = (lambda ws, x: lambda i: torch.ops.sparkformer.matvec(ws[i % len(ws)], x))(ws, x)
             else:
-                f = FORMATS[fmt]
+                f = CODES[fmt]
                 fn = (lambda ws, x, f, n: lambda i: torch.ops.sparkformer.quant_matvec(ws[i % len(ws)], f, n, x))(
                     ws, x, f, cols)
             jobs.append((f"{name} {rows}x{cols}", nbytes, copies, fn, ws))
@@ -100,7 +101,7 @@ def bench_model(model: str, fmts: list[str], isas: list[str], repeats: int, big:
         tiny = _weights(4, 32, fmt, 1)
         x = torch.randn(32)
         fn = (lambda w, x: lambda i: torch.ops.sparkformer.matvec(w, x))(tiny[0], x) if fmt == "bf16" else \
-            (lambda w, x, f: lambda i: torch.ops.sparkformer.quant_matvec(w, f, 32, x))(tiny[0], x, FORMATS[fmt])
+            (lambda w, x, f: lambda i: torch.ops.sparkformer.quant_matvec(w, f, 32, x))(tiny[0], x, CODES[fmt])
         jobs.insert(0, ("overhead 4x32", tiny[0].numel() * tiny[0].element_size(), 200, fn, tiny))
         for label, nbytes, copies, fn, _ in jobs:
             for isa in isas:
@@ -119,7 +120,7 @@ def bench_model(model: str, fmts: list[str], isas: list[str], repeats: int, big:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2,gemma2")
-    ap.add_argument("--formats", default="bf16,q8_0,q4_0")
+    ap.add_argument("--formats", default="bf16,q8_0,q4_0,q4_1")
     ap.add_argument("--isa", default="", help="comma list (default: every SIMD ISA this CPU has)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from sparkformer.ops import _extension
-from sparkformer.ops.quant import (BLOCK, FORMATS, dequantize, quant_ffn_gather, quant_ffn_gather_reference,
+from sparkformer.ops.quant import (BITS, BLOCK, CODES, dequantize, quant_ffn_gather, quant_ffn_gather_reference,
                                    quant_matvec, quant_matvec_reference, quantize, quantize_act, quantize_spark_ffn,
                                    row_bytes)
 
-FMTS = list(FORMATS)
+FMTS = list(CODES)  # every format code the C++ kernels take (q4_1's layout and quantizer: test_quant_format.py)
+SYMMETRIC = ["q8_0", "q4_0"]
 
 
 def _quant_isas() -> list[str]:
@@ -38,7 +39,7 @@ def isa(request):
     _extension.set_isa("auto")
 
 
-@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("fmt", SYMMETRIC)
 def test_quantize_round_trip_and_bytes(fmt):
     torch.manual_seed(0)
     w = torch.randn(37, 96)
@@ -76,16 +77,32 @@ def test_activation_quantization_matches_the_kernels(isa):
     assert torch.allclose(q.float().reshape(-1, BLOCK) * d[:, None], x.reshape(-1, BLOCK), atol=float(d.max()) / 2)
 
 
+def _threads(k: int):
+    """Run a block with k intra-op threads (the ops split rows / neurons over them), restoring the setting."""
+    class _T:
+        def __enter__(self):
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(k)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.old)
+    return _T()
+
+
 @pytest.mark.parametrize("fmt", FMTS)
-# one block; 3, 5, 18 blocks (AVX-512's last group of 3, 1, 2 blocks); real widths
+# one block; 3, 5, 18 blocks (AVX-512's last group of 3, 1, 2 blocks; q4_1's minima: 16 blocks a step and 2 more);
+# real widths
 @pytest.mark.parametrize("n", [32, 96, 160, 576, 2304])
 def test_quant_matvec_kernel_equals_reference(isa, fmt, n):
     if isa == "none":
         pytest.skip("C++ extension unavailable")
     torch.manual_seed(2)
     w, x = torch.randn(203, n), torch.randn(n)  # 203 rows: groups of 4 rows and a remainder of 3
-    w[5, :32] = -w[5, :32].abs() * 1e3  # extreme weights: -127 (q8_0) and 0 (q4_0) quants at full activation
+    w[5, :32] = -w[5, :32].abs() * 1e3  # extreme weights: -127 (q8_0), 0 (q4_0) and 0 (q4_1) quants at full activation
     x[:32] = w[5, :32].sign() * -1e3
+    if fmt == "q4_1":
+        w[7, 32:64] = w[7, 32:64].abs() + 50.0  # a block far from 0: its minimum term dominates
+        w[9] = 3.0  # constant rows: d = 0, every weight is m
     q = quantize(w, fmt)
     ref = quant_matvec_reference(q, x)
     got = quant_matvec(q, x, impl="ext")
@@ -93,28 +110,39 @@ def test_quant_matvec_kernel_equals_reference(isa, fmt, n):
     for rows in (1, 2, 5):  # fewer rows than a group, several threads' worth below
         torch.testing.assert_close(quant_matvec(q.index_select(torch.arange(rows)), x, impl="ext"), ref[:rows],
                                    rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
-    big = quantize(torch.randn(4099, n), fmt)  # large enough to split over threads, at an odd row count
+    big = quantize(torch.randn(4099, n), fmt, method="maxabs")  # large enough to split over threads, odd row count
     ref = quant_matvec_reference(big, x)
-    torch.testing.assert_close(quant_matvec(big, x, impl="ext"), ref, rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
+    for k in (1, 2, 3):  # one range, even and uneven splits (ranges of whole 4-row groups, a short last one)
+        with _threads(k):
+            torch.testing.assert_close(quant_matvec(big, x, impl="ext"), ref, rtol=1e-5,
+                                       atol=1e-4 * float(ref.abs().max()), msg=f"{isa} {fmt} n={n} threads={k}")
     # and the integer scheme is close to the exact product with the dequantized weights
     exact = dequantize(q) @ x
     assert float((got - exact).norm() / exact.norm()) < 0.02
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_quant_ffn_gather_kernel_equals_reference(isa, fmt):
+# K2 / V widths: small, a last group of 1-3 blocks, SmolLM2 (576 = 960 - 384), Gemma-2's d_model
+@pytest.mark.parametrize("n2,nv", [(96, 128), (32, 160), (576, 960), (160, 2304)])
+def test_quant_ffn_gather_kernel_equals_reference(isa, fmt, n2, nv):
+    """Each selected neuron: the matvec kernel's dot product (K2 row) and the dequantizing row accumulation (V row)."""
     if isa == "none":
         pytest.skip("C++ extension unavailable")
     torch.manual_seed(3)
-    n, n2, nv = 300, 96, 128
-    ffn = quantize_spark_ffn(torch.randn(n, 64), torch.randn(n, n2), torch.randn(n, nv), fmt)
+    n = 300
+    v = torch.randn(n, nv)
+    v[:, :32] += 5.0  # blocks away from zero: q4_1's minima carry them
+    ffn = quantize_spark_ffn(torch.randn(n, 64), torch.randn(n, n2), v, fmt)
     x2 = torch.randn(n2)
-    for cnt in (0, 1, 5, 40):  # none, one, fewer than a group, several threads' worth
+    for cnt in (0, 1, 5, 40, 299):  # none, one, fewer than a group, several threads' worth
         idx = torch.randperm(n)[:cnt].to(torch.int32)
         a = torch.rand(cnt)
         ref = quant_ffn_gather_reference(ffn, idx, a, x2)
-        got = quant_ffn_gather(ffn, idx, a, x2, impl="ext")
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * max(1.0, float(ref.abs().max())))
+        for k in (1, 3):
+            with _threads(k):
+                got = quant_ffn_gather(ffn, idx, a, x2, impl="ext")
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4 * max(1.0, float(ref.abs().max())),
+                                       msg=f"{isa} {fmt} n2={n2} nv={nv} cnt={cnt} threads={k}")
     with pytest.raises(RuntimeError, match="out of range"):
         quant_ffn_gather(ffn, torch.tensor([n], dtype=torch.int32), torch.ones(1), x2, impl="ext")
 
@@ -129,7 +157,7 @@ def test_torch_paths_equal_dequantized_math(fmt):
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_quantized_engine_equals_the_quantized_model_up_to_activation_rounding(fmt):
-    """The engine's q8_0 / q4_0 logits against the training-form forward of the same quantized weights
+    """The engine's q8_0 / q4_0 / q4_1 logits against the training-form forward of the same quantized weights
     (``quantized_model``): they differ only by the per-token int8 activation rounding of the dot products."""
     from sparkformer.config import ModelConfig
     from sparkformer.decode import make_engine
@@ -150,7 +178,38 @@ def test_quantized_engine_equals_the_quantized_model_up_to_activation_rounding(f
     # resident weights: the format's bytes (+ norms), no hidden float copy
     float_bytes = make_engine(m, dtype="bf16").weight_bytes
     ratio = e.weight_bytes / float_bytes
-    assert ratio < (34 / 64 if fmt == "q8_0" else 18 / 64) * 1.1, ratio
+    assert ratio < BITS[fmt] / 16 * 1.1, ratio
+
+
+def test_the_ops_refuse_unknown_format_codes():
+    if not _extension.available():
+        pytest.skip("C++ extension unavailable")
+    with pytest.raises(RuntimeError, match=r"unknown quantized format 3 \(0 = q8_0, 1 = q4_0, 2 = q4_1\)"):
+        torch.ops.sparkformer.quant_matvec(torch.zeros(2, 20, dtype=torch.uint8), 3, 32, torch.randn(32))
+    q = quantize(torch.randn(4, 64), "q4_1")
+    with pytest.raises(RuntimeError, match="the format needs 40"):  # q4_1 rows: 20 bytes a block
+        torch.ops.sparkformer.quant_matvec(q.data[:, :36], CODES["q4_1"], 64, torch.randn(64))
+
+
+@pytest.mark.parametrize("kind", ["llama", "spark"])
+def test_fused_step_runs_q4_1(kind):
+    """The fused decode step over q4_1 weights (its embedding rows dequantized by step_ops.cpp's table_row, every
+    matrix by the kernels) against the engine's Python step: test_fused_step.py's check for q8_0 / q4_0."""
+    if not _extension.available():
+        pytest.skip("C++ extension unavailable")
+    from test_fused_step import _model, _run
+
+    from sparkformer.decode import make_engine
+    from sparkformer.decode.fused import FusedStep
+
+    e = make_engine(_model(kind), dtype="q4_1")
+    assert e.embed.fmt == "q4_1"
+    ids = torch.randint(0, 96, (70,), generator=torch.Generator().manual_seed(1))
+    ref, _ = _run(e, ids, fused=False)
+    got, _ = _run(e, ids, fused=True)
+    assert isinstance(e._fused_step, FusedStep)  # the fused path ran
+    assert float((got - ref).norm() / ref.norm()) < 1.5e-2
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.9
 
 
 def test_quantized_spark_engine_runs_sparse():

@@ -3,7 +3,7 @@ determines the rows (bytes, dtype, format, quantizer version) misses; a damaged 
 
 import torch
 
-from sparkformer.decode.quant_cache import cached_rows, matrix_key
+from sparkformer.ops.quant_cache import cached_rows, matrix_key
 
 
 def _counting():

@@ -452,3 +452,20 @@ def test_sparsified_folder_runs_quantized_in_eval_and_bench(tmp_path, capsys):
                      "--tokens", "2", "--repeats", "1", "--no-hf", "--no-save"]) == 0
     out = capsys.readouterr().out
     assert "q8_0" in out
+
+
+def test_formats_without_sparse_kernels_run_in_torch():
+    """A block format the C++ ops here do not take (q4_1, when quant.py has it) runs on the torch path under auto."""
+    from sparkformer.ops import quant
+
+    if "q4_1" not in getattr(quant, "CODES", {}):
+        pytest.skip("no q4_1 format")
+    rows, x = _rows("q4_1", m=40)
+    idx = torch.arange(0, 40, 3)
+    y, k = quant_gated_gather(x, rows, idx, "silu", impl="auto")
+    yt, kt = quant_gated_gather(x, rows, idx, "silu", impl="torch")
+    assert k == kt == idx.numel() and torch.equal(y, yt)
+    with pytest.raises(ValueError, match="q4_1"):
+        quant_gated_gather(x, rows, idx, "silu", impl="ext")
+    w_t = quantize(torch.randn(64, 96), "q4_1")
+    _close(quant_sparse_input_matvec(w_t, x[:64], 0.3)[0], quant_sparse_input_matvec(w_t, x[:64], 0.3, impl="torch")[0])

@@ -12,7 +12,7 @@ Encoding (must match step_ops.cpp): ints = a header (``_HEADER`` order) then ``_
 embed, head, final_norm, (cos, sin, perm) per RoPE table, then ten per layer (w_qkv, w_o, norms, qk_norms, three FFN
 tensors, three cache tensors; empty tensors fill the gaps); floats = eps, attention scale, attention softcap (0:
 none), final softcap (0: none), embedding scale, Spark FFN fraction. A quantized matrix is passed as its uint8 rows
-with its format code (``ops.quant.FORMATS``; -1: float).
+with its format code (``ops.quant.CODES``; -1: float).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from sparkformer.ops import _extension
-from sparkformer.ops.quant import FORMATS, QuantGeglu, QuantMatrix, QuantSparkFFN
+from sparkformer.ops.quant import CODES, QuantGeglu, QuantMatrix, QuantSparkFFN, ext_supports
 from sparkformer.ops.sparse_ffn_decode import FUSED_ACTIVATIONS
 
 _ACT_CODES = {"gelu_tanh": 0, "silu": 1}
@@ -37,6 +37,9 @@ def fused_blockers(engine) -> list[str]:
         why.append("the C++ extension is not available")
     if engine.cfg.ffn_activation not in FUSED_ACTIVATIONS:
         why.append(f"activation {engine.cfg.ffn_activation!r} has no fused kernel")
+    missing = sorted({f for f in _formats(engine) if not ext_supports(f)})
+    if missing:
+        why.append(f"the C++ extension has no kernels for {', '.join(missing)}")
     for i, st in enumerate(engine.layers):
         if st.sparse is not None:
             why.append(f"layer {i} has thresholded inputs (sparsified)")
@@ -45,8 +48,25 @@ def fused_blockers(engine) -> list[str]:
     return why
 
 
+def _formats(engine) -> set[str]:
+    """The block formats an engine's matrices are in."""
+    out = set()
+    for w in (engine.embed, engine.head):
+        if isinstance(w, QuantMatrix):
+            out.add(w.fmt)
+    for st in engine.layers:
+        for w in (st.w_qkv, st.w_o):
+            if isinstance(w, QuantMatrix):
+                out.add(w.fmt)
+        if isinstance(st.ffn, QuantSparkFFN):
+            out |= {st.ffn.k1.fmt, st.ffn.fmt}
+        elif isinstance(st.ffn, QuantGeglu):
+            out |= {st.ffn.gate_up.fmt, st.ffn.down.fmt}
+    return out
+
+
 def _matrix(w) -> tuple[torch.Tensor, int]:
-    return (w.data, FORMATS[w.fmt]) if isinstance(w, QuantMatrix) else (w, -1)
+    return (w.data, CODES[w.fmt]) if isinstance(w, QuantMatrix) else (w, -1)
 
 
 def _ffn(st) -> tuple[int, list[torch.Tensor], list[int]]:
@@ -54,10 +74,10 @@ def _ffn(st) -> tuple[int, list[torch.Tensor], list[int]]:
     f = st.ffn
     if isinstance(f, QuantSparkFFN):
         return (_FFN_CODES["quant_spark"], [f.k1.data, f.rows, _EMPTY],
-                [FORMATS[f.k1.fmt], FORMATS[f.fmt], f.k1.cols, f.n2, f.nv])
+                [CODES[f.k1.fmt], CODES[f.fmt], f.k1.cols, f.n2, f.nv])
     if isinstance(f, QuantGeglu):
         return (_FFN_CODES["quant_gated"], [f.gate_up.data, f.down.data, _EMPTY],
-                [FORMATS[f.gate_up.fmt], FORMATS[f.down.fmt], 0, 0, 0])
+                [CODES[f.gate_up.fmt], CODES[f.down.fmt], 0, 0, 0])
     return _FFN_CODES[st.ffn_kind], list(f), [-1, -1, 0, 0, 0]
 
 

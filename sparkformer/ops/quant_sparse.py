@@ -88,10 +88,18 @@ def dequantize_gated_rows(rows: QuantGatedRows, dtype: torch.dtype = torch.float
     return dequantize(g, dtype), dequantize(u, dtype), dequantize(rows.down, dtype)
 
 
-def _impl(impl: str) -> str:
+def _impl(impl: str, *fmts: str) -> str:
+    """The path to run: ``auto`` is C++ when it builds and takes every format involved (``quant.FORMATS``: the C++ ops
+    here take q8_0 / q4_0), else torch."""
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r} ({' | '.join(IMPLS)})")
-    return ("ext" if _extension.available() else "torch") if impl == "auto" else impl
+    other = [f for f in fmts if f not in FORMATS]
+    if impl == "auto":
+        return "ext" if _extension.available() and not other else "torch"
+    if impl == "ext" and other:
+        raise ValueError(f"the C++ sparse quantized ops take {', '.join(FORMATS)}, not {', '.join(other)}; use "
+                         "impl='auto' (torch for those) or 'torch'")
+    return impl
 
 
 def _act(act: str | Callable) -> tuple[str, Callable]:
@@ -133,7 +141,7 @@ def quant_gated_gather(x: torch.Tensor, rows: QuantGatedRows, idx: torch.Tensor,
                        impl: str = "auto") -> tuple[torch.Tensor, int]:
     """Gated FFN of one token over the neurons ``idx`` (int32/int64) of quantized rows: (y (d_out,) fp32, W_down^T
     rows read). ``verify``: (weights (m,) fp32, threshold), the verify stage of ``decode.routed``."""
-    impl = _impl(impl)
+    impl = _impl(impl, rows.fmt, rows.down.fmt)
     if impl == "ext":
         name, _ = _act(act)
         w, t = verify if verify is not None else (None, 0.0)
@@ -164,7 +172,7 @@ def quant_lowrank_routed_ffn(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
                              impl: str = "auto") -> tuple[torch.Tensor, int, int]:
     """The whole routed step in one call: predictor A (r, d), B (2m, r) fp32 or bf16 (kept float: a small matrix
     whose scores pick the neurons), then the quantized gather. Returns (y (d_out,) fp32, proposed, kept)."""
-    impl = _impl(impl)
+    impl = _impl(impl, rows.fmt, rows.down.fmt)
     if not 0.0 < float(f) <= 1.0:
         raise ValueError(f"f must be in (0, 1], got {f}")
     if impl == "ext":
@@ -210,7 +218,7 @@ def quant_sparse_input_matvec(w_t: QuantMatrix, x: torch.Tensor, t: float,
                               impl: str = "auto") -> tuple[torch.Tensor, int]:
     """TEAL's skip on quantized W^T rows (``w_t`` (n_in, n_out), each row quantized along n_out): only the inputs
     |x_j| > t read their row. A negative t keeps every input. Returns (y (n_out,) fp32, inputs kept)."""
-    impl = _impl(impl)
+    impl = _impl(impl, w_t.fmt)
     if impl == "ext":
         y, n = torch.ops.sparkformer.quant_sparse_input_matvec(w_t.data, FORMATS[w_t.fmt], w_t.cols, x, _check_t(t))
         return y, int(n)
@@ -236,7 +244,7 @@ def quant_teal_ffn_decode_reference(x, gate_up_t: QuantMatrix, down_t: QuantMatr
 def quant_teal_ffn_decode(x: torch.Tensor, gate_up_t: QuantMatrix, down_t: QuantMatrix, t_in: float, t_down: float,
                           act: str | Callable, impl: str = "auto") -> tuple[torch.Tensor, int, int]:
     """TEAL's gated FFN step in one call (negative thresholds keep everything at that site)."""
-    impl = _impl(impl)
+    impl = _impl(impl, gate_up_t.fmt, down_t.fmt)
     if gate_up_t.cols != 2 * down_t.shape[0]:
         raise ValueError(f"gate_up_t has rows of {gate_up_t.cols}, W_down^T has {down_t.shape[0]} neurons (need 2m)")
     if impl == "ext":
@@ -271,7 +279,7 @@ def quant_cats_ffn_decode_reference(x, gate_up: QuantMatrix, down_t: QuantMatrix
 def quant_cats_ffn_decode(x: torch.Tensor, gate_up: QuantMatrix, down_t: QuantMatrix, t: float, act: str | Callable,
                           impl: str = "auto") -> tuple[torch.Tensor, int]:
     """CATS over quantized weights: (y (d_out,) fp32, neurons kept)."""
-    impl = _impl(impl)
+    impl = _impl(impl, gate_up.fmt, down_t.fmt)
     if gate_up.shape[0] != 2 * down_t.shape[0]:
         raise ValueError(f"gate_up has {gate_up.shape[0]} rows, W_down^T {down_t.shape[0]} neurons (need 2m)")
     if impl == "ext":

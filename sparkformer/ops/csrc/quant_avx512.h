@@ -7,6 +7,8 @@
 // and summed in fp32.
 //   q4_0: one 64-byte load holds 4 blocks' nibbles; lanes 4k..4k+3 are block k. Unsigned nibbles times x (in the
 //         `ord` order), the offset 8 taken off by starting the lanes from init = -8 * sum(x block).
+//   q4_1: q4_0's nibble sums from init = 0, plus its minima's term sum_b m_b d_x,b sum(x block) in one pass over the
+//         row's m, 16 blocks per step (q41_min), before its quants (the row stays one forward stream).
 //   q8_0: two 64-byte loads of 2 blocks each; lanes 8k..8k+7 of a load are its block k. VNNI reads w + 128
 //         (unsigned, a xor) and starts from init = -128 * sum(x block); without VNNI |w| times (x with w's sign) by
 //         vpmaddubsw (largest pair sum 2 * 127 * 127, no saturation) and vpmaddwd.
@@ -63,6 +65,20 @@ static inline void q4_rows(const uint8_t* const* q, const uint16_t* const* d, in
                            const spk::QAct& a, __m512* facc) {
   for (int64_t g = g0; g < ng; ++g) q4_group<R, false>(q, d, g, 4, a, facc);
   if (rb) q4_group<R, true>(q, d, ng, rb, a, facc);
+}
+
+// q4_1's minima term of R rows (minima at m[r]) added to acc[r]: sum_b m[r][b] * d_x[b] * s_x[b], 16 blocks per step
+// under a mask (d_x, s_x are only padded to whole groups of 4).
+template <int R>
+static inline void q41_min(const uint16_t* const* m, int64_t nb, const spk::QAct& a, __m512* acc) {
+  for (int64_t b = 0; b < nb; b += 16) {
+    const __mmask16 k = nb - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nb - b)) - 1);
+    const __m512 xm =
+        _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a.d + b), _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, a.s + b)));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m[r] + b)), xm, acc[r]);
+  }
 }
 
 // facc: two accumulators per row (the FMA latency, not throughput, bounds one chain)
@@ -125,9 +141,13 @@ static inline void qrows(int fmt, const uint8_t* const* rows, int64_t nb, const 
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const uint16_t* d = reinterpret_cast<const uint16_t*>(rows[r]);
-    const uint8_t* q = rows[r] + 2 * nb;
+    const uint8_t* q = rows[r] + spk::q_scale_bytes(fmt, nb * spk::kQBlock);
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains: the FMA latency bounds one
-    if (fmt == spk::kQ4_0) {
+    if (fmt != spk::kQ8_0) {
+      if (fmt == spk::kQ4_1) {
+        const uint16_t* m = d + nb;
+        q41_min<1>(&m, nb, a, &acc[1]);
+      }
       int64_t g = 0;
       for (; g + 2 <= ng; g += 2) {
         q4_group<1, false>(&q, &d, g, 4, a, &acc[0]);
@@ -158,12 +178,17 @@ static inline float qdot1(int fmt, const uint8_t* row, int64_t nb, const spk::QA
 // interleaved); each load of x serves both. sum[0..1] += the rows' lane sums.
 static inline void qrows_pair(int fmt, const uint8_t* ra, const uint8_t* rb_, int64_t nb, const spk::QAct& a,
                               __m512* sum) {
-  const uint8_t* q[2] = {ra + 2 * nb, rb_ + 2 * nb};
+  const int64_t sb = spk::q_scale_bytes(fmt, nb * spk::kQBlock);
+  const uint8_t* q[2] = {ra + sb, rb_ + sb};
   const uint16_t* d[2] = {reinterpret_cast<const uint16_t*>(ra), reinterpret_cast<const uint16_t*>(rb_)};
   const int64_t ng = nb / 4;
   const int rb = int(nb % 4);
-  if (fmt == spk::kQ4_0) {
+  if (fmt != spk::kQ8_0) {
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    if (fmt == spk::kQ4_1) {
+      const uint16_t* m[2] = {d[0] + nb, d[1] + nb};
+      q41_min<2>(m, nb, a, acc);
+    }
     q4_rows<2>(q, d, 0, ng, rb, a, acc);
     sum[0] = acc[0], sum[1] = acc[1];
   } else {
@@ -198,7 +223,7 @@ static void qmatvec512(int fmt, const uint8_t* w, int64_t ld, int64_t n, const s
 }
 
 // Activation quantization (quant_ops.cpp's contract, QAct): per block d = max|x| / 127, q = round-half-even(x / d)
-// computed as x * (1 / d) like the reference, s = sum q; plus ord and init, and zeros past the last block.
+// computed as x * (1 / d) like the reference, s = sum q; plus ord and init (q4_1: zero), and zeros past the last block.
 static void qquantize512(const float* x, int64_t n, int fmt, int8_t* q, float* d, int32_t* s, int8_t* ord,
                          int32_t* init) {
   const int64_t nb = n / spk::kQBlock, ng = spk::q_groups(n);
@@ -225,6 +250,6 @@ static void qquantize512(const float* x, int64_t n, int fmt, int8_t* q, float* d
     d[b] = db;
     s[b] = sb;
     if (fmt == spk::kQ4_0) init[g * 32 + k * 4] = -8 * sb;
-    else init[g * 32 + (k / 2) * 16 + (k % 2) * 8] = -128 * sb;
+    else if (fmt == spk::kQ8_0) init[g * 32 + (k / 2) * 16 + (k % 2) * 8] = -128 * sb;  // q4_1: 0
   }
 }

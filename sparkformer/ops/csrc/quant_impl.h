@@ -3,8 +3,9 @@
 //   AVX-512:   4 blocks x R rows per step, with or without VNNI (quant_avx512.h);
 //   AVX2:      one block per step; |w| (unsigned) x (x with w's sign) by vpmaddubsw, pairs to int32 by vpmaddwd,
 //              8 int32 lanes per block scaled by d_w * d_x and accumulated in fp32; q4_0 multiplies the unsigned
-//              nibbles (0..15) by x and subtracts 8 * sum(x block) afterwards;
+//              nibbles (0..15) by x and subtracts 8 * sum(x block) afterwards, q4_1 likewise without the offset;
 //   plain C++: the same sums in int32.
+// q4_1 adds its minima's term sum_b m_b d_x,b sum(x block b) per row in one pass over the row's m (qmin_term).
 // vpmaddubsw saturates at +-32767; the largest pair sum here is 2 * 128 * 127 = 32512 (q8) or 2 * 15 * 127 (q4).
 
 #include "quant.h"
@@ -83,7 +84,29 @@ static void qquantize(const float* x, int64_t n, int fmt, int8_t* q, float* d, i
 #endif
 }
 
-// dot(row, x) over nb blocks; row = [fp16 d[nb]][quants].
+#if SPK_ISA < 2
+// q4_1's minima term of a row: sum_b m[b] * d_x[b] * s_x[b] (AVX2: 8 blocks per step).
+static inline float qmin_term(const uint16_t* m, int64_t nb, const spk::QAct& a) {
+  int64_t b = 0;
+  float total = 0.0f;
+#if SPK_ISA == 1
+  __m256 acc = _mm256_setzero_ps();
+  for (; b + 8 <= nb; b += 8) {
+    const __m256 xm = _mm256_mul_ps(_mm256_loadu_ps(a.d + b),
+                                    _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.s + b))));
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b))), xm, acc);
+  }
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  total = _mm_cvtss_f32(s4);
+#endif
+  for (; b < nb; ++b) total += half_to_float(m[b]) * (a.d[b] * float(a.s[b]));
+  return total;
+}
+#endif
+
+// dot(row, x) over nb blocks; row = [fp16 d[nb]][q4_1: fp16 m[nb]][quants].
 static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const spk::QAct& a) {
 #if SPK_ISA == 2
   return qdot1(fmt, row, nb, a);
@@ -92,9 +115,10 @@ static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const spk::QAc
   const float* xd = a.d;
   const int32_t* xs = a.s;
   const uint16_t* d = reinterpret_cast<const uint16_t*>(row);
-  const uint8_t* q = row + 2 * nb;
+  const uint8_t* q = row + spk::q_scale_bytes(fmt, nb * spk::kQBlock);
+  const bool off8 = fmt == spk::kQ4_0;  // q4_0's nibble offset; q4_1 instead adds its minima's term
   int64_t b = 0;
-  float total = 0.0f;
+  float total = fmt == spk::kQ4_1 ? qmin_term(d + nb, nb, a) : 0.0f;
 #if SPK_ISA == 1
   __m256 acc = _mm256_setzero_ps();
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -112,14 +136,14 @@ static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const spk::QAc
       const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), lo4), _mm_and_si128(raw, lo4));
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * 32));
       const __m256i p = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones16),
-                                         _mm256_set1_epi32(xs[b]));
+                                         _mm256_set1_epi32(off8 ? xs[b] : 0));
       acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(d[b]) * xd[b]), acc);
     }
   }
   __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-  total = _mm_cvtss_f32(s4);
+  total += _mm_cvtss_f32(s4);
 #endif
   for (; b < nb; ++b) {  // plain C++
     int32_t isum = 0;
@@ -130,7 +154,7 @@ static inline float qdot(int fmt, const uint8_t* row, int64_t nb, const spk::QAc
     } else {
       const uint8_t* p = q + b * 16;
       for (int j = 0; j < 16; ++j) isum += int32_t(p[j] & 0x0F) * x[j] + int32_t(p[j] >> 4) * x[j + 16];
-      isum -= 8 * xs[b];
+      if (off8) isum -= 8 * xs[b];
     }
     total += float(isum) * (half_to_float(d[b]) * xd[b]);
   }
@@ -149,37 +173,40 @@ static void qmatvec(int fmt, const uint8_t* w, int64_t ld, int64_t n, const spk:
 }
 
 #if SPK_ISA >= 1
-// Block b's 32 weights as signed bytes: w0 = weights 0-15, w1 = 16-31.
+// Block b's 32 integer weights as signed bytes (q4_1: 0..15): w0 = weights 0-15, w1 = 16-31.
 static inline void block_i8(int fmt, const uint8_t* q, int64_t b, __m128i* w0, __m128i* w1) {
   if (fmt == spk::kQ8_0) {
     *w0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32));
     *w1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16));
   } else {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)), lo4 = _mm_set1_epi8(0x0F);
-    const __m128i eight = _mm_set1_epi8(8);
+    const __m128i eight = _mm_set1_epi8(fmt == spk::kQ4_0 ? 8 : 0);
     *w0 = _mm_sub_epi8(_mm_and_si128(raw, lo4), eight);
     *w1 = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), lo4), eight);
   }
 }
 #endif
 
-// acc[0:n] += h * dequant(row)
+// acc[0:n] += h * dequant(row); q4_1 per block (h d) q + h m
 static void qaxpy(int fmt, const uint8_t* row, int64_t n, float h, float* acc) {
   const int64_t nb = n / spk::kQBlock;
   const uint16_t* d = reinterpret_cast<const uint16_t*>(row);
-  const uint8_t* q = row + 2 * nb;
+  const uint16_t* m = d + nb;  // q4_1's minima
+  const uint8_t* q = row + spk::q_scale_bytes(fmt, n);
+  const bool mins = fmt == spk::kQ4_1;
   for (int64_t b = 0; b < nb; ++b) {
-    const float s = h * half_to_float(d[b]);
+    const float s = h * half_to_float(d[b]), t = mins ? h * half_to_float(m[b]) : 0.0f;
     float* a = acc + b * 32;
 #if SPK_ISA == 2
-    const __m512 vs = _mm512_set1_ps(s);
+    const __m512 vs = _mm512_set1_ps(s), vt = _mm512_set1_ps(t);
     __m128i w0, w1;
     block_i8(fmt, q, b, &w0, &w1);
-    _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w0)), vs, _mm512_loadu_ps(a)));
-    _mm512_storeu_ps(a + 16,
-                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w1)), vs, _mm512_loadu_ps(a + 16)));
+    __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+    if (mins) a0 = _mm512_add_ps(a0, vt), a1 = _mm512_add_ps(a1, vt);
+    _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w0)), vs, a0));
+    _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w1)), vs, a1));
 #elif SPK_ISA == 1
-    const __m256 vs = _mm256_set1_ps(s);
+    const __m256 vs = _mm256_set1_ps(s), vt = _mm256_set1_ps(t);
     __m128i w0, w1;
     block_i8(fmt, q, b, &w0, &w1);
     for (int k = 0; k < 2; ++k) {
@@ -187,13 +214,21 @@ static void qaxpy(int fmt, const uint8_t* row, int64_t n, float h, float* acc) {
       const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w));
       const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(w, 8)));
       float* ak = a + 16 * k;
-      _mm256_storeu_ps(ak, _mm256_fmadd_ps(f0, vs, _mm256_loadu_ps(ak)));
-      _mm256_storeu_ps(ak + 8, _mm256_fmadd_ps(f1, vs, _mm256_loadu_ps(ak + 8)));
+      __m256 a0 = _mm256_loadu_ps(ak), a1 = _mm256_loadu_ps(ak + 8);
+      if (mins) a0 = _mm256_add_ps(a0, vt), a1 = _mm256_add_ps(a1, vt);
+      _mm256_storeu_ps(ak, _mm256_fmadd_ps(f0, vs, a0));
+      _mm256_storeu_ps(ak + 8, _mm256_fmadd_ps(f1, vs, a1));
     }
 #else
     if (fmt == spk::kQ8_0) {
       const int8_t* w = reinterpret_cast<const int8_t*>(q + b * 32);
       for (int j = 0; j < 32; ++j) a[j] += s * float(w[j]);
+    } else if (mins) {
+      const uint8_t* p = q + b * 16;
+      for (int j = 0; j < 16; ++j) {
+        a[j] += s * float(p[j] & 0x0F) + t;
+        a[j + 16] += s * float(p[j] >> 4) + t;
+      }
     } else {
       const uint8_t* p = q + b * 16;
       for (int j = 0; j < 16; ++j) {

@@ -18,8 +18,8 @@ using at::Tensor;
 using namespace spk;
 
 void check_fmt(int64_t fmt, int64_t n, const char* what) {
-  TORCH_CHECK(fmt == kQ8_0 || fmt == kQ4_0, "sparkformer ", what, ": unknown quantized format ", fmt,
-              " (0 = q8_0, 1 = q4_0)");
+  TORCH_CHECK(q_fmt_ok(fmt), "sparkformer ", what, ": unknown quantized format ", fmt,
+              " (0 = q8_0, 1 = q4_0, 2 = q4_1)");
   TORCH_CHECK(n > 0 && n % kQBlock == 0, "sparkformer ", what, ": a quantized row holds whole blocks of ", kQBlock,
               " weights, got ", n);
 }

@@ -150,12 +150,19 @@ void table_row(const Tensor& t, int fmt, int64_t row, int64_t d, float scale, fl
   const uint8_t* r = t.data_ptr<uint8_t>() + row * t.stride(0);
   const int64_t nb = d / spk::kQBlock;
   const auto* scales = reinterpret_cast<const c10::Half*>(r);
-  const uint8_t* q = r + 2 * nb;
+  const auto* mins = scales + nb;  // q4_1
+  const uint8_t* q = r + spk::q_scale_bytes(fmt, d);
   for (int64_t b = 0; b < nb; ++b) {
     const float s = float(scales[b]);
     float* o = out + b * spk::kQBlock;
     if (fmt == spk::kQ8_0) {
       for (int j = 0; j < 32; ++j) o[j] = s * float(int8_t(q[b * 32 + j])) * scale;
+    } else if (fmt == spk::kQ4_1) {  // w = d q + m, q4_0's nibbles without the offset
+      const float m = float(mins[b]);
+      for (int j = 0; j < 16; ++j) {
+        o[j] = (s * float(q[b * 16 + j] & 0x0F) + m) * scale;
+        o[j + 16] = (s * float(q[b * 16 + j] >> 4) + m) * scale;
+      }
     } else {
       for (int j = 0; j < 16; ++j) {
         o[j] = s * float(int(q[b * 16 + j] & 0x0F) - 8) * scale;

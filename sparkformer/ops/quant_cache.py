@@ -6,11 +6,15 @@ checkpoint or a new quantizer never hits a stale entry). Hashing reads the float
 far cheaper than the error-minimising quantizers (seconds per large matrix). Entries are written atomically (temp
 file + rename); an unreadable entry is quantized again and overwritten.
 
+It serves ``ops.quant.quantize`` while ``caching()`` is active (the engine build, ``decode.make_engine``): tools that
+quantize once and throw the result away (the quality benchmark's sensitivity sweeps) do not fill the disk.
 ``SPARKFORMER_QUANT_CACHE=0`` turns the cache off; entries can be deleted at any time (``rm -r <cache>/quant``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 from pathlib import Path
@@ -22,8 +26,25 @@ from safetensors.torch import load_file, save_file
 from sparkformer.paths import cache_dir
 
 
+_ACTIVE = contextvars.ContextVar("sparkformer_quant_cache", default=False)
+
+
 def enabled() -> bool:
     return os.environ.get("SPARKFORMER_QUANT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def active() -> bool:
+    """Whether ``quantize`` should go through the cache now (inside ``caching()``, and the cache not turned off)."""
+    return _ACTIVE.get() and enabled()
+
+
+@contextlib.contextmanager
+def caching():
+    token = _ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def matrix_key(w: torch.Tensor, fmt: str, version: str) -> str:
