@@ -23,7 +23,7 @@ def _blocks(kind: str, n: int = 4096) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])  # the symmetric formats (q4_1: its own tests)
 @pytest.mark.parametrize("kind", ["normal", "heavy", "outlier"])
 def test_search_never_has_more_error_than_maxabs(fmt, kind):
     x = _blocks(kind) * 0.02
@@ -38,7 +38,7 @@ def test_search_never_has_more_error_than_maxabs(fmt, kind):
         assert torch.equal(d, d.to(torch.float16).float())  # stored fp16 scales
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])  # the symmetric formats (q4_1: its own tests)
 def test_search_writes_the_same_storage_format(fmt):
     torch.manual_seed(0)
     w = torch.randn(33, 96)

@@ -454,18 +454,15 @@ def test_sparsified_folder_runs_quantized_in_eval_and_bench(tmp_path, capsys):
     assert "q8_0" in out
 
 
-def test_formats_without_sparse_kernels_run_in_torch():
-    """A block format the C++ ops here do not take (q4_1, when quant.py has it) runs on the torch path under auto."""
-    from sparkformer.ops import quant
-
-    if "q4_1" not in getattr(quant, "CODES", {}):
-        pytest.skip("no q4_1 format")
+def test_q4_1_runs_in_the_sparse_ops():
+    """q4_1 (a scale and a minimum per block) through the C++ sparse ops equals the reference (its rows take the
+    kernel table's axpy, not the 8-row q8_0 / q4_0 accumulators)."""
     rows, x = _rows("q4_1", m=40)
     idx = torch.arange(0, 40, 3)
-    y, k = quant_gated_gather(x, rows, idx, "silu", impl="auto")
-    yt, kt = quant_gated_gather(x, rows, idx, "silu", impl="torch")
-    assert k == kt == idx.numel() and torch.equal(y, yt)
-    with pytest.raises(ValueError, match="q4_1"):
-        quant_gated_gather(x, rows, idx, "silu", impl="ext")
+    y, k = quant_gated_gather(x, rows, idx, "silu", impl="ext")
+    yr, kr = quant_gated_gather(x, rows, idx, "silu", impl="reference")
+    assert k == kr == idx.numel()
+    _close(y, yr)
     w_t = quantize(torch.randn(64, 96), "q4_1")
-    _close(quant_sparse_input_matvec(w_t, x[:64], 0.3)[0], quant_sparse_input_matvec(w_t, x[:64], 0.3, impl="torch")[0])
+    _close(quant_sparse_input_matvec(w_t, x[:64], 0.3, impl="ext")[0],
+           quant_sparse_input_matvec(w_t, x[:64], 0.3, impl="reference")[0])

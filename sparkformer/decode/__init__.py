@@ -9,7 +9,10 @@
 | ``protocol`` | ``Engine`` (prefill, step, generate, decode_greedy, reset, set_position, fill_cache_random, stats, ...), ``DecodeStats``, the sampling loop |
 | ``layout`` | ``model_layout`` / ``random_layout``: the one conversion to decode layout (``ModelLayout``, ``DecodeLayer``) |
 | ``routed`` | routed (sparkified) FFN layers: the router protocol, attach, decode |
+| ``sparse`` | thresholded (sparsified) input sites: transposed, optionally quantized rows |
 | ``cpu`` | ``CpuEngine``: fused C++ kernels (``sparkformer.ops``), sparse Spark prefill |
+| ``fused`` | the whole CPU decode step as one C++ call (``DecodePlan``), with the Python step as its reference |
+| ``pages`` | decode weights packed onto transparent huge pages |
 | ``cuda`` | ``CudaEngine``: Triton kernels, one CUDA graph per token (imported only for ``device="cuda"``) |
 """
 
@@ -22,6 +25,7 @@ from sparkformer.decode.cpu import IMPLS, CpuEngine
 from sparkformer.decode.layout import DecodeLayer, ModelLayout, model_layout, quantize_layout, random_layout
 from sparkformer.decode.protocol import QUANT_FORMATS, DecodeStats, Engine, generate_tokens, resolve_dtype, \
     resolve_weights, stop_on_strings
+from sparkformer.ops.quant_cache import caching
 
 DEVICE_OPTIONS = {"cpu": ("impl",), "cuda": ("graph", "track_stats")}
 
@@ -60,7 +64,8 @@ def _build(layout: ModelLayout, max_len: int | None, kind: str, device, options:
     if fmt is not None:
         if kind == "cuda":
             raise ValueError(f"{fmt} weights run on the CPU engine; the CUDA engine takes fp32 or bf16")
-        layout = quantize_layout(layout, fmt)
+        with caching():  # each matrix quantized once per machine (sparkformer.ops.quant_cache)
+            layout = quantize_layout(layout, fmt)
     if kind == "cuda":
         from sparkformer.decode.cuda import CudaEngine  # lazy: CPU-only installs never import triton
 

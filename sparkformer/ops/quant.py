@@ -24,8 +24,7 @@ round half to even) and sum integer block products scaled by d_w * d_x in fp32, 
 ``*_reference`` functions compute exactly that, and the C++ kernels (``csrc/quant_impl.h``, every ISA) are tested
 equal to them up to fp32 summation order.
 
-q4_1 in C++ (format code 2, ``CODES``; not yet in the kernels, so ``FORMATS`` holds q8_0 / q4_0 and the wrappers run
-q4_1 in torch, ``ext_supports``): a row of n = 32 nb weights is 20 nb bytes, [fp16 d[nb]][fp16 m[nb]][16 nb bytes of
+q4_1 in C++ (format code 2, ``CODES``): a row of n = 32 nb weights is 20 nb bytes, [fp16 d[nb]][fp16 m[nb]][16 nb bytes of
 nibbles], block b's byte j holding q[32 b + j] (low nibble) and q[32 b + j + 16] (high), q in 0..15 unsigned. With
 the activation quantized as for q8_0 / q4_0 (x_q int8, d_x per block), y = sum_b d_x[b] (d[b] sum_j q_j x_q,j +
 m[b] sum_j x_q,j) in fp32: the integer sums are exact (|sum q x_q| <= 15 * 127 * 32), so only the fp32 summation
@@ -44,9 +43,8 @@ from sparkformer.ops.stat_topk import stat_threshold
 
 CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # every block format -> the format code the C++ ops take
 # The formats the C++ kernels implement (tests/test_quant.py and test_quant_sparse.py run each against its reference
-# on every ISA): q4_1 joins when its kernels land (the contract: the module docstring). Until then the wrappers here
-# run q4_1 in torch (``ext_supports``); code that hands formats to C++ itself takes only these.
-FORMATS = {k: CODES[k] for k in ("q8_0", "q4_0")}
+# on every ISA); a format added to CODES before its kernels runs in torch (``ext_supports``) until it joins here.
+FORMATS = {k: CODES[k] for k in ("q8_0", "q4_0", "q4_1")}
 BLOCK = 32
 QRANGE = {"q8_0": (-127, 127), "q4_0": (-8, 7), "q4_1": (0, 15)}  # the integer range of a stored weight
 BITS = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}  # bits per weight, scales (and minima) included

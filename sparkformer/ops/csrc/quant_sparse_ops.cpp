@@ -32,8 +32,8 @@ using namespace spk;
 constexpr int kAhead = 4;  // rows prefetched ahead in the gathers (random rows need misses in flight)
 
 void check_fmt(int64_t fmt, int64_t n, const char* op, const char* what) {
-  TORCH_CHECK(fmt == kQ8_0 || fmt == kQ4_0, "sparkformer ", op, ": unknown quantized format ", fmt, " of ", what,
-              " (0 = q8_0, 1 = q4_0)");
+  TORCH_CHECK(q_fmt_ok(fmt), "sparkformer ", op, ": unknown quantized format ", fmt, " of ", what,
+              " (0 = q8_0, 1 = q4_0, 2 = q4_1)");
   TORCH_CHECK(n > 0 && n % kQBlock == 0, "sparkformer ", op, ": ", what, " rows hold whole blocks of ", kQBlock,
               " weights, got ", n);
 }
@@ -236,7 +236,8 @@ struct RowStream {
     head = cur = full = 0;
   }
   void run(int b, const uint8_t* const* nx, int nn) {
-    if (fn != nullptr) return fn(fmt, rows[b], h[b], cnt[b], nx, nn, n, acc);
+    // the 8-row kernels here know q8_0 / q4_0; q4_1 (scale + minimum per block) goes through the table's axpy
+    if (fn != nullptr && fmt != kQ4_1) return fn(fmt, rows[b], h[b], cnt[b], nx, nn, n, acc);
     for (int r = 0; r < cnt[b]; ++r) qk->axpy(fmt, rows[b][r], n, h[b][r], acc);
   }
 };
