@@ -294,7 +294,7 @@ def test_q4_1_kernel_probe():
 @pytest.mark.parametrize("fmt", ["q4_1", "q4_1m"])
 @pytest.mark.parametrize("impl", ["auto", "torch"])
 def test_q4_1_engine_equals_the_quantized_model(fmt, impl):
-    """The engine on q4_1 weights (the per-op step; its dot products in torch while the extension lacks q4_1)
+    """The engine on q4_1 weights (the per-op step: C++ dot products where the extension has q4_1, torch otherwise)
     against the training-form forward of the same weights, within q4_0's activation-rounding tolerance
     (tests/test_quant.py); dense and Spark; resident weights the format's bytes."""
     from sparkformer.config import ModelConfig
@@ -312,8 +312,8 @@ def test_q4_1_engine_equals_the_quantized_model(fmt, impl):
         lay = quantize_layout(model_layout(m, torch.float32), fmt)
         assert lay.layers[0].w_qkv.fmt == "q4_1" and lay.head.fmt == ("q8_0" if fmt == "q4_1m" else "q4_1")
         e = CpuEngine(lay, impl=impl)
-        e.fused = False  # the fused C++ step takes the extension's formats only (set after: CpuEngine's fused=
-        # argument is shadowed by a local function of its __init__ where the extension is available)
+        e.fused = False  # the per-op step (set after: CpuEngine's fused= argument is shadowed by a local function
+        # of its __init__ where the extension is available)
         got = torch.stack([e.prefill(ids[0, :20])] + [e.step(int(t)) for t in ids[0, 20:39]])
         # bf16 activations + int8 activation rounding; Spark: selections near the threshold flip too (as test_quant)
         assert float((got - ref).norm() / ref.norm()) < tol

@@ -75,12 +75,12 @@ class CpuEngine(Engine):
             self._gather_verify = lambda x, gu, wd, idx, w, t: gated_ffn_gather_verify(x, gu, wd, idx, act_name, w, t,
                                                                                          impl="ext")
 
-            def fused(x, rf):  # the whole low-rank routed step in one C++ call
+            def routed_step(x, rf):  # the whole low-rank routed step in one C++ call
                 A, B, _, f, _ = rf.fast
                 w, t = rf.verify if rf.verify is not None else (None, 0.0)
                 return lowrank_routed_ffn(x, A, B, f, act_name, rf.gate_up, rf.w_down_t, w, t,
                                           score_act=rf.router.act, impl="ext")
-            self._routed_fused = fused
+            self._routed_fused = routed_step
         self.dtype = layout.dtype  # activations and KV cache
         self.weight_format = layout.weight_format
         self.huge_pages = pack_on_huge_pages(weight_tensors(layout))  # before anything keeps a pointer to them

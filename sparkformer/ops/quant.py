@@ -24,8 +24,8 @@ round half to even) and sum integer block products scaled by d_w * d_x in fp32, 
 ``*_reference`` functions compute exactly that, and the C++ kernels (``csrc/quant_impl.h``, every ISA) are tested
 equal to them up to fp32 summation order.
 
-q4_1 in C++ (format code 2, ``CODES``): a row of n = 32 nb weights is 20 nb bytes, [fp16 d[nb]][fp16 m[nb]][16 nb bytes of
-nibbles], block b's byte j holding q[32 b + j] (low nibble) and q[32 b + j + 16] (high), q in 0..15 unsigned. With
+q4_1 in C++ (format code 2, ``CODES``): a row of n = 32 nb weights is 20 nb bytes, [fp16 d[nb]][fp16 m[nb]][16 nb
+bytes of nibbles], block b's byte j holding q[32 b + j] (low nibble) and q[32 b + j + 16] (high), q in 0..15. With
 the activation quantized as for q8_0 / q4_0 (x_q int8, d_x per block), y = sum_b d_x[b] (d[b] sum_j q_j x_q,j +
 m[b] sum_j x_q,j) in fp32: the integer sums are exact (|sum q x_q| <= 15 * 127 * 32), so only the fp32 summation
 order may differ from ``quant_matvec_reference``. The gather / row-accumulation ops read rows the same way (a
