@@ -101,3 +101,12 @@ def test_fused_step_refuses_bad_tokens_and_full_context():
         e.step(t)
     with pytest.raises(ValueError, match="context full"):
         e.step(0)
+
+
+def test_fused_false_keeps_the_python_step():
+    from sparkformer.decode.cpu import CpuEngine
+    from sparkformer.decode.layout import model_layout
+
+    e = CpuEngine(model_layout(_model("dense"), torch.float32), fused=False)
+    e.step(3)
+    assert e.fused is False and e._fused_step is None

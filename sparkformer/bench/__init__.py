@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ["topk", "decode", "routed", "batch", "sparsify"]
+BENCHMARKS = ["topk", "decode", "routed", "batch", "sparsify", "quant_quality"]
 
 
 def add_cli(sub) -> None:

@@ -163,10 +163,9 @@ def engine_gap(name: str, model, data, fmt: str, tokens: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from sparkformer.bench.common import OUT_HELP, env_info, write_result
+def _add_arguments(ap: argparse.ArgumentParser) -> None:
+    from sparkformer.bench.common import OUT_HELP
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="smollm2-135m,runs/demo,gemma3-270m")
     ap.add_argument("--max-tokens", type=int, default=8000, help="val tokens per domain (as sparkformer eval)")
     ap.add_argument("--seq-len", type=int, default=256, help="window (checkpoints: their training seq_len)")
@@ -179,10 +178,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="quant_quality")
     ap.add_argument("--out", default=None, help=OUT_HELP)
-    args = ap.parse_args(argv)
+
+
+def add_parser(sub) -> None:
+    """``sparkformer bench quant-quality``."""
+    p = sub.add_parser("quant-quality", help="perplexity of each block-quantized weight format (and mix) per model")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparkformer.bench.common import env_info, write_result
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    res: dict = {"benchmark": "quant-quality", "env": env_info(), "args": vars(args), "formats": [], "sensitivity": [],
+    settings = {k: v for k, v in vars(args).items() if not callable(v)}  # the CLI's func is not a setting
+    res: dict = {"benchmark": "quant-quality", "env": env_info(), "args": settings, "formats": [], "sensitivity": [],
                  "skipped": [], "engine": [], "mixes": {k: {"base": v.base, "roles": dict(v.roles), "doc": v.doc}
                                                           for k, v in MIXES.items()}}
     first = True
