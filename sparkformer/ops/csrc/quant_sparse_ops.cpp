@@ -393,41 +393,6 @@ std::tuple<Tensor, Tensor> quant_gated_gather(const Tensor& x, const Tensor& gat
   return {y, at::scalar_tensor(kept, at::kLong)};
 }
 
-// sparkformer.ops.stat_topk.stat_threshold over s[0:n] (a copy of sparse_ops.cpp's routed_threshold): mean + std *
-// ndtri(1 - f), population std over the finite entries, two passes about the mean in double; f >= 1: -inf.
-float routed_threshold(const float* s, int64_t n, double f) {
-  if (f >= 1.0) return -std::numeric_limits<float>::infinity();
-  const double z = ndtri(std::min(std::max(1.0 - f, 1e-12), 1.0 - 1e-12));
-  double sum = 0.0, ss = 0.0, mean = 0.0, var = 0.0;
-  K()->sum_sumsq(s, n, 0.0, &sum, &ss);
-  if (std::isfinite(sum) && std::isfinite(ss) && n > 0) {
-    mean = sum / double(n);
-    K()->sum_sumsq(s, n, mean, &sum, &ss);
-    const double dm = sum / double(n);
-    var = std::max(0.0, ss / double(n) - dm * dm);
-    mean += dm;
-  } else {
-    int64_t cnt = 0;
-    sum = 0.0;
-    for (int64_t i = 0; i < n; ++i)
-      if (std::isfinite(s[i])) sum += s[i], ++cnt;
-    if (cnt == 0) return std::numeric_limits<float>::max();  // only non-finite scores: keep the +inf ones
-    mean = sum / double(cnt);
-    double c = 0.0;
-    ss = 0.0;
-    for (int64_t i = 0; i < n; ++i)
-      if (std::isfinite(s[i])) {
-        const double e = double(s[i]) - mean;
-        c += e;
-        ss += e * e;
-      }
-    var = std::max(0.0, ss / double(cnt) - (c / double(cnt)) * (c / double(cnt)));
-    mean += c / double(cnt);
-  }
-  const double sd = std::sqrt(var);
-  return float(sd > 0.0 ? mean + sd * z : mean);
-}
-
 bool float_weight(const Tensor& w, const char* op, const char* what) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.stride(1) == 1 &&
                   (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),

@@ -264,47 +264,6 @@ const float* x_as_f32(const Tensor& x, float* buf) {
 
 int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }  // scratch segments start on 64-byte lines
 
-// sparkformer.ops.stat_topk.stat_threshold(s, f) over s[0:n]: mean + std * ndtri(1 - f), 1 - f clamped to
-// [1e-12, 1 - 1e-12] as stat_z does, population std over the finite entries, two passes about the mean in double;
-// f >= 1 keeps everything (-inf). The vector sums where every entry is finite (and no square overflows fp32),
-// else one scalar pass over the finite entries.
-float routed_threshold(const float* s, int64_t n, double f) {
-  const float inf = std::numeric_limits<float>::infinity();
-  if (f >= 1.0) return -inf;
-  const double z = ndtri(std::min(std::max(1.0 - f, 1e-12), 1.0 - 1e-12));
-  double sum = 0.0, ss = 0.0, mean = 0.0, var = 0.0;
-  K()->sum_sumsq(s, n, 0.0, &sum, &ss);
-  if (std::isfinite(sum) && std::isfinite(ss) && n > 0) {
-    mean = sum / double(n);
-    K()->sum_sumsq(s, n, mean, &sum, &ss);  // second pass about the mean
-    const double dm = sum / double(n);
-    var = std::max(0.0, ss / double(n) - dm * dm);
-    mean += dm;
-  } else {
-    int64_t cnt = 0;
-    sum = 0.0;
-    for (int64_t i = 0; i < n; ++i)
-      if (std::isfinite(s[i])) {
-        sum += s[i];
-        ++cnt;
-      }
-    if (cnt == 0) return std::numeric_limits<float>::max();  // only non-finite scores: keep the +inf ones
-    mean = sum / double(cnt);
-    double c = 0.0;
-    ss = 0.0;
-    for (int64_t i = 0; i < n; ++i)
-      if (std::isfinite(s[i])) {
-        const double e = double(s[i]) - mean;
-        c += e;
-        ss += e * e;
-      }
-    var = std::max(0.0, ss / double(cnt) - (c / double(cnt)) * (c / double(cnt)));
-    mean += c / double(cnt);
-  }
-  const double sd = std::sqrt(var);
-  return float(sd > 0.0 ? mean + sd * z : mean);
-}
-
 // A low-rank predictor's routed FFN step: z = A x, [g; u] = B z (fp32), s_i = |act(g_i) * u_i|, the neurons with
 // s_i > stat_threshold(s, f), then the gather (with the verify stage when verify_weights is given).
 // Three parallel regions: A's rows, B's rows (each thread a range of neurons: its g and u rows, then their scores),

@@ -1,7 +1,7 @@
 // Statistics of the ops: the inverse normal CDF, the statistical top-k threshold (two passes about the mean,
 // or one from the sums the scoring pass accumulated) and the hard cap's best-k of the candidates.
 // The definition they implement, and are tested against (tests/test_stat_topk.py, every ISA), is
-// sparkformer/ops/stat_topk.py: stat_threshold. Included by ops.cpp and sparse_ops.cpp (ndtri).
+// sparkformer/ops/stat_topk.py: stat_threshold. Included by the ops files (ops, sparse, quant_sparse, step).
 #pragma once
 
 #include <algorithm>
@@ -106,6 +106,48 @@ inline int64_t keep_top(const float* p, int32_t* id, int64_t cnt, int64_t k, flo
     out += tmp[t] != 0.0f;
   }
   return out;
+}
+
+// The routed FFN's threshold (sparse_ops.cpp, quant_sparse_ops.cpp): sparkformer.ops.stat_topk.stat_threshold(s, f)
+// over s[0:n]: mean + std * ndtri(1 - f), 1 - f clamped to
+// [1e-12, 1 - 1e-12] as stat_z does, population std over the finite entries, two passes about the mean in double;
+// f >= 1 keeps everything (-inf). The vector sums where every entry is finite (and no square overflows fp32),
+// else one scalar pass over the finite entries.
+inline float routed_threshold(const float* s, int64_t n, double f) {
+  const float inf = std::numeric_limits<float>::infinity();
+  if (f >= 1.0) return -inf;
+  const double z = ndtri(std::min(std::max(1.0 - f, 1e-12), 1.0 - 1e-12));
+  double sum = 0.0, ss = 0.0, mean = 0.0, var = 0.0;
+  K()->sum_sumsq(s, n, 0.0, &sum, &ss);
+  if (std::isfinite(sum) && std::isfinite(ss) && n > 0) {
+    mean = sum / double(n);
+    K()->sum_sumsq(s, n, mean, &sum, &ss);  // second pass about the mean
+    const double dm = sum / double(n);
+    var = std::max(0.0, ss / double(n) - dm * dm);
+    mean += dm;
+  } else {
+    int64_t cnt = 0;
+    sum = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isfinite(s[i])) {
+        sum += s[i];
+        ++cnt;
+      }
+    if (cnt == 0) return std::numeric_limits<float>::max();  // only non-finite scores: keep the +inf ones
+    mean = sum / double(cnt);
+    double c = 0.0;
+    ss = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isfinite(s[i])) {
+        const double e = double(s[i]) - mean;
+        c += e;
+        ss += e * e;
+      }
+    var = std::max(0.0, ss / double(cnt) - (c / double(cnt)) * (c / double(cnt)));
+    mean += c / double(cnt);
+  }
+  const double sd = std::sqrt(var);
+  return float(sd > 0.0 ? mean + sd * z : mean);
 }
 
 }  // namespace spk
