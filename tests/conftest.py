@@ -53,15 +53,21 @@ def pytest_sessionstart(session):
         pytest.exit(_EXT_REQUIRED_ERROR[0], returncode=1)
 
 
-@pytest.fixture(params=_extension_isas() or ["none"])
-def isa(request):
-    """Run a test once per kernel ISA the CPU has (AVX-512, AVX2, scalar), then restore the automatic choice."""
+def use_isa(name: str):
+    """Generator body of an ISA fixture: select ``name`` for the test ("none": skip, or fail when the extension is
+    required), then restore the automatic choice."""
     from sparkformer.ops import _extension
 
-    if request.param == "none":
+    if name == "none":
         if _extension.required() and not _extension.disabled():
             pytest.fail("C++ extension unavailable although SPARKFORMER_REQUIRE_EXT is set")
         pytest.skip("C++ extension unavailable")
-    _extension.set_isa(request.param)
-    yield request.param
+    _extension.set_isa(name)
+    yield name
     _extension.set_isa("auto")
+
+
+@pytest.fixture(params=_extension_isas() or ["none"])
+def isa(request):
+    """Run a test once per kernel ISA the CPU has (AVX-512, AVX2, scalar), then restore the automatic choice."""
+    yield from use_isa(request.param)

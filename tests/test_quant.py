@@ -30,13 +30,9 @@ def _quant_isas() -> list[str]:
 @pytest.fixture(params=_quant_isas())
 def isa(request):
     """Every kernel ISA of this CPU, AVX-512 VNNI included (overrides conftest's fixture in this module)."""
-    if request.param == "none":
-        if _extension.required() and not _extension.disabled():
-            pytest.fail("C++ extension unavailable although SPARKFORMER_REQUIRE_EXT is set")
-        pytest.skip("C++ extension unavailable")
-    _extension.set_isa(request.param)
-    yield request.param
-    _extension.set_isa("auto")
+    from conftest import use_isa
+
+    yield from use_isa(request.param)
 
 
 @pytest.mark.parametrize("fmt", SYMMETRIC)

@@ -22,6 +22,7 @@
 
 #include "dispatch.h"
 #include "quant.h"
+#include "router.h"
 #include "stats.h"
 
 namespace {
@@ -428,21 +429,8 @@ std::tuple<Tensor, Tensor, Tensor> quant_lowrank_routed_ffn(
   float* z = ws + oz;
   float* yb = ws + oy;
   int32_t* ids = reinterpret_cast<int32_t*>(ws + oi);
-  const Kernels* kern = K();
   const float* xp = xf.data_ptr<float>();
-  at::parallel_for(0, rk, std::max<int64_t>(8, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
-    kern->matvec(A.data_ptr(), pbf16, A.stride(0), d, xp, z + b, b, e);
-  });
-  const char* bp = static_cast<const char*>(B.data_ptr());
-  const void* bu = bp + m * B.stride(0) * B.element_size();
-  at::parallel_for(0, m, std::max<int64_t>(16, 8192 / std::max<int64_t>(rk, 1)), [&](int64_t b, int64_t e) {
-    kern->matvec(bp, pbf16, B.stride(0), rk, z, yb + b, b, e);
-    kern->matvec(bu, pbf16, B.stride(0), rk, z, yb + m + b, b, e);
-    kern->activate(yb + b, e - b, sact);
-    for (int64_t i = b; i < e; ++i) yb[i] = std::fabs(yb[i] * yb[m + i]);
-  });
-  const float theta = routed_threshold(yb, m, f);
-  const int64_t cnt = kern->compact_gt(yb, m, theta, ids);
+  const int64_t cnt = lowrank_select(A, B, pbf16, xp, d, rk, m, f, sact, z, yb, ids);
   const QAct xq = quantize_x(xp, d, int(fmt), QK());
   Tensor y = at::empty({dout}, xf.options());
   const int64_t kept = gather_run(r, ids, cnt, act_id, xq, y.data_ptr<float>(), ws + oa, vw, float(verify_threshold));

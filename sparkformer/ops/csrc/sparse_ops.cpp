@@ -19,6 +19,7 @@
 
 #include "dispatch.h"
 #include "sparse.h"
+#include "router.h"
 #include "stats.h"
 
 namespace {
@@ -317,24 +318,8 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_routed_ffn(const Tensor& x, const Ten
   float* z = ws + oz;
   float* yb = ws + oy;
   int32_t* idx = reinterpret_cast<int32_t*>(ws + oi);
-  const Kernels* kern = K();
-  // 1. z = A x
-  at::parallel_for(0, r, std::max<int64_t>(8, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
-    kern->matvec(A.data_ptr(), pbf16, A.stride(0), d, xp, z + b, b, e);
-  });
-  // 2. [g; u] = B z and the scores, over ranges of neurons (s_i overwrites g_i). One row at a time: 4 adjacent
-  // rows of B per pass (dot_rows<4>) measured ~25% slower cold, as kernels.h says of adjacent rows read interleaved.
-  const char* bp = static_cast<const char*>(B.data_ptr());
-  const void* bu = bp + m * B.stride(0) * B.element_size();
-  at::parallel_for(0, m, std::max<int64_t>(16, 8192 / std::max<int64_t>(r, 1)), [&](int64_t b, int64_t e) {
-    kern->matvec(bp, pbf16, B.stride(0), r, z, yb + b, b, e);
-    kern->matvec(bu, pbf16, B.stride(0), r, z, yb + m + b, b, e);
-    kern->activate(yb + b, e - b, sact);
-    for (int64_t i = b; i < e; ++i) yb[i] = std::fabs(yb[i] * yb[m + i]);
-  });
-  // 3. the statistical threshold and the selection (ascending ids)
-  const float theta = routed_threshold(yb, m, f);
-  const int64_t cnt = kern->compact_gt(yb, m, theta, idx);
+  // 1-3. the predictor's scores and selection (ascending ids)
+  const int64_t cnt = lowrank_select(A, B, pbf16, xp, d, r, m, f, sact, z, yb, idx);
   // 4. the gather
   Tensor y = at::empty({dout}, at::TensorOptions().dtype(at::kFloat));
   const int64_t kept = gather_run(idx, cnt, gate_up, w_down_t, bf16, act_id, xp, y.data_ptr<float>(), ws + oa,
