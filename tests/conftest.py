@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Engine builds in tests quantize tiny random matrices: keep them out of the user's on-disk cache (test_quant_cache
+# turns it on against a temporary folder).
+os.environ.setdefault("SPARKFORMER_QUANT_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,9 +1,16 @@
 """The on-disk cache of quantized matrices: a hit returns the stored rows without quantizing; any change to what
 determines the rows (bytes, dtype, format, quantizer version) misses; a damaged entry is rebuilt; it can be off."""
 
+import pytest
 import torch
 
-from sparkformer.ops.quant_cache import cached_rows, matrix_key
+from sparkformer.ops import quant
+from sparkformer.ops.quant_cache import cached_rows, caching, matrix_key
+
+
+@pytest.fixture(autouse=True)
+def _cache_on(monkeypatch):
+    monkeypatch.setenv("SPARKFORMER_QUANT_CACHE", "1")  # conftest turns it off for every other test
 
 
 def _counting():
@@ -43,3 +50,20 @@ def test_cache_off(tmp_path, monkeypatch):
     cached_rows(w, "q8_0", "v1", make(1), tmp_path)
     cached_rows(w, "q8_0", "v1", make(2), tmp_path)
     assert calls == [1, 2] and not list(tmp_path.iterdir())
+
+
+def test_quantize_uses_cache_only_while_caching(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKFORMER_CACHE", str(tmp_path))
+    w = torch.randn(8, 64)
+    plain = quant.quantize(w, "q4_0")
+    assert not (tmp_path / "quant").exists()  # outside caching(): nothing written
+    with caching():
+        first = quant.quantize(w, "q4_0")
+        entries = list((tmp_path / "quant" / "q4_0").iterdir())
+        assert len(entries) == 1 and torch.equal(first.data, plain.data)
+        calls = []
+        monkeypatch.setattr(quant, "_quantize_rows", lambda *a: calls.append(a))
+        again = quant.quantize(w, "q4_0")  # a hit: the quantizer does not run
+        assert not calls and torch.equal(again.data, plain.data)
+        quant.quantize(w, "q4_0", importance=torch.rand(64))  # importance changes the rows: its own entry
+        assert len(calls) == 1

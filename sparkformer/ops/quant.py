@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparkformer.ops import _extension
+from sparkformer.ops import _extension, quant_cache
 from sparkformer.ops.stat_topk import stat_threshold
 
 CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2}  # every block format -> the format code the C++ ops take
@@ -49,6 +49,8 @@ BLOCK = 32
 QRANGE = {"q8_0": (-127, 127), "q4_0": (-8, 7), "q4_1": (0, 15)}  # the integer range of a stored weight
 BITS = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}  # bits per weight, scales (and minima) included
 METHODS = ("search", "maxabs")
+# Bump when a quantizer's output bytes change, so the on-disk cache (``quant_cache``) never serves stale rows.
+QUANTIZER_VERSION = "2"
 # Candidate scales of the search, as the integer the block's largest-magnitude weight m maps to (d = m / t): max-abs
 # is t = qmin (q4_0: -8) or qmax (q8_0: 127). q4_0 also tries m at -7.2 .. -9.0 (beyond -8, m is clamped to -8 and the
 # other weights get finer steps) and at +7.0, +7.4 (m on the short +7 side, for blocks whose other side is nearly as
@@ -329,15 +331,24 @@ def quantize(w: torch.Tensor, fmt: str, importance: torch.Tensor | None = None,
         if importance.shape != (n,):
             raise ValueError(f"importance has shape {tuple(importance.shape)}; expected ({n},), one per input column")
         imp = importance.detach().float().clamp_min(0).reshape(1, nb, BLOCK)
-    data = torch.empty(rows, row_bytes(fmt, n), dtype=torch.uint8)
-    threads = torch.get_num_threads()
-    try:
-        if method == "search":  # many small ops: one thread (threads per op on cache-sized chunks cost 2-15x more)
-            torch.set_num_threads(1)
-        _quantize_rows(src, data, fmt, imp, method)
-    finally:
-        torch.set_num_threads(threads)
-    return QuantMatrix(data, fmt, n)
+
+    def build() -> torch.Tensor:
+        data = torch.empty(rows, row_bytes(fmt, n), dtype=torch.uint8)
+        threads = torch.get_num_threads()
+        try:
+            if method == "search":  # many small ops: one thread (threads per op on cache-sized chunks cost 2-15x more)
+                torch.set_num_threads(1)
+            _quantize_rows(src, data, fmt, imp, method)
+        finally:
+            torch.set_num_threads(threads)
+        return data
+
+    if not quant_cache.active():
+        return QuantMatrix(build(), fmt, n)
+    version = f"{QUANTIZER_VERSION}|{method}"
+    if imp is not None:  # the importance changes the search's choice: it is part of the key
+        version += "|" + quant_cache.matrix_key(imp.reshape(-1), "importance", "")
+    return QuantMatrix(quant_cache.cached_rows(src, fmt, version, build), fmt, n)
 
 
 def _quantize_rows(src: torch.Tensor, data: torch.Tensor, fmt: str, imp: torch.Tensor | None, method: str) -> None:
