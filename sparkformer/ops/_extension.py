@@ -39,8 +39,8 @@ NAME = "sparkformer_decode_ops"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cpp", "quant_ops.cpp", "quant_sparse_ops.cpp", "sparse_ops.cpp", "step_ops.cpp",
            "kernels_avx512vnni.cpp", "kernels_avx512.cpp", "kernels_avx2.cpp", "kernels_scalar.cpp")
-HEADERS = ("kernels.h", "kernels_common.h", "kernels_impl.h", "kernels_simd.h", "dispatch.h", "stats.h", "router.h",
-           "quant.h", "quant_impl.h", "quant_avx512.h", "sparse.h", "sparse_impl.h")
+# every header in csrc/ goes into the build key (a header missing from a hand-kept list left a stale build in place)
+HEADERS = tuple(sorted(p.name for p in CSRC.glob("*.h")))
 # -fopenmp at compile time only: at::parallel_for is an OpenMP region in the header; the runtime is the
 # libgomp torch already loaded (linking another copy would give two thread pools).
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-Wno-unused-function")

@@ -56,10 +56,6 @@ struct QuantKernels {
   void (*quantize)(const float* x, int64_t n, int fmt, int8_t* q, float* d, int32_t* s, int8_t* ord, int32_t* init);
   // y[i - r0] = dot(row i, x) for rows [r0, r1) of a quantized matrix with ld bytes between rows.
   void (*matvec)(int fmt, const uint8_t* w, int64_t ld, int64_t n, const QAct& x, float* y, int64_t r0, int64_t r1);
-  // Spark FFN over selected neurons: each neuron's row holds its K2 row (n2 weights) then its V row (nv weights);
-  // acc[0:nv] += sum_t a[t] * dot(K2 row of idx[t], x2) * V row of idx[t].
-  void (*ffn_gather)(int fmt, const int32_t* idx, const float* a, int64_t cnt, const uint8_t* rows, int64_t ld,
-                     int64_t n2, int64_t nv, const QAct& x2, float* acc);
   // acc[0:n] += h * row (dequantized).
   void (*axpy)(int fmt, const uint8_t* row, int64_t n, float h, float* acc);
 };

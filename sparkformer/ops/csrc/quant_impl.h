@@ -240,23 +240,6 @@ static void qaxpy(int fmt, const uint8_t* row, int64_t n, float h, float* acc) {
   }
 }
 
-// Selected neurons one after another, the rows a few neurons ahead prefetched (each row is one contiguous run of
-// its K2 then its V blocks, so after the first lines the hardware prefetcher streams it).
-static void qffn_gather(int fmt, const int32_t* idx, const float* a, int64_t cnt, const uint8_t* rows, int64_t ld,
-                        int64_t n2, int64_t nv, const spk::QAct& x2, float* acc) {
-  const int64_t nb2 = n2 / spk::kQBlock, k2_bytes = spk::q_row_bytes(fmt, n2);
-  constexpr int kAhead = 4;
-  for (int64_t t = 0; t < cnt; ++t) {
-    if (t + kAhead < cnt) {
-      const uint8_t* nxt = rows + int64_t(idx[t + kAhead]) * ld;
-      for (int64_t off = 0; off < 512 && off < ld; off += 64) __builtin_prefetch(nxt + off);
-    }
-    const uint8_t* row = rows + int64_t(idx[t]) * ld;
-    const float h = a[t] * qdot(fmt, row, nb2, x2);
-    qaxpy(fmt, row + k2_bytes, nv, h, acc);
-  }
-}
-
-static const spk::QuantKernels qtable = {SPK_NAME, qquantize, qmatvec, qffn_gather, qaxpy};
+static const spk::QuantKernels qtable = {SPK_NAME, qquantize, qmatvec, qaxpy};
 
 }  // namespace SPK_NS

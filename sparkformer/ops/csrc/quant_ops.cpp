@@ -11,49 +11,20 @@
 
 #include "dispatch.h"
 #include "quant.h"
+#include "quant_rows.h"
 
 namespace {
 
-using at::Tensor;
-using namespace spk;
-
-void check_fmt(int64_t fmt, int64_t n, const char* what) {
-  TORCH_CHECK(q_fmt_ok(fmt), "sparkformer ", what, ": unknown quantized format ", fmt,
-              " (0 = q8_0, 1 = q4_0, 2 = q4_1)");
-  TORCH_CHECK(n > 0 && n % kQBlock == 0, "sparkformer ", what, ": a quantized row holds whole blocks of ", kQBlock,
-              " weights, got ", n);
-}
-
-void check_rows(const Tensor& w, int64_t bytes, const char* what) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.stride(1) == 1,
-              "sparkformer ", what, ": quantized rows must be a 2-D uint8 CPU tensor with contiguous rows");
-  TORCH_CHECK(w.size(1) >= bytes, "sparkformer ", what, ": rows of ", w.size(1), " bytes, the format needs ", bytes);
-}
-
 // x (n,) -> its quantized form for format fmt (quant.h: QAct), in thread-local buffers reused by later calls (a
-// decode step makes ~100 of these calls, so allocation would show). The active ISA's kernels quantize.
+// decode step makes ~100 of these calls, so allocation would show).
 QAct quantize(const Tensor& x, int fmt, const QuantKernels* qk) {
-  thread_local std::vector<int8_t> q, ord;
-  thread_local std::vector<float> dv;
-  thread_local std::vector<int32_t> sv, init;
   const Tensor xf = x.to(at::kFloat).contiguous();
-  const int64_t n = xf.numel(), ng = q_groups(n);
-  if (int64_t(q.size()) < 128 * ng) {
-    q.resize(size_t(128 * ng));
-    ord.resize(size_t(128 * ng));
-    dv.resize(size_t(4 * ng));
-    sv.resize(size_t(4 * ng));
-    init.resize(size_t(32 * ng));
-  }
-  // plain pointers: every access to a thread_local in a shared library is a TLS lookup
-  QAct a{q.data(), dv.data(), sv.data(), ord.data(), init.data()};
-  qk->quantize(xf.data_ptr<float>(), n, fmt, q.data(), dv.data(), sv.data(), ord.data(), init.data());
-  return a;
+  return quantize_x(xf.data_ptr<float>(), xf.numel(), fmt, qk);
 }
 
 Tensor quant_matvec(const Tensor& w, int64_t fmt, int64_t n, const Tensor& x) {
-  check_fmt(fmt, n, "quant_matvec");
-  check_rows(w, q_row_bytes(int(fmt), n), "quant_matvec");
+  check_fmt(fmt, n, "quant_matvec", "weight");
+  check_rows(w, q_row_bytes(int(fmt), n), "quant_matvec", "weight");
   TORCH_CHECK(x.dim() == 1 && x.size(0) == n, "sparkformer quant_matvec: x must be (", n, ",), got ", x.sizes());
   const QuantKernels* qk = QK();
   const QAct a = quantize(x, int(fmt), qk);
@@ -78,9 +49,9 @@ Tensor quant_matvec(const Tensor& w, int64_t fmt, int64_t n, const Tensor& x) {
 // neuron's quantized K2 row (n2 weights) then its V row (nv weights).
 Tensor quant_ffn_gather(const Tensor& idx, const Tensor& act, const Tensor& rows, int64_t fmt, int64_t n2, int64_t nv,
                         const Tensor& x2) {
-  check_fmt(fmt, n2, "quant_ffn_gather");
-  check_fmt(fmt, nv, "quant_ffn_gather");
-  check_rows(rows, q_row_bytes(int(fmt), n2) + q_row_bytes(int(fmt), nv), "quant_ffn_gather");
+  check_fmt(fmt, n2, "quant_ffn_gather", "K2");
+  check_fmt(fmt, nv, "quant_ffn_gather", "V");
+  check_rows(rows, q_row_bytes(int(fmt), n2) + q_row_bytes(int(fmt), nv), "quant_ffn_gather", "rows");
   TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1 && idx.is_contiguous(),
               "sparkformer quant_ffn_gather: idx must be a contiguous int32 vector");
   TORCH_CHECK(act.scalar_type() == at::kFloat && act.dim() == 1 && act.numel() == idx.numel() && act.is_contiguous(),
@@ -94,19 +65,35 @@ Tensor quant_ffn_gather(const Tensor& idx, const Tensor& act, const Tensor& rows
   }
   const QuantKernels* qk = QK();
   const QAct a = quantize(x2, int(fmt), qk);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(int64_t(at::get_num_threads()), cnt / 16));
+  const int64_t parts = n_parts(cnt, 16), k2b = q_row_bytes(int(fmt), n2), ld = rows.stride(0);
+  const AxpyRows fn = axpy_rows_fn();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const float* ap = act.data_ptr<float>();
+  const uint8_t* rp = rows.data_ptr<uint8_t>();
   std::vector<float> acc(size_t(parts * nv), 0.0f);
+  // per neuron its K2 dot product, then its V row into the multi-row accumulation (RowStream: 8 rows per pass over
+  // the accumulator). Whole rows (K2 then V) prefetched kRowsAhead neurons ahead: measured on the gemma2-2b shape
+  // (q4_0, 737 of 9216 neurons, 26 layers' rows, 2 threads) 4.5 ms against 5.6 ms prefetching only K2 (RowStream
+  // then prefetching V) and 7.1 ms for the previous one-row-at-a-time kernel; 8 ahead measured the same as 4.
+  constexpr int kRowsAhead = 4;
+  const int64_t used = k2b + q_row_bytes(int(fmt), nv);
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t t0 = cnt * p / parts, t1 = cnt * (p + 1) / parts;
-      qk->ffn_gather(int(fmt), idx.data_ptr<int32_t>() + t0, act.data_ptr<float>() + t0, t1 - t0,
-                     rows.data_ptr<uint8_t>(), rows.stride(0), n2, nv, a, acc.data() + p * nv);
+      RowStream rs{qk, fn, int(fmt), nv, acc.data() + p * nv};
+      for (int64_t t = t0; t < std::min(t1, t0 + kRowsAhead); ++t) prefetch_row(rp + int64_t(ip[t]) * ld, used);
+      for (int64_t t = t0; t < t1; ++t) {
+        if (t + kRowsAhead < t1) prefetch_row(rp + int64_t(ip[t + kRowsAhead]) * ld, used);
+        const uint8_t* row = rp + int64_t(ip[t]) * ld;
+        float h;
+        qk->matvec(int(fmt), row, ld, n2, a, &h, 0, 1);
+        rs.push(row + k2b, ap[t] * h);
+      }
+      rs.finish();
     }
   });
-  Tensor y = at::zeros({nv}, x2.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  for (int64_t p = 0; p < parts; ++p)
-    for (int64_t c = 0; c < nv; ++c) yp[c] += acc[size_t(p * nv + c)];
+  Tensor y = at::empty({nv}, x2.options().dtype(at::kFloat));
+  sum_parts(acc.data(), parts, nv, y.data_ptr<float>());
   return y;
 }
 
