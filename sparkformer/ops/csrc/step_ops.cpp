@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
 #include "quant.h"
 #include "stats.h"
 
@@ -307,13 +308,13 @@ struct DecodePlan : torch::CustomClassHolder {
         return std::get<0>(res);
       }
       case kGatedQuant: {  // [gate; up] rows, act(g) * u, then the down rows (quant.py: geglu_decode_quant)
-        const Tensor gu = mv(ly.f[0], li[kFmtA], xn).contiguous();
+        const Tensor gu = mv(ly.f[0], li[kFmtA], xn).contiguous();  // a fresh tensor: activated in place
         const int64_t m = gu.size(0) / 2;
         Tensor a = at::empty({m}, gu.options());
-        const float* g = gu.data_ptr<float>();
+        float* g = gu.data_ptr<float>();
         float* ap = a.data_ptr<float>();
-        const int act = int(hdr[kAct]);
-        for (int64_t j = 0; j < m; ++j) ap[j] = act_value(act, g[j]) * g[m + j];
+        spk::K()->activate(g, m, int(hdr[kAct]));  // the ISA's vectorised activation (as the float FFN kernels)
+        for (int64_t j = 0; j < m; ++j) ap[j] = g[j] * g[m + j];
         return mv(ly.f[1], li[kFmtB], a);
       }
       case kSparkQuant: {  // quant.py: spark_ffn_decode_quant; p0 = K1 width r, p1 = K2 width, p2 = V width
