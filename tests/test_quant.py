@@ -87,8 +87,8 @@ def _threads(k: int):
 
 @pytest.mark.parametrize("fmt", FMTS)
 # one block; 3, 5, 18 blocks (AVX-512's last group of 3, 1, 2 blocks; q4_1's minima: 16 blocks a step and 2 more);
-# real widths
-@pytest.mark.parametrize("n", [32, 96, 160, 576, 2304])
+# real widths; 129 blocks (AVX-512's long rows: four far-apart rows per pass, a last group of 1 block)
+@pytest.mark.parametrize("n", [32, 96, 160, 576, 2304, 4128])
 def test_quant_matvec_kernel_equals_reference(isa, fmt, n):
     if isa == "none":
         pytest.skip("C++ extension unavailable")
@@ -106,7 +106,9 @@ def test_quant_matvec_kernel_equals_reference(isa, fmt, n):
     for rows in (1, 2, 5):  # fewer rows than a group, several threads' worth below
         torch.testing.assert_close(quant_matvec(q.index_select(torch.arange(rows)), x, impl="ext"), ref[:rows],
                                    rtol=1e-5, atol=1e-4 * float(ref.abs().max()))
-    big = quantize(torch.randn(4099, n), fmt, method="maxabs")  # large enough to split over threads, odd row count
+    # large enough to split over threads, odd row count (long rows: the 203 rows already are, in ranges of 4-row
+    # quads and a remainder)
+    big = quantize(torch.randn(4099, n), fmt, method="maxabs") if n < 4096 else q
     ref = quant_matvec_reference(big, x)
     for k in (1, 2, 3):  # one range, even and uneven splits (ranges of whole 4-row groups, a short last one)
         with _threads(k):
