@@ -8,7 +8,9 @@ over ``sparkformer.decode.make_random_engine`` / ``make_engine`` for every devic
 With ``--model`` the named model runs (``sparkformer.loading``): with routers, routed vs the same model dense; without,
 the model alone (its ms/token and achieved sparsity). On CUDA every step is a CUDA-graph replay feeding its argmax to
 the next; components are timed as their own graphs (``CudaEngine.component_times``), and the run records the GPU's
-copy bandwidth, the tuned Spark FFN launch shape and a full-size check of it.
+copy bandwidth, the tuned Spark FFN launch shape and a full-size check of it. On CPU the timed steps are the ones
+users run (the fused C++ step where the engine has it); the per-component split comes from one extra, untimed run of
+the per-op step with its timers on (``profiled_components``), so its sum is somewhat above the timed ms/token.
 
 Weights are random and full size (speed does not depend on training: the statistical threshold enforces the
 sparsity) and cold (a 2B model is far larger than the last-level cache). The KV cache is filled with random keys and
@@ -55,17 +57,14 @@ def time_tokens(engine: Engine, context: int, tokens: int) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
-def timed_run(engine: Engine, context: int, tokens: int, times: list, comps: list) -> None:
-    """One timed run of ``tokens`` steps; appends seconds/token and per-component seconds/token (engines that time
-    components inside a step; the others leave ``timers`` empty and are timed by ``component_times`` instead)."""
-    engine.timers = {} if engine.device_type == "cpu" else None
-    times.append(time_tokens(engine, context, tokens))
-    comps.append({k: v / tokens for k, v in (engine.timers or {}).items()})
+def timed_run(engine: Engine, context: int, tokens: int, times: list) -> None:
+    """One timed run of ``tokens`` steps as users run them (CPU: the fused C++ step, no per-op timers); appends
+    seconds/token."""
     engine.timers = None
+    times.append(time_tokens(engine, context, tokens))
 
 
-def lockstep_run(dense: Engine, spark: Engine, context: int, tokens: int, d_t: list, s_t: list,
-                 d_c: list, s_c: list, pairs: list) -> None:
+def lockstep_run(dense: Engine, spark: Engine, context: int, tokens: int, d_t: list, s_t: list, pairs: list) -> None:
     """One timed run in which the two engines alternate token by token (which one goes first alternates too), so
     both see the same state of the host's memory bandwidth; appends per-run means like ``timed_run`` and every
     token's dense/Spark time ratio to ``pairs``."""
@@ -73,7 +72,7 @@ def lockstep_run(dense: Engine, spark: Engine, context: int, tokens: int, d_t: l
     toks = {id(dense): 1, id(spark): 1}
     for e in (dense, spark):
         e.set_position(context)
-        e.timers = {}
+        e.timers = None
     for i in range(tokens):
         for e in ((dense, spark) if i % 2 == 0 else (spark, dense)):
             t0 = time.perf_counter()
@@ -82,15 +81,21 @@ def lockstep_run(dense: Engine, spark: Engine, context: int, tokens: int, d_t: l
             toks[id(e)] = int(logits.argmax())
     td, ts = times[id(dense)], times[id(spark)]
     pairs.extend(a / b for a, b in zip(td, ts))
-    for e, t, lst, comps in ((dense, td, d_t, d_c), (spark, ts, s_t, s_c)):
-        lst.append(sum(t) / tokens)
-        comps.append({k: v / tokens for k, v in e.timers.items()})
-        e.timers = None
+    d_t.append(sum(td) / tokens)
+    s_t.append(sum(ts) / tokens)
 
 
-def median_components(runs: list[dict]) -> dict:
-    """Per-component seconds per token: the median over timed runs."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} if runs and runs[0] else {}
+def profiled_components(engine: Engine, context: int, tokens: int) -> dict:
+    """Per-component seconds per token (CPU) from one extra, untimed run of the per-op step with its timers on: the
+    fused step the timed runs use is one C++ call with nothing to split, so these sum to more than its ms/token (the
+    per-op step's Python overhead, ~10 us an op). Engines that time components as their own graphs: {}."""
+    if engine.device_type != "cpu":
+        return {}
+    engine.timers = {}
+    time_tokens(engine, context, tokens)
+    comps = {k: v / tokens for k, v in engine.timers.items()}
+    engine.timers = None
+    return comps
 
 
 def build_pair(cfg: ModelConfig, dtype: torch.dtype, max_len: int, impl: str | None = None,
@@ -229,22 +234,22 @@ def bench_one(cfg: ModelConfig, dtype_name: str, context: int, tokens: int, repe
     time_tokens(dense, context, 2)  # warm-up (first-touch pages, thread pools; CUDA: graph capture, FFN tuning)
     time_tokens(spark, context, 2)
     t_build = time.perf_counter() - t_build
-    d_t, s_t, d_c, s_c, pairs = [], [], [], [], []
+    d_t, s_t, pairs = [], [], []
     if device == "cpu":  # CPU: the sparsity of the timed steps themselves; CUDA: measured on separate steps below
         spark.reset()
-    for _ in range(repeats):  # interleaved; CPU per-component times come from the same timed runs
+    for _ in range(repeats):  # interleaved
         if interleave == "token":
-            lockstep_run(dense, spark, context, tokens, d_t, s_t, d_c, s_c, pairs)
+            lockstep_run(dense, spark, context, tokens, d_t, s_t, pairs)
         else:
-            timed_run(dense, context, tokens, d_t, d_c)
-            timed_run(spark, context, tokens, s_t, s_c)
+            timed_run(dense, context, tokens, d_t)
+            timed_run(spark, context, tokens, s_t)
     if device != "cpu":
         spark.track_stats = True
         spark.reset()
         spark.set_position(context)
         spark.decode_greedy(tokens)
     st = spark.stats.summary()
-    d_comp, s_comp = median_components(d_c), median_components(s_c)
+    d_comp, s_comp = profiled_components(dense, context, tokens), profiled_components(spark, context, tokens)
     if not d_comp:  # engines that time components as their own graphs
         d_comp, s_comp = dense.component_times(context, tokens), spark.component_times(context, tokens)
     extras = spark.bench_extras()
