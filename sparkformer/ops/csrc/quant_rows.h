@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "op_scratch.h"
 #include "quant.h"
 
 namespace {  // one copy per translation unit (see above)
@@ -53,23 +54,6 @@ QAct quantize_x(const float* x, int64_t n, int fmt, const QuantKernels* qk) {
   qk->quantize(x, n, fmt, q.data(), d.data(), s.data(), ord.data(), init.data());
   return QAct{q.data(), d.data(), s.data(), ord.data(), init.data()};
 }
-
-float* scratch_floats(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (int64_t(buf.size()) < n + 64) buf.resize(size_t(n + 64));
-  return buf.data();
-}
-
-int64_t n_parts(int64_t work, int64_t grain) {
-  return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), work / grain));
-}
-
-void sum_parts(const float* acc, int64_t parts, int64_t n, float* out) {
-  std::copy(acc, acc + n, out);
-  for (int64_t p = 1; p < parts; ++p)
-    for (int64_t i = 0; i < n; ++i) out[i] += acc[p * n + i];
-}
-
 
 // A software prefetch the compiler keeps: GCC deletes loops whose only statements are __builtin_prefetch calls (they
 // have no side effects), which silently dropped every row prefetch here; volatile asm cannot be deleted.

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "op_scratch.h"
 #include "sparse.h"
 #include "router.h"
 #include "stats.h"
@@ -52,24 +53,6 @@ Tensor activation_f32(const Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()), "sparkformer ", op,
               ": x must be a floating-point CPU tensor");
   return x.to(at::kFloat).contiguous();
-}
-
-// Per-call scratch on the calling thread, reused across calls (a decode step makes many of these calls).
-float* scratch_floats(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (int64_t(buf.size()) < n + 64) buf.resize(size_t(n + 64));
-  return buf.data();
-}
-
-int64_t n_parts(int64_t work, int64_t grain) {
-  return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), work / grain));
-}
-
-// out[0:n] = the sum of `parts` accumulators stored back to back.
-void sum_parts(const float* acc, int64_t parts, int64_t n, float* out) {
-  std::copy(acc, acc + n, out);
-  for (int64_t p = 1; p < parts; ++p)
-    for (int64_t i = 0; i < n; ++i) out[i] += acc[p * n + i];
 }
 
 // Per-part counts of a parallel region (one slot per part; reused across calls, no allocation once grown).
