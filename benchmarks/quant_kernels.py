@@ -5,7 +5,9 @@
 
 Each row is one op as the decode step calls it: ``matvec`` (bf16) or ``quant_matvec`` (q8_0 / q4_0 / q4_1) on a
 (rows, cols) weight -- the attention projections, the gate+up and down FFN matrices, the LM head -- and
-``geglu_decode`` (bf16, the fused gated FFN). Weights are cold: the op cycles over enough copies that one cycle touches
+``geglu_decode`` (bf16, the fused gated FFN), and on the gemma2 shape ``quant_ffn_gather`` (the Spark FFN's K2 dot
+products and V row accumulation over 1104 of 13824 neurons, each copy its own random neuron set; bytes = the
+selected rows). Weights are cold (on ordinary pages: the engine moves its weights onto 2 MiB pages): the op cycles over enough copies that one cycle touches
 >= 4x the last-level cache (--cold), as the decode of a model larger than the cache reads them. us = median time per
 call (op overhead included: activation quantization, threading; the "overhead" row, a (4, 32) matrix, is the cost of a
 call from Python), GB/s = weight bytes / that time (q4_1: 5 bits per weight, its minima included); p10 the same at the
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparkformer.bench.kernels import llc_bytes  # noqa: E402
 from sparkformer.ops import _extension  # noqa: E402
-from sparkformer.ops.quant import CODES, quantize, row_bytes  # noqa: E402
+from sparkformer.ops.quant import CODES, quantize, quantize_spark_ffn, row_bytes  # noqa: E402
 
 # (name, rows, cols) of each matvec; FFN (d, d_ff, act) of the fused float FFN
 MODELS = {
@@ -39,6 +41,8 @@ MODELS = {
     "gemma2": ([("qkv", 4096, 2304), ("o", 2304, 2048), ("gate_up", 18432, 2304), ("down", 2304, 9216),
                 ("head", 256000, 2304)], (2304, 9216, "gelu_tanh")),
 }
+# Spark FFN of the gemma2-2b Spark preset: (neurons, predictor width r, selected per token at the 8% target)
+SPARK = {"gemma2": (13824, 256, 1104)}
 BIG = 1 << 30
 
 
@@ -97,6 +101,17 @@ def bench_model(model: str, fmts: list[str], isas: list[str], repeats: int, big:
             fn = (lambda sets, x: lambda i: torch.ops.sparkformer.geglu_decode(x, *sets[i % len(sets)], None, act))(
                 sets, x)
             jobs.append((f"geglu {d}x{dff}", nbytes, copies, fn, sets))
+        if fmt != "bf16" and model in SPARK:  # the Spark FFN gather: K2 dot + V row of each selected neuron
+            m, r, sel = SPARK[model]
+            one = quantize_spark_ffn(torch.randn(m, r) * 0.05, torch.randn(m, d - r) * 0.05, torch.randn(m, d) * 0.05,
+                                     fmt)
+            copies = _copies(one.rows.numel(), cold)  # a different neuron set per copy: a cycle is cold
+            sets = [(one.rows if i == 0 else one.rows.clone(),
+                     torch.randperm(m)[:sel].sort().values.to(torch.int32)) for i in range(copies)]
+            a, x2, f = torch.rand(sel), torch.randn(d - r), CODES[fmt]
+            fn = (lambda sets, a, x2, f, n2: lambda i: torch.ops.sparkformer.quant_ffn_gather(
+                sets[i % len(sets)][1], a, sets[i % len(sets)][0], f, n2, d, x2))(sets, a, x2, f, d - r)
+            jobs.append((f"spark_gather {sel}/{m}", sel * one.rows.shape[1], copies, fn, sets))
         # the call overhead (checks, activation quantization, output, dispatch from Python): a (4, 32) matrix
         tiny = _weights(4, 32, fmt, 1)
         x = torch.randn(32)

@@ -72,9 +72,10 @@ Tensor quant_ffn_gather(const Tensor& idx, const Tensor& act, const Tensor& rows
   const uint8_t* rp = rows.data_ptr<uint8_t>();
   std::vector<float> acc(size_t(parts * nv), 0.0f);
   // per neuron its K2 dot product, then its V row into the multi-row accumulation (RowStream: 8 rows per pass over
-  // the accumulator). Whole rows (K2 then V) prefetched kRowsAhead neurons ahead: measured on the gemma2-2b shape
-  // (q4_0, 737 of 9216 neurons, 26 layers' rows, 2 threads) 4.5 ms against 5.6 ms prefetching only K2 (RowStream
-  // then prefetching V) and 7.1 ms for the previous one-row-at-a-time kernel; 8 ahead measured the same as 4.
+  // the accumulator), whole rows (K2 then V) prefetched kRowsAhead neurons ahead (8 measured the same).
+  // `python benchmarks/quant_kernels.py --models gemma2` (spark_gather: 1104 of 13824 neurons, cold, 2 threads),
+  // two runs interleaved with the previous one-row-at-a-time kernel: q8_0 321-395 us against 553-578 us; q4_0 and
+  // q4_1 within the noise (306-340 against 260-377 us, 353-363 against 329-376 us).
   constexpr int kRowsAhead = 4;
   const int64_t used = k2b + q_row_bytes(int(fmt), nv);
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
