@@ -149,14 +149,7 @@ def main(argv=None) -> int:
     if args.isa:
         isas = args.isa.split(",")
     else:
-        isas = []
-        for name in ("avx512vnni", "avx512", "avx2"):
-            try:
-                _extension.set_isa(name)
-                isas.append(name)
-            except RuntimeError:
-                pass
-        _extension.set_isa("auto")
+        isas = _extension.supported_isas(("avx512vnni", "avx512", "avx2"))
     rows = []
     for model in args.models.split(","):
         rows += bench_model(model, args.formats.split(","), isas, args.repeats, args.big, args.cold)

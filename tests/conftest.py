@@ -39,15 +39,7 @@ def _extension_isas() -> list[str]:
     except _extension.ExtensionUnavailable as e:  # SPARKFORMER_REQUIRE_EXT=1: reported by pytest_sessionstart
         _EXT_REQUIRED_ERROR.append(str(e))
         return []
-    have = []
-    for name in ("avx512", "avx2", "scalar"):
-        try:
-            _extension.set_isa(name)
-            have.append(name)
-        except RuntimeError:
-            pass
-    _extension.set_isa("auto")
-    return have
+    return _extension.supported_isas(("avx512", "avx2", "scalar"))
 
 
 def pytest_sessionstart(session):

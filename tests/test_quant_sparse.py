@@ -11,6 +11,7 @@ from sparkformer.ops.quant_sparse import (dequantize_gated_rows, quant_cats_ffn_
                                           quant_lowrank_routed_ffn, quant_sparse_input_matvec, quant_teal_ffn_decode,
                                           quantize_gated_rows)
 from sparkformer.ops.stat_topk import stat_threshold
+from tiny_models import tiny_silu_lm
 
 FMTS = list(FORMATS)
 ACTS = ["silu", "gelu_tanh"]
@@ -224,18 +225,7 @@ def test_ops_on_the_automatic_isa():
 # Engines: quantized routed / thresholded layers against the float path on the dequantized weights
 # ------------------------------------------------------------------------------------------------
 def _model(seed=0):
-    from sparkformer.config import ModelConfig
-    from sparkformer.model import SparkLM
-
-    cfg = ModelConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
-                      max_seq_len=64, sliding_window=8, ffn="geglu", attention="dense", norm_style="llama",
-                      post_norms=False, embed_scale=False, ffn_activation="silu")
-    torch.manual_seed(seed)
-    m = SparkLM(cfg).eval()
-    with torch.no_grad():  # larger weights: activations spread enough that thresholds bite
-        for p in m.parameters():
-            p.mul_(3.0)
-    return m
+    return tiny_silu_lm(seed=seed)
 
 
 def _routers(m, verify=False):

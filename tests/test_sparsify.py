@@ -8,23 +8,12 @@ import torch
 
 from sparkformer.decode import make_engine
 from sparkformer.sparsity import LayerThresholds, SparseSpec, SparsityMeter, achieved_sparsity, sparse_forward
-from tiny_models import tiny_spark
+from tiny_models import tiny_silu_lm, tiny_spark
 
 
 
 def _silu_model(layers=2, seed=0):
-    from sparkformer.config import ModelConfig
-    from sparkformer.model import SparkLM
-
-    cfg = ModelConfig(vocab_size=40, d_model=64, n_layers=layers, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
-                      max_seq_len=64, sliding_window=8, ffn="geglu", attention="dense", norm_style="llama",
-                      post_norms=False, embed_scale=False, ffn_activation="silu")
-    torch.manual_seed(seed)
-    m = SparkLM(cfg).eval()
-    with torch.no_grad():  # larger weights: activations spread enough that thresholds bite
-        for p in m.parameters():
-            p.mul_(3.0)
-    return m
+    return tiny_silu_lm(layers, seed)
 
 
 def _spec(model, sites, t=0.5):

@@ -1,4 +1,5 @@
-"""Tiny random models shared by the brick tests: a Llama (transformers) and our SparkLM of matching size."""
+"""Tiny random models shared by the tests: a Llama (transformers), our SparkLM of matching size, and a Llama-style
+SparkLM with scaled-up weights for the activation-sparsity tests."""
 
 import torch
 
@@ -21,3 +22,17 @@ def tiny_spark(kind: str = "geglu", layers: int = 2, topk_method: str = "statist
                       max_seq_len=64, sliding_window=8, spark_attn_topk=6, spark_ffn_fraction=0.25,
                       ffn=kind, attention="dense", topk_method=topk_method)
     return SparkLM(cfg).eval()
+
+
+def tiny_silu_lm(layers: int = 2, seed: int = 0) -> SparkLM:
+    """A Llama-style SparkLM (SiLU gated FFN, no post-norms) with weights x3: activations spread enough that the
+    sparsifiers' thresholds bite."""
+    cfg = ModelConfig(vocab_size=40, d_model=64, n_layers=layers, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+                      max_seq_len=64, sliding_window=8, ffn="geglu", attention="dense", norm_style="llama",
+                      post_norms=False, embed_scale=False, ffn_activation="silu")
+    torch.manual_seed(seed)
+    m = SparkLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)
+    return m

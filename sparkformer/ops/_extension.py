@@ -283,6 +283,19 @@ def set_isa(name: str) -> str:
     return torch.ops.sparkformer._set_isa(name)
 
 
+def supported_isas(names: tuple[str, ...] = ("avx512vnni", "avx512", "avx2", "scalar")) -> list[str]:
+    """The ISAs among ``names`` this CPU can run (each tried with ``set_isa``; 'auto' is restored after)."""
+    have = []
+    for name in names:
+        try:
+            set_isa(name)
+            have.append(name)
+        except RuntimeError:
+            pass
+    set_isa("auto")
+    return have
+
+
 def info() -> dict:
     return {
         "available": available(),
